@@ -191,15 +191,51 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Embeddings, blocks and final norm: HF's `model.*` submodule, shared by LM and score heads."""
+    """Embeddings, blocks and final norm: HF's `model.*` submodule, shared by the LM and score heads."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
+        self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         if cfg.position_embedding == "learned":
             self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = _norm(cfg, cfg.hidden_size)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
+                cache: KVCache | None = None):
+        """Final-norm hidden states (B, T, D).
+
+        input_ids: (B, T) new tokens. attention_mask: (B, T_past + T), 1 on real tokens, covering the
+        cached tokens too when `cache` is given; a right-padded training batch may pass None, since
+        causal attention already keeps real tokens from seeing the padding after them.
+        position_ids: (B, T), default from the mask. segment_ids: (B, T) document number within a
+        packed row (pass restarting position_ids with them).
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+            else:  # left padding: a row's first real token is position 0
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        attn_mask = None
+        if attention_mask is not None or segment_ids is not None or past > 0:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+            attn_mask = build_attn_mask(attention_mask, segment_ids, T, past + T)
+        x = self.embed_tokens(input_ids)
+        rope = None
+        if cfg.position_embedding == "learned":
+            x = x + self.embed_positions(position_ids)
+        else:
+            rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, rope, attn_mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
 
 
 def build_attn_mask(attention_mask, segment_ids, T_new: int, T_total: int):
@@ -238,36 +274,8 @@ class GPT(nn.Module):
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
                       cache: KVCache | None = None):
-        """Final-norm hidden states (B, T, D).
-
-        input_ids: (B, T) new tokens. attention_mask: (B, T_past + T), 1 on real tokens, covering the
-        cached tokens too when `cache` is given. position_ids: (B, T), default from the mask.
-        segment_ids: (B, T) document number within a packed row (positions must then restart too).
-        """
-        cfg = self.config
-        B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
-        if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-            else:  # left padding: a row's first real token is position 0
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        attn_mask = None
-        if attention_mask is not None or segment_ids is not None or past > 0:
-            if attention_mask is None:
-                attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
-            attn_mask = build_attn_mask(attention_mask, segment_ids, T, past + T)
-        x = self.model.embed_tokens(input_ids)
-        rope = None
-        if cfg.position_embedding == "learned":
-            x = x + self.model.embed_positions(position_ids)
-        else:
-            rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, rope, attn_mask, cache)
-        if cache is not None:
-            cache.length += T
-        return self.model.norm(x)
+        """Final-norm hidden states (B, T, D); see `Decoder.forward` for the arguments."""
+        return self.model(input_ids, attention_mask, position_ids, segment_ids, cache)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
                 cache: KVCache | None = None):
@@ -302,3 +310,37 @@ def last_token_index(attention_mask):
     T = attention_mask.shape[1]
     positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
     return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
+
+
+class ScoreModel(nn.Module):
+    """Decoder + a scalar head: HF's `*ForSequenceClassification` with `num_labels = 1`.
+
+    A reward model reads the score at each row's last real token; a PPO value model reads one value
+    per token. The head is zero-initialised, so a fresh value model predicts 0 (PITFALLS.md item 7).
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.score = nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.model.apply(lambda m: GPT._init_weights(self, m))
+        nn.init.zeros_(self.score.weight)
+
+    @classmethod
+    def from_lm(cls, lm: GPT) -> "ScoreModel":
+        """A score model sharing nothing with `lm`: its decoder weights copied, a zero head."""
+        sm = cls(lm.config).to(next(lm.parameters()).device)
+        sm.model.load_state_dict(lm.model.state_dict())
+        return sm
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+        """Per-token scores (B, T), in fp32."""
+        hidden = self.model(input_ids, attention_mask, position_ids, segment_ids)
+        return self.score(hidden).squeeze(-1).float()
+
+    def score_last(self, input_ids, attention_mask):
+        """Score at each row's last real token (B,): the reward, whatever the padding side."""
+        scores = self(input_ids, attention_mask)                       # (B, T)
+        idx = last_token_index(attention_mask)
+        return scores.gather(1, idx[:, None]).squeeze(1)
