@@ -1,0 +1,68 @@
+"""Supervised fine-tuning loss: next-token cross-entropy on the assistant (target) tokens only.
+
+Source: the SFT stage of Ouyang et al. 2022, "Training language models to follow instructions with
+human feedback" (arXiv 2203.02155), which is plain maximum likelihood on demonstrations:
+    L(θ) = −(1/|M|) Σ_{(b,t)∈M} log π_θ(x_{b,t} | x_{b,<t})
+where M is the set of target positions (`loss_mask` = 1).
+
+Alignment (PITFALLS item 1): the log-prob of token t comes from the logits at t−1, so the code
+compares `logits[:, :-1]` with `tokens[:, 1:]` and uses `loss_mask[:, 1:]`. `loss_mask` is aligned
+with `tokens`: `loss_mask[:, t] = 1` marks `tokens[:, t]` as a target. `loss_mask[:, 0]` is never
+used (nothing predicts the first token).
+
+Gradient accumulation (PITFALLS item 4): the mean over a micro-batch's tokens is not the mean over
+the full batch when micro-batches hold different numbers of target tokens
+((x₁/n₁ + x₂/n₂)/2 ≠ (x₁+x₂)/(n₁+n₂)). `sft_loss_sum` returns the sum and the count, so a training
+loop can divide each micro-batch's sum by the global token count.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def sft_loss_sum(
+    logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over target tokens, and the number of target tokens.
+
+    Ouyang et al. 2022 (arXiv 2203.02155), SFT by maximum likelihood:
+        S = Σ_{b,t≥1} m_{b,t} · (−log softmax(z_{b,t−1})[x_{b,t}]),   n = Σ_{b,t≥1} m_{b,t}
+
+    Args:
+        logits: (B, T, V) model outputs; any float dtype, cross-entropy is computed in fp32.
+        tokens: (B, T) token ids.
+        loss_mask: (B, T) 1/True where `tokens[:, t]` is a target (assistant tokens incl. EOS),
+            aligned with `tokens` (not with the shifted logits).
+
+    Returns:
+        (loss_sum, n_tokens): fp32 scalar sum of per-token CE over targets (reduction: SUM over
+        all target tokens of the batch), and the fp32 scalar count of target tokens.
+        Divide the sum by the count of the whole (accumulated) batch.
+    """
+    B, T, V = logits.shape
+    pred = logits[:, :-1].float().reshape(-1, V)                # (B·(T−1), V) fp32 log-softmax inside CE
+    target = tokens[:, 1:].reshape(-1)                          # (B·(T−1),)
+    mask = loss_mask[:, 1:].reshape(-1).bool()                  # (B·(T−1),) shifted with the targets
+    ce = F.cross_entropy(pred, target, reduction="none")       # (B·(T−1),) −log p(x_t | x_<t)
+    loss_sum = torch.where(mask, ce, torch.zeros_like(ce)).sum()
+    return loss_sum, mask.sum().float()
+
+
+def sft_loss(logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the target tokens of the batch.
+
+    Ouyang et al. 2022 (arXiv 2203.02155), SFT by maximum likelihood:
+        L = (1/n) Σ_{b,t≥1} m_{b,t} · (−log softmax(z_{b,t−1})[x_{b,t}]),   n = Σ m_{b,t}
+
+    Args:
+        logits: (B, T, V) model outputs (CE computed in fp32).
+        tokens: (B, T) token ids.
+        loss_mask: (B, T) 1/True on target tokens, aligned with `tokens`.
+
+    Returns:
+        fp32 scalar; reduction: MEAN over all target tokens of the batch (a token-level mean,
+        so long completions weigh more than short ones). 0 if the batch has no target token.
+        For gradient accumulation over unequal micro-batches use `sft_loss_sum`.
+    """
+    loss_sum, n_tokens = sft_loss_sum(logits, tokens, loss_mask)
+    return loss_sum / n_tokens.clamp(min=1.0)
