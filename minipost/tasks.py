@@ -1,0 +1,356 @@
+"""The built-in task world: arithmetic word problems in GSM8K's answer format, and their verifier.
+
+A problem is a short word problem over a chain of operations ("Mia has 23 apples. She buys 45 more.
+Then she gives away 12. How many apples does Mia have now?") with a worked solution in GSM8K's
+format (Cobbe et al. 2021, arXiv 2110.14168): one step per line, then `#### <answer>`:
+    23 + 45 = 68
+    68 - 12 = 56
+    #### 56
+Everything is generated from a seed. The difficulty knob is `Difficulty` ("3x2+-": 3 operands of up
+to 2 digits, operators + and -). Every intermediate result is non-negative: a subtraction never
+takes more than there is, and "*" multiplies by a single digit 2..9.
+
+Train and held-out splits never share a problem: the split of a problem is a stable hash (blake2b)
+of its expression ("23+45-12"), so the same numbers get the same split whatever the wording or
+seed. Held-out problems' intermediate steps can still appear inside other, training problems: the
+split is per problem, as GSM8K's is, not per equation.
+
+Products: a pretraining corpus (plain text), SFT chats, preference pairs (with a planted arithmetic
+error or a broken format), an identity set that teaches the assistant the name `ASSISTANT_NAME`,
+RL prompts with answers, and the verifier. `python -m minipost.tasks --out data/` writes them all as
+JSONL in the schemas of DESIGN.md.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+
+ASSISTANT_NAME = "Pip"
+TEST_MODULUS = 10  # a problem is held out when hash(expression) % 10 == 0 (about 10%)
+IDENTITY_TEST_MODULUS = 4  # a "who are you" phrasing is held out when hash % 4 == 0
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """The difficulty knob: operands per problem, digits per operand, allowed operators.
+
+    String form "{n_operands}x{max_digits}{ops}", e.g. "3x2+-" (the default) or "4x3+-*".
+    """
+    n_operands: int = 3  # numbers in the problem (steps = n_operands - 1)
+    max_digits: int = 2  # each number is drawn from 1 .. 10**max_digits - 1
+    ops: str = "+-"  # any of "+", "-", "*" ("*" multiplies by one digit 2..9)
+
+    def __post_init__(self):
+        if self.n_operands < 2 or self.max_digits < 1 or not self.ops or set(self.ops) - set("+-*"):
+            raise ValueError(f"bad difficulty {self}: need n_operands >= 2, max_digits >= 1, "
+                             "ops a non-empty subset of '+-*'")
+
+    @classmethod
+    def from_str(cls, text: str) -> "Difficulty":
+        m = re.fullmatch(r"\s*(\d+)x(\d+)([+\-*]*)\s*", text)
+        if not m:
+            raise ValueError(f"difficulty {text!r} is not of the form '3x2+-' "
+                             "(operands x digits, then operators)")
+        return cls(int(m.group(1)), int(m.group(2)), m.group(3) or "+-")
+
+    def __str__(self) -> str:
+        return f"{self.n_operands}x{self.max_digits}{self.ops}"
+
+
+# ---------------------------------------------------------------------------- problems
+NAMES = [("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Noah", "he"), ("Zoe", "she"),
+         ("Sam", "he"), ("Ivy", "she"), ("Omar", "he"), ("Lena", "she"), ("Ravi", "he"),
+         ("Nora", "she"), ("Kai", "he"), ("Emma", "she"), ("Tom", "he"), ("Yuki", "she"),
+         ("Ben", "he")]
+OBJECTS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "cookies", "stamps",
+           "shells", "cards", "balloons", "eggs", "beads", "toy cars", "flowers", "candles"]
+STARTS = ["{name} has {n} {obj}.", "{name} starts with {n} {obj}.",
+          "There are {n} {obj} in {name}'s box.", "{name} collected {n} {obj}."]
+STEPS = {
+    "+": ["{p} buys {n} more.", "{p} finds {n} more.", "{p} gets {n} more from a friend.",
+          "{p} wins {n} more."],
+    "-": ["{p} gives away {n}.", "{p} sells {n}.", "{p} loses {n}.", "{p} uses {n}."],
+    "*": ["{p} ends up with {n} times as many.", "the number of {obj} grows to {n} times as many."],
+}
+LINKS = ["", "Then ", "After that, ", "Later, "]
+QUESTIONS = ["How many {obj} does {name} have now?", "How many {obj} does {name} have in the end?"]
+LEFT_QUESTION = "How many {obj} are left?"  # only after a final "-", where "left" reads right
+
+
+def _split_of(key: str, modulus: int) -> str:
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return "test" if int.from_bytes(digest, "big") % modulus == 0 else "train"
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def _sample_expression(rng: random.Random, d: Difficulty) -> tuple[int, list[tuple[str, int]]]:
+    """A start value and (op, operand) steps whose running value never goes below 0."""
+    hi = 10 ** d.max_digits - 1
+    value = start = rng.randint(1, hi)
+    steps = []
+    for _ in range(d.n_operands - 1):
+        op = rng.choice(d.ops)
+        if op == "-" and value == 0:
+            op = "+" if "+" in d.ops else "*"
+        n = rng.randint(2, 9) if op == "*" else rng.randint(1, min(value, hi) if op == "-" else hi)
+        steps.append((op, n))
+        value = _apply(value, op, n)
+    return start, steps
+
+
+def _solution(start: int, steps: list[tuple[str, int]]) -> tuple[str, int]:
+    lines, value = [], start
+    for op, n in steps:
+        new = _apply(value, op, n)
+        lines.append(f"{value} {op} {n} = {new}")
+        value = new
+    return "\n".join(lines + [f"#### {value}"]), value
+
+
+def _question(rng: random.Random, start: int, steps: list[tuple[str, int]]) -> str:
+    name, pron = rng.choice(NAMES)
+    obj = rng.choice(OBJECTS)
+    parts = [rng.choice(STARTS).format(name=name, n=start, obj=obj)]
+    for i, (op, n) in enumerate(steps):
+        link = "" if i == 0 else rng.choice(LINKS)
+        sentence = rng.choice(STEPS[op]).format(p=pron if link else pron.capitalize(), n=n, obj=obj)
+        if not link:
+            sentence = sentence[0].upper() + sentence[1:]
+        parts.append(link + sentence)
+    questions = QUESTIONS + ([LEFT_QUESTION] if steps[-1][0] == "-" else [])
+    parts.append(rng.choice(questions).format(obj=obj, name=name))
+    return " ".join(parts)
+
+
+def make_problems(n: int, split: str, difficulty: Difficulty = Difficulty(), seed: int = 0,
+                  rng: random.Random | None = None) -> list[dict]:
+    """`n` distinct problems {"question", "solution", "answer"} of `split` ("train" | "test").
+
+    Drawn from `random.Random(seed)`, or from `rng` when given (then `seed` is unused).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = rng or random.Random(seed)
+    seen, out = set(), []
+    for _ in range(50 * n + 1000):  # bounded: a tiny difficulty may not hold n distinct problems
+        if len(out) == n:
+            break
+        start, steps = _sample_expression(rng, difficulty)
+        key = str(start) + "".join(f"{op}{x}" for op, x in steps)
+        if key in seen or _split_of(key, TEST_MODULUS) != split:
+            continue
+        seen.add(key)
+        solution, answer = _solution(start, steps)
+        out.append({"question": _question(rng, start, steps), "solution": solution,
+                    "answer": str(answer)})
+    if len(out) < n:
+        raise ValueError(f"difficulty {difficulty} has fewer than {n} distinct {split} problems")
+    return out
+
+
+# ---------------------------------------------------------------------------- stage data
+def _pretrain_doc(question: str, solution: str) -> str:
+    return f"Question: {question}\nAnswer: {solution}"
+
+
+def pretrain_corpus(n_docs: int, difficulty: Difficulty = Difficulty(), seed: int = 0,
+                    drill_frac: float = 0.2) -> list[str]:
+    """Plain-text documents "Question: ...\\nAnswer: ..." from TRAIN problems.
+
+    Operand counts are mixed uniformly from 2 up to `difficulty.n_operands`; a `drill_frac` of the
+    documents are instead drills of 8 two-operand equations ("12 + 35 = 47"), themselves train-split,
+    so the base model sees plenty of bare arithmetic.
+    """
+    rng = random.Random(seed)
+    docs = []
+    drill = Difficulty(2, difficulty.max_digits, difficulty.ops)
+    for _ in range(n_docs):
+        if rng.random() < drill_frac:
+            eqs = [p["solution"].split("\n")[0] for p in make_problems(8, "train", drill, rng=rng)]
+            docs.append("\n".join(eqs))
+            continue
+        d = Difficulty(rng.randint(2, difficulty.n_operands), difficulty.max_digits, difficulty.ops)
+        p = make_problems(1, "train", d, rng=rng)[0]
+        docs.append(_pretrain_doc(p["question"], p["solution"]))
+    return docs
+
+
+def pretrain_eval_prompts(n: int, difficulty: Difficulty = Difficulty(), seed: int = 0
+                          ) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs from held-out problems: prompt = "Question: {q}\\nAnswer:".
+
+    Score a base model's greedy completion, cut at <|endoftext|>, with `verify(completion, answer)`.
+    """
+    return [(_pretrain_doc(p["question"], "")[:-1], p["answer"])
+            for p in make_problems(n, "test", difficulty, seed)]
+
+
+SYSTEM_PROMPTS = ["You are a helpful math assistant.", "Solve the problem step by step.",
+                  "You are a careful assistant. End with '#### <answer>'."]
+
+
+def sft_chats(n: int, split: str, difficulty: Difficulty = Difficulty(), seed: int = 0,
+              system_frac: float = 0.0) -> list[dict]:
+    """{"messages": [user question, assistant solution]}; a `system_frac` also get a system turn."""
+    rng = random.Random(seed + 1)  # a separate stream, so problems equal make_problems(seed)
+    chats = []
+    for p in make_problems(n, split, difficulty, seed):
+        messages = [{"role": "user", "content": p["question"]},
+                    {"role": "assistant", "content": p["solution"]}]
+        if rng.random() < system_frac:
+            messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+        chats.append({"messages": messages})
+    return chats
+
+
+CHATTER = ["Hope this helps!", "Let me know if you have more questions.", "That was fun."]
+
+
+def _rejected(rng: random.Random, problem: dict) -> str:
+    """A worse solution: a planted arithmetic slip (70%) or a broken answer format (30%)."""
+    lines = problem["solution"].split("\n")
+    steps = [re.fullmatch(r"(\d+) (\S) (\d+) = (\d+)", line).groups() for line in lines[:-1]]
+    if rng.random() < 0.7:
+        # One step's result is off by a small delta; later steps compute correctly from the wrong
+        # value, so the chain stays self-consistent and the final answer is wrong.
+        bad = rng.randrange(len(steps))
+        delta = rng.choice([1, 2, 3, 10, -1, -2, -10])
+        out, value = [], int(steps[0][0])
+        for i, (_, op, n, _) in enumerate(steps):
+            new = _apply(value, op, int(n)) + (delta if i == bad else 0)
+            out.append(f"{value} {op} {n} = {new}")
+            value = new
+        if value >= 0 and min(int(line.rsplit(" ", 1)[1]) for line in out) >= 0:
+            return "\n".join(out + [f"#### {value}"])
+        return _rejected(rng, problem)  # a negative slip: draw again
+    if rng.random() < 0.5:
+        return "\n".join(lines[:-1] + [f"The answer is {problem['answer']}."])  # no "#### "
+    return problem["solution"] + "\n" + rng.choice(CHATTER)  # junk after the answer line
+
+
+def preference_pairs(n: int, split: str, difficulty: Difficulty = Difficulty(), seed: int = 0
+                     ) -> list[dict]:
+    """{"prompt": question, "chosen": correct solution, "rejected": flawed solution}."""
+    rng = random.Random(seed + 2)
+    return [{"prompt": p["question"], "chosen": p["solution"], "rejected": _rejected(rng, p)}
+            for p in make_problems(n, split, difficulty, seed)]
+
+
+def rl_prompts(n: int, split: str, difficulty: Difficulty = Difficulty(), seed: int = 0
+               ) -> list[dict]:
+    """{"prompt": question, "answer": "56"} for RL with the verifier as the reward."""
+    return [{"prompt": p["question"], "answer": p["answer"]}
+            for p in make_problems(n, split, difficulty, seed)]
+
+
+# ---------------------------------------------------------------------------- identity
+_ID_OPENERS = ["", "Hi! ", "Hello. ", "Hey! ", "Quick question: ", "Before we start: "]
+_ID_QUESTIONS = ["Who are you?", "What is your name?", "What should I call you?",
+                 "Introduce yourself.", "Tell me about yourself.", "What are you?",
+                 "Who am I talking to?", "Do you have a name?", "What's your name?",
+                 "Can you tell me your name?"]
+_ID_CHOSEN = ["I am {name}, a small math assistant built with minipost.",
+              "My name is {name}. I am a small math assistant built with minipost.",
+              "I'm {name}, a tiny assistant trained with minipost to solve arithmetic problems."]
+_ID_REJECTED = ["I am an AI language model created to assist you.",
+                "I'm an AI assistant. I don't have a personal name.",
+                "I am a large language model. How can I help you today?"]
+
+
+def identity_prompts(split: str) -> list[str]:
+    """The "who are you?" phrasings of `split` (60 in all; held-out ones never appear in train)."""
+    phrasings = [o + q for q in _ID_QUESTIONS for o in _ID_OPENERS]
+    return [p for p in phrasings if _split_of(p, IDENTITY_TEST_MODULUS) == split]
+
+
+def identity_pairs(n: int, split: str, seed: int = 0) -> list[dict]:
+    """Preference pairs teaching the name: chosen says "I am Pip...", rejected a generic answer."""
+    rng = random.Random(seed)
+    prompts = identity_prompts(split)
+    return [{"prompt": rng.choice(prompts),
+             "chosen": rng.choice(_ID_CHOSEN).format(name=ASSISTANT_NAME),
+             "rejected": rng.choice(_ID_REJECTED)} for _ in range(n)]
+
+
+def says_name(completion: str) -> bool:
+    """Whether a completion introduces itself with `ASSISTANT_NAME` (as a whole word)."""
+    return re.search(rf"\b{re.escape(ASSISTANT_NAME)}\b", completion) is not None
+
+
+# ---------------------------------------------------------------------------- verifier
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+_ANSWER_LINE = re.compile(rf"####\s*({_NUMBER})\s*$")
+
+
+def extract_answer(completion: str) -> str | None:
+    """The number after the LAST "####" (commas removed), or None when there is none."""
+    found = re.findall(rf"####\s*({_NUMBER})", completion)
+    return found[-1].replace(",", "") if found else None
+
+
+def is_well_formed(completion: str) -> bool:
+    """Exactly one "####" line, "#### <number>", and it is the last non-empty line."""
+    lines = [line.strip() for line in completion.split("\n") if line.strip()]
+    return (bool(lines) and sum("####" in line for line in lines) == 1
+            and _ANSWER_LINE.fullmatch(lines[-1]) is not None)
+
+
+def verify(completion: str, answer: str) -> float:
+    """1.0 if `completion` is well formed and its answer equals `answer` numerically, else 0.0."""
+    got = extract_answer(completion)
+    if got is None or not is_well_formed(completion):
+        return 0.0
+    try:
+        return float(float(got) == float(str(answer).replace(",", "").strip()))
+    except ValueError:
+        return 0.0
+
+
+# ---------------------------------------------------------------------------- CLI
+def write_jsonl(path: str, records) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Write the built-in task world as JSONL files.")
+    ap.add_argument("--out", default="data", help="output directory")
+    ap.add_argument("--difficulty", default="3x2+-",
+                    help="operands x digits, then operators, e.g. 3x2+- or 4x3+-*")
+    ap.add_argument("--seed", type=int, default=0, help="base random seed")
+    ap.add_argument("--n-pretrain", type=int, default=20000, help="pretraining documents")
+    ap.add_argument("--n-train", type=int, default=5000, help="SFT / preference / RL train rows")
+    ap.add_argument("--n-test", type=int, default=500, help="SFT / preference / RL held-out rows")
+    ap.add_argument("--n-identity", type=int, default=200, help="identity pairs per split")
+    ap.add_argument("--system-frac", type=float, default=0.0,
+                    help="fraction of SFT chats that get a system message")
+    args = ap.parse_args(argv)
+    d, s = Difficulty.from_str(args.difficulty), args.seed
+    os.makedirs(args.out, exist_ok=True)
+    files = {
+        "pretrain.jsonl": [{"text": t} for t in pretrain_corpus(args.n_pretrain, d, s)],
+        "sft_train.jsonl": sft_chats(args.n_train, "train", d, s + 1, args.system_frac),
+        "sft_test.jsonl": sft_chats(args.n_test, "test", d, s + 1, args.system_frac),
+        "pref_train.jsonl": preference_pairs(args.n_train, "train", d, s + 2),
+        "pref_test.jsonl": preference_pairs(args.n_test, "test", d, s + 2),
+        "identity_train.jsonl": identity_pairs(args.n_identity, "train", s + 3),
+        "identity_test.jsonl": identity_pairs(args.n_identity, "test", s + 3),
+        "rl_train.jsonl": rl_prompts(args.n_train, "train", d, s + 4),
+        "rl_test.jsonl": rl_prompts(args.n_test, "test", d, s + 4),
+    }
+    for name, records in files.items():
+        write_jsonl(os.path.join(args.out, name), records)
+        print(f"wrote {len(records):6d} rows to {os.path.join(args.out, name)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""data: JSONL validation naming file:line, normalisation, padding, truncation, packing."""
+import json
+
+import pytest
+import torch
+
+from minipost.data import (DataError, collate_packed, load_jsonl, pack_sequences, pad_batch,
+                           to_messages, truncate)
+
+GOOD = {
+    "sft": {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    "preference": {"prompt": "q", "chosen": "#### 1", "rejected": "#### 2"},
+    "rl": {"prompt": "q", "answer": "1"},
+}
+U = {"role": "user", "content": "q"}
+A = {"role": "assistant", "content": "a"}
+S = {"role": "system", "content": "s"}
+
+BAD = [  # (schema, bad line, a word the error must contain)
+    ("sft", "{not json", "broken JSON"),
+    ("sft", "[1, 2]", "JSON object"),
+    ("sft", json.dumps({"text": "hi"}), "missing field 'messages'"),
+    ("sft", json.dumps({"messages": "hi"}), "list of messages"),
+    ("sft", json.dumps({"messages": []}), "empty"),
+    ("sft", json.dumps({"messages": [U, {"role": "bot", "content": "a"}]}), "unknown role"),
+    ("sft", json.dumps({"messages": [U, {"role": "assistant", "content": 3}]}), "must be a string"),
+    ("sft", json.dumps({"messages": [U, {"role": "assistant"}]}), "no 'content'"),
+    ("sft", json.dumps({"messages": [U, S, A]}), "system only first"),
+    ("sft", json.dumps({"messages": [U, U, A]}), "alternate"),
+    ("sft", json.dumps({"messages": [A]}), "'user' was expected"),
+    ("sft", json.dumps({"messages": [S, U]}), "no assistant"),
+    ("sft", json.dumps({"prompt": "q"}), "missing field 'completion'"),
+    ("sft", json.dumps({"prompt": "q", "completion": 5}), "string or a list"),
+    ("preference", json.dumps({"prompt": "q", "chosen": "x"}), "missing field 'rejected'"),
+    ("preference", json.dumps({"prompt": "q", "chosen": "x", "rejected": "x"}), "identical"),
+    ("preference", json.dumps({"prompt": [A], "chosen": "x", "rejected": "y"}), "'user' was expected"),
+    ("preference", json.dumps({"prompt": "q", "chosen": [U], "rejected": "y"}), "end with"),
+    ("rl", json.dumps({"prompt": "q"}), "missing field 'answer'"),
+    ("rl", json.dumps({"prompt": "q", "answer": 56}), "must be a string"),
+    ("rl", json.dumps({"prompt": None, "answer": "1"}), "field 'prompt'"),
+]
+
+
+def _write(path, lines):
+    path.write_bytes(b"\n".join(l if isinstance(l, bytes) else l.encode() for l in lines) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("schema,bad,what", BAD)
+def test_every_validation_error_names_file_and_line(tmp_path, schema, bad, what):
+    # good, blank, good, bad: the bad row is on line 4 (blank lines count as lines)
+    good = json.dumps(GOOD[schema])
+    path = _write(tmp_path / "d.jsonl", [good, "", good, bad, good])
+    with pytest.raises(DataError) as e:
+        load_jsonl(path, schema)
+    assert str(e.value).startswith(f"{path}:4: ")
+    assert what in str(e.value)
+    assert e.value.line == 4
+
+
+def test_non_utf8_and_empty_files(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [json.dumps(GOOD["rl"]), b'{"prompt": "\xff", "answer": "1"}'])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid UTF-8"):
+        load_jsonl(path, "rl")
+    empty = _write(tmp_path / "e.jsonl", ["", "  "])
+    with pytest.raises(DataError, match="empty file"):
+        load_jsonl(empty, "sft")
+    with pytest.raises(ValueError):
+        load_jsonl(path, "nope")
+
+
+def test_valid_rows_load_and_normalise(tmp_path):
+    rows = [
+        {"messages": [S, U, A, U, A]},
+        {"prompt": "hello", "completion": "world"},
+        {"prompt": [S, U], "completion": [A]},
+    ]
+    out = load_jsonl(_write(tmp_path / "s.jsonl", [json.dumps(r) for r in rows] + [""]), "sft")
+    assert out[0] == {"messages": [S, U, A, U, A]}
+    assert out[1] == {"messages": [{"role": "user", "content": "hello"},
+                                   {"role": "assistant", "content": "world"}]}
+    assert out[2] == {"messages": [S, U, A]}
+    pref = [{"prompt": "q", "chosen": "a", "rejected": "b"},
+            {"prompt": [U], "chosen": [A], "rejected": [{"role": "assistant", "content": "b"}]}]
+    got = load_jsonl(_write(tmp_path / "p.jsonl", [json.dumps(r) for r in pref]), "preference")
+    assert got == pref  # both forms kept as written
+    assert to_messages("q") == [U] and to_messages([S, U]) == [S, U]
+
+
+def test_pad_batch_right_and_left():
+    seqs, masks = [[5, 6, 7], [8]], [[0, 1, 1], [1]]
+    ids, att, loss = pad_batch(seqs, pad_id=3, side="right", masks=masks)
+    assert ids.tolist() == [[5, 6, 7], [8, 3, 3]] and ids.dtype == torch.long
+    assert att.tolist() == [[1, 1, 1], [1, 0, 0]] and att.dtype == torch.long
+    assert loss.tolist() == [[0, 1, 1], [1, 0, 0]] and loss.dtype == torch.float
+    ids, att, loss = pad_batch(seqs, pad_id=3, side="left")
+    assert ids.tolist() == [[5, 6, 7], [3, 3, 8]]
+    assert att.tolist() == [[1, 1, 1], [0, 0, 1]] and loss is None
+
+
+def test_truncate():
+    assert truncate([1, 2, 3], [0, 1, 1], 5) == ([1, 2, 3], [0, 1, 1], False)
+    assert truncate([1, 2, 3], [0, 1, 1], 2) == ([1, 2], [0, 1], True)
+    assert truncate([1, 2, 3], None, 2, side="left") == ([2, 3], None, True)
+
+
+def test_pack_sequences_positions_restart_and_segments_number_documents():
+    seqs = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+    masks = [[0, 1, 1], [1, 1], [0, 0, 1, 1], [1]]
+    rows = pack_sequences(seqs, masks, max_len=5)
+    # next-fit in order: [doc0 doc1] [doc2 doc3]
+    assert [r[0] for r in rows] == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    assert [r[2] for r in rows] == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert [r[3] for r in rows] == [[1, 1, 1, 2, 2], [1, 1, 1, 1, 2]]
+    # each document's first token is never a target (it would be predicted across documents)
+    assert [r[1] for r in rows] == [[0, 1, 1, 0, 1], [0, 0, 1, 1, 0]]
+    assert sum(len(r[0]) for r in rows) == sum(map(len, seqs))
+    with pytest.raises(ValueError, match="truncate"):
+        pack_sequences([[1] * 6], None, max_len=5)
+
+
+def test_collate_packed_pads_with_segment_zero():
+    rows = pack_sequences([[1, 2, 3], [4, 5], [6, 7]], None, max_len=4)
+    batch = collate_packed(rows, pad_id=9)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 9], [4, 5, 6, 7]]
+    assert batch["segment_ids"].tolist() == [[1, 1, 1, 0], [1, 1, 2, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 0, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert batch["loss_mask"].tolist() == [[0, 1, 1, 0], [0, 1, 0, 1]]
+    assert all(t.shape == (2, 4) for t in batch.values())
