@@ -31,7 +31,11 @@ class CheckpointError(Exception):
 
 @contextlib.contextmanager
 def atomic_dir(path):
-    """Yield a fresh temporary directory; on success it replaces `path` in one rename."""
+    """Yield a fresh temporary directory; on success it replaces `path` in one rename.
+
+    Entries of an existing `path` that the new directory does not write (metrics.jsonl, resume
+    states) are moved over, so saving a model keeps the run's other files.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -43,6 +47,10 @@ def atomic_dir(path):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if path.is_dir():
+        for entry in path.iterdir():
+            if not (tmp / entry.name).exists():
+                entry.rename(tmp / entry.name)
     if path.exists():
         path.rename(old)        # the only window without `path` is between these two renames
     tmp.rename(path)

@@ -1,0 +1,154 @@
+"""What every script shares and no algorithm needs: flags, device, errors, metrics.
+
+- `parse_args(Args)`: a dataclass becomes argparse flags (`lora_r` -> `--lora-r`); each field's
+  trailing comment is its `--help` text, so the dataclass stays the single place a flag is defined.
+- `setup(args)`: torchrun ranks (via dist.py), the device, bf16 autocast on CUDA, seeds.
+- `user_errors()`: a user's mistake (bad data line, bad checkpoint, bad flag value) ends the run
+  with one line and exit code 2, no traceback.
+- `Metrics`: one JSON object per line in `metrics.jsonl`, written by rank 0 only.
+"""
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import json
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import dist
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line, exit code 2."""
+
+
+def _field_help(cls) -> dict:
+    """Trailing `# comments` of a dataclass's fields, read from its source."""
+    helps = {}
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return helps
+    for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, re.M):
+        helps[m.group(1)] = m.group(2).strip()
+    return helps
+
+
+def parse_args(cls, argv=None, description: str | None = None):
+    """Build an instance of dataclass `cls` from command-line flags."""
+    helps = _field_help(cls)
+    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = hints[f.name] if not isinstance(hints[f.name], str) else eval(hints[f.name])  # noqa: S307
+        kw = dict(default=default, help=helps.get(f.name, " "))
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif kind in (int, float, str):
+            parser.add_argument(flag, type=kind, **kw)
+        else:  # Optional[X]: "none" means None
+            inner = next((t for t in getattr(kind, "__args__", ()) if t is not type(None)), str)
+            parser.add_argument(flag, type=lambda s, t=inner: None if s.lower() == "none" else t(s),
+                                **kw)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn the known kinds of user mistake into one line on stderr and exit code 2."""
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    try:
+        yield
+    except (UserError, DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclasses.dataclass
+class Runtime:
+    device: torch.device
+    rank: int
+    world_size: int
+    is_main: bool
+    autocast: object  # a context-manager factory: bf16 autocast on CUDA, a no-op on CPU
+
+    def __post_init__(self):
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            self.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        else:
+            self.autocast = contextlib.nullcontext
+
+
+def setup(args) -> Runtime:
+    """Ranks, device and seed for a script. `args.device`: "auto" | "cpu" | "cuda" | "cuda:N"."""
+    rank, world_size, local_rank = dist.init(args.device)
+    if args.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
+    if device.type == "cpu" and getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed + rank)
+    return Runtime(device, rank, world_size, rank == 0, None)
+
+
+class Metrics:
+    """Append-only `metrics.jsonl` in the output directory (rank 0 only), plus printed lines."""
+
+    def __init__(self, out_dir, is_main: bool = True, append: bool = False):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.is_main = is_main
+        self.t0 = time.time()
+        if is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not append and self.path.exists():
+                self.path.unlink()
+
+    def log(self, record: dict, echo: bool = False):
+        if not self.is_main:
+            return
+        record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+        record.setdefault("time", round(time.time() - self.t0, 2))
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if echo:
+            from tqdm import tqdm
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in record.items()))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, MB (Linux reports kB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def require_checkpoint(path, made_by: str):
+    """Stop with the command that makes `path` when the previous stage's output is missing."""
+    if not Path(path).exists():
+        raise UserError(f"{path} does not exist; make it first with: {made_by}")
+
+
+def default_threads() -> int:
+    return int(os.environ.get("MINIPOST_THREADS", "0"))

@@ -1,0 +1,107 @@
+"""Held-out evaluation shared by every stage: task accuracy by the verifier, with a 95% interval.
+
+Greedy pass@1 is the headline number; pass@k samples k completions at a temperature and counts a
+problem solved if any is correct. Under torchrun each rank scores its share of the problems and the
+counts are summed, so every rank returns the same numbers.
+"""
+import math
+
+import torch
+
+from . import dist
+from .generate import generate
+from .tasks import is_well_formed, verify
+
+
+def ci95(p: float, n: int) -> float:
+    """Half-width of the normal-approximation 95% interval of a proportion p over n trials."""
+    return 1.96 * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+
+
+def chat_prompt_ids(tokenizer, prompt) -> list[int]:
+    """Token ids of a user prompt (str or messages) followed by the assistant header."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return tokenizer.format_chat(messages, add_generation_prompt=True)[0]
+
+
+@torch.no_grad()
+def complete(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int = 96,
+             batch_size: int = 64, temperature: float = 0.0, eos_token_id: int | None = None,
+             generator=None, autocast=None) -> list[str]:
+    """Decoded completions (special tokens dropped) for a list of prompt-id lists."""
+    was_training = model.training
+    model.eval()
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    # longest prompts first, so each batch has little padding
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    out = [None] * len(prompt_ids)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        ctx = autocast() if autocast else torch.autocast("cpu", enabled=False)
+        with ctx:
+            g = generate(model, [prompt_ids[i] for i in idx], max_new_tokens,
+                         temperature=temperature, eos_token_id=eos,
+                         pad_token_id=tokenizer.pad_token_id, generator=generator)
+        for j, i in enumerate(idx):
+            ids = g.completion_ids[j][g.completion_mask[j]].tolist()
+            out[i] = tokenizer.decode(ids, skip_special_tokens=True)
+    model.train(was_training)
+    return out
+
+
+def evaluate_task(model, tokenizer, problems: list[dict], max_new_tokens: int = 96,
+                  batch_size: int = 64, temperature: float = 0.0, samples: int = 1,
+                  autocast=None, seed: int = 0) -> dict:
+    """Accuracy and well-formed share on chat problems ({"prompt"|"question", "answer"}).
+
+    samples > 1: pass@k with k = samples at `temperature` (each problem counts once).
+    Returns {"accuracy", "accuracy_ci95", "well_formed", "n"} (+ "pass@k" when samples > 1).
+    """
+    mine = dist.shard(problems)
+    prompts = [chat_prompt_ids(tokenizer, p.get("prompt", p.get("question"))) for p in mine]
+    g = torch.Generator().manual_seed(seed + dist.rank())
+    correct = formed = solved_any = 0.0
+    if samples == 1 or temperature == 0:
+        texts = complete(model, tokenizer, prompts, max_new_tokens, batch_size, temperature,
+                         generator=g, autocast=autocast)
+        for t, p in zip(texts, mine):
+            correct += verify(t, p["answer"])
+            formed += is_well_formed(t)
+    else:
+        texts = complete(model, tokenizer, [q for q in prompts for _ in range(samples)],
+                         max_new_tokens, batch_size, temperature, generator=g, autocast=autocast)
+        for i, p in enumerate(mine):
+            scores = [verify(t, p["answer"]) for t in texts[i * samples:(i + 1) * samples]]
+            correct += scores[0]
+            formed += is_well_formed(texts[i * samples])
+            solved_any += max(scores)
+    totals = dist.all_reduce_sum(torch.tensor([correct, formed, solved_any, float(len(mine))],
+                                              dtype=torch.float64)).tolist()
+    n = int(totals[3])
+    acc = totals[0] / max(n, 1)
+    result = {"accuracy": acc, "accuracy_ci95": ci95(acc, n), "well_formed": totals[1] / max(n, 1),
+              "n": n}
+    if samples > 1 and temperature > 0:
+        result[f"pass@{samples}"] = totals[2] / max(n, 1)
+    return result
+
+
+def evaluate_base(model, tokenizer, prompts_answers: list[tuple[str, str]],
+                  max_new_tokens: int = 96, batch_size: int = 64, autocast=None) -> dict:
+    """Greedy accuracy of a base model completing plain-text "Question: ...\\nAnswer:" prompts.
+
+    Generation stops at the document separator <|endoftext|>, which the corpus puts after each
+    problem, so the verifier's "last line is #### N" rule applies as it does to chats.
+    """
+    mine = dist.shard(prompts_answers)
+    ids = [tokenizer.encode(p) for p, _ in mine]
+    texts = complete(model, tokenizer, ids, max_new_tokens, batch_size, 0.0,
+                     eos_token_id=tokenizer.bos_token_id, autocast=autocast)
+    correct = sum(verify(t, a) for t, (_, a) in zip(texts, mine))
+    formed = sum(is_well_formed(t) for t in texts)
+    totals = dist.all_reduce_sum(torch.tensor([correct, formed, float(len(mine))],
+                                              dtype=torch.float64)).tolist()
+    n = int(totals[2])
+    acc = totals[0] / max(n, 1)
+    return {"accuracy": acc, "accuracy_ci95": ci95(acc, n), "well_formed": totals[1] / max(n, 1),
+            "n": n}

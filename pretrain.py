@@ -1,0 +1,165 @@
+"""Stage 0: pretrain a small base model from scratch on the built-in arithmetic corpus.
+
+    python pretrain.py                      # ~1.9M-parameter Llama-style model -> out/base
+    torchrun --nproc_per_node 2 pretrain.py --device cpu --threads 1
+
+The corpus is plain text ("Question: ...\\nAnswer: 23 + 45 = 68\\n...\\n#### 56"), documents joined
+by <|endoftext|>, cut into fixed windows. The byte-level BPE tokenizer is trained on the same corpus
+first. At the end it reports the held-out loss and the greedy accuracy of completing held-out
+problems in the corpus format: the starting line every post-training stage is measured from.
+"""
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from minipost import dist, tasks
+from minipost.checkpoint import save_model
+from minipost.cli import Metrics, UserError, parse_args, peak_rss_mb, setup, user_errors
+from minipost.evaluate import evaluate_base
+from minipost.model import GPT, GPTConfig
+from minipost.optim import cosine_schedule, make_optimizer
+from minipost.tokenizer import train_tokenizer
+
+
+# ---------------------------------------------------------------------------- Args
+@dataclass
+class Args:
+    out_dir: str = "out/base"       # where the base model (HF format) and metrics.jsonl go
+    difficulty: str = "3x3+-"       # task difficulty: operands x digits, then operators
+    n_docs: int = 60000             # documents in the generated training corpus
+    vocab_size: int = 512           # BPE vocabulary size (including the 4 special tokens)
+    hidden_size: int = 192          # model width
+    num_layers: int = 4             # transformer blocks
+    num_heads: int = 6              # attention heads
+    num_kv_heads: int = 6           # key/value heads (fewer than num_heads = grouped-query attention)
+    intermediate_size: int = 512    # SwiGLU hidden width
+    seq_len: int = 256              # tokens per training window
+    batch_size: int = 32            # windows per optimiser step (global, over all ranks)
+    max_steps: int = 450            # optimiser steps
+    lr: float = 3e-3                # peak learning rate
+    min_lr_ratio: float = 0.1       # final LR as a fraction of the peak (cosine decay)
+    warmup_steps: int = 30          # linear warm-up steps
+    weight_decay: float = 0.1       # AdamW weight decay on matrices
+    grad_clip: float = 1.0          # max global gradient norm (0 = off)
+    eval_every: int = 150           # held-out loss every N steps
+    eval_windows: int = 64          # held-out windows for the loss
+    eval_problems: int = 500        # held-out problems for the final greedy accuracy
+    seed: int = 0                   # seed for data, init and sampling
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    threads: int = 0                # CPU threads per process (0 = torch's default)
+    compile: bool = False           # torch.compile the model
+
+
+def main(args: Args):
+    rt = setup(args)
+    metrics = Metrics(args.out_dir, rt.is_main)
+    if args.batch_size % rt.world_size:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the "
+                        f"{rt.world_size} processes")
+    difficulty = tasks.Difficulty.from_str(args.difficulty)
+
+    # ------------------------------------------------------------------------ data
+    docs = tasks.pretrain_corpus(args.n_docs, difficulty, seed=args.seed)
+    tokenizer = train_tokenizer(docs, vocab_size=args.vocab_size)
+    sep = tokenizer.bos_token_id  # <|endoftext|> ends every document
+
+    def windows(texts):
+        ids = [t for doc in tokenizer.encode_batch(texts) for t in doc + [sep]]
+        n = len(ids) // (args.seq_len + 1)
+        return torch.tensor(ids[:n * (args.seq_len + 1)]).view(n, args.seq_len + 1)  # (N, T+1)
+
+    train = windows(docs)
+    held_out = windows([p["question"] and f"Question: {p['question']}\nAnswer: {p['solution']}"
+                        for p in tasks.make_problems(2000, "test", difficulty, seed=args.seed)])
+    held_out = held_out[:args.eval_windows]
+    if rt.is_main:
+        print(f"corpus: {len(docs)} documents, {train.numel():,} tokens in {len(train)} windows "
+              f"of {args.seq_len}; vocabulary {tokenizer.vocab_size}")
+
+    # ------------------------------------------------------------------------ model
+    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, hidden_size=args.hidden_size,
+                    intermediate_size=args.intermediate_size, num_hidden_layers=args.num_layers,
+                    num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
+                    max_position_embeddings=max(512, args.seq_len + 1),
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+    model = GPT(cfg).to(rt.device)
+    if rt.is_main:
+        print(f"model: {model.num_params(non_embedding=False):,} parameters "
+              f"({model.num_params():,} non-embedding)")
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    scheduler = cosine_schedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+    train_model = DDP(model) if rt.world_size > 1 else model
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    # ------------------------------------------------------------------------ loss
+    def lm_loss(net, batch):
+        batch = batch.to(rt.device)
+        with rt.autocast():
+            logits = net(batch[:, :-1])                                       # (B, T, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+    @torch.no_grad()
+    def held_out_loss():
+        model.eval()
+        losses = [lm_loss(model, held_out[i:i + 16]) for i in range(0, len(held_out), 16)]
+        model.train()
+        return torch.stack(losses).mean().item()
+
+    # ------------------------------------------------------------------------ loop
+    gen = torch.Generator().manual_seed(args.seed)   # the same data order on every rank
+    order = torch.randperm(len(train), generator=gen)
+    per_rank = args.batch_size // rt.world_size
+    start = time.time()
+    bar = tqdm(range(args.max_steps), disable=not rt.is_main, desc="pretrain")
+    for step in bar:
+        pos = (step * args.batch_size) % len(train)
+        if pos + args.batch_size > len(train):         # a new epoch, a new order
+            order = torch.randperm(len(train), generator=gen)
+        idx = order[pos:pos + args.batch_size][rt.rank * per_rank:(rt.rank + 1) * per_rank]
+        loss = lm_loss(train_model, train[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+        optimizer.step()
+        scheduler.step()
+        if step % 10 == 0 or step == args.max_steps - 1:
+            m = dist.all_reduce_mean({"loss": loss.item()})
+            bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            metrics.log({"step": step, "loss": m["loss"], "grad_norm": float(gnorm),
+                         "lr": scheduler.get_last_lr()[0]})
+        if (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
+            metrics.log({"step": step + 1, "eval/loss": held_out_loss()}, echo=True)
+    train_time = time.time() - start
+    tokens_per_s = args.max_steps * args.batch_size * args.seq_len / train_time
+
+    # ------------------------------------------------------------------------ eval
+    final = {"step": args.max_steps, "eval/loss": held_out_loss(),
+             "train_minutes": train_time / 60, "tokens_per_s": tokens_per_s}
+    prompts = tasks.pretrain_eval_prompts(args.eval_problems, difficulty, seed=args.seed)
+    if args.eval_problems:
+        res = evaluate_base(model, tokenizer, prompts, autocast=rt.autocast)
+        final.update({"eval/accuracy": res["accuracy"], "eval/accuracy_ci95": res["accuracy_ci95"],
+                      "eval/well_formed": res["well_formed"], "eval/n": res["n"]})
+    final["peak_rss_mb"] = peak_rss_mb()
+    metrics.log(final, echo=True)
+
+    # ------------------------------------------------------------------------ save
+    if rt.is_main:
+        save_model(model, args.out_dir, tokenizer,
+                   extra_config={"minipost": {"stage": "base", "args": asdict(args),
+                                              "results": final}})
+        print(f"saved the base model to {args.out_dir}")
+    dist.cleanup()
+    return final
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(parse_args(Args, description=__doc__))
