@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import save_model
-from minipost.cli import Metrics, UserError, parse_args, peak_rss_mb, setup, user_errors
+from minipost.cli import (Metrics, UserError, parse_args, peak_rss_mb, setup, user_errors,
+                          write_results)
 from minipost.evaluate import evaluate_base
 from minipost.model import GPT, GPTConfig
 from minipost.optim import cosine_schedule, make_optimizer
@@ -30,7 +31,7 @@ from minipost.tokenizer import train_tokenizer
 @dataclass
 class Args:
     out_dir: str = "out/base"       # where the base model (HF format) and metrics.jsonl go
-    difficulty: str = "3x3+-"       # task difficulty: operands x digits, then operators
+    difficulty: str = tasks.DEFAULT_DIFFICULTY  # task: operands x digits, then operators
     n_docs: int = 60000             # documents in the generated training corpus
     vocab_size: int = 512           # BPE vocabulary size (including the 4 special tokens)
     hidden_size: int = 192          # model width
@@ -152,6 +153,7 @@ def main(args: Args):
 
     # ------------------------------------------------------------------------ save
     if rt.is_main:
+        write_results(args.out_dir, "base", final)
         save_model(model, args.out_dir, tokenizer,
                    extra_config={"minipost": {"stage": "base", "args": asdict(args),
                                               "results": final}})

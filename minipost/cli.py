@@ -152,3 +152,10 @@ def require_checkpoint(path, made_by: str):
 
 def default_threads() -> int:
     return int(os.environ.get("MINIPOST_THREADS", "0"))
+
+
+def write_results(out_dir, stage: str, results: dict):
+    """`results.json`: a stage's headline numbers, which the pipeline's scoreboard reads."""
+    path = Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "results.json").write_text(json.dumps({"stage": stage, **results}, indent=2))

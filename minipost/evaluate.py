@@ -10,7 +10,12 @@ import torch
 
 from . import dist
 from .generate import generate
-from .tasks import is_well_formed, verify
+from .tasks import Difficulty, is_well_formed, rl_prompts, verify
+
+
+def heldout_problems(difficulty: str, n: int = 500) -> list[dict]:
+    """The held-out problems every stage is scored on: the same n for every stage (seed 0)."""
+    return rl_prompts(n, "test", Difficulty.from_str(difficulty), seed=0)
 
 
 def ci95(p: float, n: int) -> float:
@@ -25,7 +30,7 @@ def chat_prompt_ids(tokenizer, prompt) -> list[int]:
 
 
 @torch.no_grad()
-def complete(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int = 96,
+def complete(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int = 64,
              batch_size: int = 64, temperature: float = 0.0, eos_token_id: int | None = None,
              generator=None, autocast=None) -> list[str]:
     """Decoded completions (special tokens dropped) for a list of prompt-id lists."""
@@ -49,7 +54,7 @@ def complete(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int 
     return out
 
 
-def evaluate_task(model, tokenizer, problems: list[dict], max_new_tokens: int = 96,
+def evaluate_task(model, tokenizer, problems: list[dict], max_new_tokens: int = 64,
                   batch_size: int = 64, temperature: float = 0.0, samples: int = 1,
                   autocast=None, seed: int = 0) -> dict:
     """Accuracy and well-formed share on chat problems ({"prompt"|"question", "answer"}).
@@ -87,7 +92,7 @@ def evaluate_task(model, tokenizer, problems: list[dict], max_new_tokens: int = 
 
 
 def evaluate_base(model, tokenizer, prompts_answers: list[tuple[str, str]],
-                  max_new_tokens: int = 96, batch_size: int = 64, autocast=None) -> dict:
+                  max_new_tokens: int = 64, batch_size: int = 64, autocast=None) -> dict:
     """Greedy accuracy of a base model completing plain-text "Question: ...\\nAnswer:" prompts.
 
     Generation stops at the document separator <|endoftext|>, which the corpus puts after each

@@ -31,6 +31,9 @@ import re
 from dataclasses import dataclass
 
 ASSISTANT_NAME = "Pip"
+# The scripts' default knob: 3 operands of up to 3 digits leaves SFT in the middle (about half
+# right, nearly all well formed), so preference learning and RL have room to show their effect.
+DEFAULT_DIFFICULTY = "3x3+-"
 TEST_MODULUS = 10  # a problem is held out when hash(expression) % 10 == 0 (about 10%)
 IDENTITY_TEST_MODULUS = 4  # a "who are you" phrasing is held out when hash % 4 == 0
 
