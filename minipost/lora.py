@@ -1,0 +1,303 @@
+"""LoRA: low-rank adaptation of frozen linear layers, saved in PEFT's adapter format.
+
+Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv 2106.09685):
+    h = W₀x + ΔWx = W₀x + (α/r)·B·A·x,   A ∈ ℝ^{r×d_in} random,  B ∈ ℝ^{d_out×r} zero,
+so the model is unchanged at init (ΔW = 0) and only A and B train. The α/r scaling keeps the update
+size comparable across ranks (PITFALLS item 11: some codes scale by α alone or not at all). Like
+PEFT, dropout is applied to the LoRA path's input only, and A is Kaiming-uniform(a=√5), i.e.
+nn.Linear's default.
+
+Adapters are saved as PEFT saves them (`adapter_config.json` + `adapter_model.safetensors`, keys
+`base_model.model.<module path>.lora_A.weight`), so `peft.PeftModel.from_pretrained` loads them on the
+matching `transformers` model (minipost's parameter names are Hugging Face's). A scalar head (reward or
+value model) can train alongside LoRA via `modules_to_save`; it is stored under PEFT's saved key
+`base_model.model.<path>.<param>` (e.g. `base_model.model.score.weight`).
+
+Departure from PEFT: a `modules_to_save` module is trained in place, not as a copy, so
+`disable_adapters` does not restore its original weights (PEFT keeps the original beside the copy).
+
+`disable_adapters(model)` is the one switch for every PEFT layer of minipost (LoRA here, bottleneck
+adapters in adapters.py): inside it the model computes the base model exactly, which is how DPO gets
+its reference model without a second copy.
+"""
+import json
+import os
+import re
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import atomic_dir
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."  # PEFT's prefix for a LoraModel wrapping a *ForCausalLM
+
+
+class PeftLayer(nn.Module):
+    """Base of every minipost PEFT layer: when `disabled` is True it computes the base model exactly."""
+
+    disabled: bool = False
+
+
+class LoRALinear(PeftLayer):
+    """y = base(x) + (α/r)·B(A(dropout(x))) around a frozen nn.Linear (Hu et al. 2021, eq. 3).
+
+    Merging: `merge()` writes W₀ + (α/r)·B·A into the base weight (computed in fp32, cast back) and
+    keeps a copy of the original W₀ in its own dtype. We store the weight, not the delta, because
+    subtracting the delta back is not bit-exact ((w + d) − d ≠ w in floating point, and much worse in
+    bf16; peft #2502); the price is one extra copy of each wrapped weight while merged. The copy also
+    lets a merged layer compute the base exactly when disabled.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        self.base_layer = base  # PEFT's name, so state-dict keys read `q_proj.base_layer.weight`
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **kw)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=5 ** 0.5)
+        nn.init.zeros_(self.lora_B.weight)  # ΔW = 0 at init: the model starts as the base
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.register_buffer("original_weight", None, persistent=False)  # W₀ while merged
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        if self.merged and self.disabled:
+            return F.linear(x, self.original_weight, self.base_layer.bias)
+        y = self.base_layer(x)
+        if self.merged or self.disabled:
+            return y
+        return y + self.scaling * self.lora_B(self.lora_A(self.dropout(x)))
+
+    @torch.no_grad()
+    def merge(self):
+        """W ← W₀ + (α/r)·B·A, so the forward pass costs what the base costs."""
+        if self.merged:
+            return
+        w = self.base_layer.weight
+        self.original_weight = w.detach().clone()
+        delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())  # (out, in)
+        w.copy_((w.float() + delta).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Restore W₀ bit-exactly from the stored copy."""
+        if not self.merged:
+            return
+        self.base_layer.weight.copy_(self.original_weight)
+        self.original_weight = None
+        self.merged = False
+
+
+def _tied_param_ids(model: nn.Module) -> set[int]:
+    """ids of parameters reachable under more than one name (tied embeddings)."""
+    seen, tied = set(), set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        (tied if id(p) in seen else seen).add(id(p))
+    return tied
+
+
+def _find_modules(model: nn.Module, names) -> list[tuple[str, nn.Module]]:
+    """Modules whose path is a name in `names` or ends with `.name` (PEFT's modules_to_save match)."""
+    found = []
+    for name in names:
+        hits = [(p, m) for p, m in model.named_modules() if p == name or p.endswith("." + name)]
+        if not hits:
+            raise ValueError(f"modules_to_save: no module named {name!r} in the model")
+        found += hits
+    return found
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+               targets=DEFAULT_TARGETS, modules_to_save=()) -> nn.Module:
+    """Wrap the target nn.Linear layers in LoRALinear and freeze everything else; returns `model`.
+
+    Args:
+        r, alpha, dropout: rank, scale (the update is multiplied by α/r), dropout on the LoRA input.
+        targets: names matched against the last component of each module path (`q_proj` matches
+            `model.layers.0.self_attn.q_proj`), or a string, a regex on the full path (as in PEFT).
+            The LM head and embeddings are never targets by default: a tied head shares the
+            embedding matrix, and merging LoRA into it would change the embeddings, so tied layers
+            are refused.
+        modules_to_save: names of modules (e.g. a reward model's `score` head) that stay fully
+            trainable and are saved with the adapter.
+    """
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("model already has LoRA layers")
+    if isinstance(targets, str):
+        match = lambda path: re.fullmatch(targets, path) is not None
+    else:
+        targets = tuple(targets)
+        match = lambda path: path.rsplit(".", 1)[-1] in targets
+    linears = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen = [(p, m) for p, m in linears if match(p)]
+    if not chosen:
+        names = sorted({p.rsplit(".", 1)[-1] for p, _ in linears})
+        raise ValueError(f"no nn.Linear matched targets {targets!r}; available Linear names: {names}")
+    tied = _tied_param_ids(model)
+    for path, m in chosen:
+        if id(m.weight) in tied:
+            raise ValueError(f"{path} shares its weight with another module (tied embeddings); "
+                             "LoRA on it would change the tied matrix on merge")
+    to_save = _find_modules(model, modules_to_save)
+    for path, m in to_save:
+        if any(id(p) in tied for p in m.parameters()):
+            raise ValueError(f"modules_to_save: {path} has tied parameters")
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for path, m in chosen:
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent), child, LoRALinear(m, r, alpha, dropout))
+    for _, m in to_save:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    model.lora_modules_to_save = list(modules_to_save)  # read by lora_state_dict / save_lora
+    return model
+
+
+def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
+    """Merge every LoRALinear; with `unload`, replace each by its plain (merged) nn.Linear.
+
+    unload=True gives a plain model that saves as an ordinary checkpoint (and cannot be unmerged);
+    unload=False keeps the wrappers, merged, so `unmerge_lora` can restore the base weights exactly.
+    Parameters stay in place, so tied embeddings stay tied. Frozen flags are left as they are.
+    """
+    for path, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            m.merge()
+            if unload:
+                parent, _, child = path.rpartition(".")
+                setattr(model.get_submodule(parent), child, m.base_layer)
+    if unload and hasattr(model, "lora_modules_to_save"):
+        del model.lora_modules_to_save
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo `merge_lora(model, unload=False)`: every base weight is restored bit-exactly."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.unmerge()
+    return model
+
+
+@contextmanager
+def disable_adapters(model: nn.Module):
+    """Inside this block every PEFT layer (LoRA, bottleneck adapter) computes the base model exactly.
+
+    Raises if the model has none: a "reference model" equal to the policy would silently make the
+    DPO loss ln 2 forever.
+    """
+    layers = [m for m in model.modules() if isinstance(m, PeftLayer)]
+    if not layers:
+        raise ValueError("disable_adapters: the model has no LoRA layers or adapters")
+    previous = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, d in zip(layers, previous):
+            m.disabled = d
+
+
+def _lora_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """PEFT saved-key → parameter: LoRA A/B (PEFT drops `.base_layer` and the adapter name)."""
+    params = {}
+    for path, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            params[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_A.weight
+            params[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_B.weight
+    for path, m in _find_modules(model, getattr(model, "lora_modules_to_save", ())):
+        for name, p in m.named_parameters():
+            params[f"{PEFT_PREFIX}{path}.{name}"] = p  # PEFT strips `modules_to_save.default.`
+    return params
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's saved key names (what `get_peft_model_state_dict` gives)."""
+    return {k: p.detach() for k, p in _lora_params(model).items()}
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a tied matrix counts once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def save_lora(model: nn.Module, path: str, base_model_name_or_path: str = "",
+              task_type: str = "CAUSAL_LM"):
+    """Write `adapter_config.json` + `adapter_model.safetensors` in PEFT's format, atomically.
+
+    task_type: PEFT's task type, "CAUSAL_LM" for a language model, "SEQ_CLS" for a reward model.
+    `path` is replaced as a whole.
+    """
+    layers = {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not layers:
+        raise ValueError("save_lora: the model has no LoRA layers")
+    settings = {(m.r, m.alpha, getattr(m.dropout, "p", 0.0)) for m in layers.values()}
+    if len(settings) != 1:
+        raise ValueError(f"save_lora: LoRA layers differ in (r, alpha, dropout): {settings}")
+    (r, alpha, dropout), = settings
+    modules_to_save = list(getattr(model, "lora_modules_to_save", ()))
+    config = {
+        "peft_type": "LORA", "task_type": task_type, "r": r, "lora_alpha": alpha,
+        "lora_dropout": dropout, "target_modules": sorted({p.rsplit(".", 1)[-1] for p in layers}),
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path,
+        "modules_to_save": modules_to_save or None, "use_rslora": False, "init_lora_weights": True,
+    }
+    tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
+    with atomic_dir(path) as tmp:
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def load_lora(model: nn.Module, path: str) -> nn.Module:
+    """Apply LoRA as `path/adapter_config.json` says and load its weights (strict); returns `model`.
+
+    Reads adapters written by `save_lora` or by PEFT, as long as they use plain LoRA (no rsLoRA, DoRA,
+    bias training, per-layer ranks).
+    """
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
+    unsupported = {k: cfg.get(k) for k in ("use_rslora", "use_dora", "fan_in_fan_out",
+                                           "rank_pattern", "alpha_pattern") if cfg.get(k)}
+    if cfg.get("bias", "none") != "none":
+        unsupported["bias"] = cfg["bias"]
+    if unsupported:
+        raise ValueError(f"{path}: unsupported LoRA options {unsupported}")
+    targets = cfg["target_modules"]
+    apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout") or 0.0,
+               targets=targets if isinstance(targets, str) else tuple(targets),
+               modules_to_save=tuple(cfg.get("modules_to_save") or ()))
+    load_strict(_lora_params(model), path)
+    return model
+
+
+def load_strict(params: dict[str, nn.Parameter], path: str):
+    """Copy `path/adapter_model.safetensors` into `params`; every key and shape must match."""
+    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    missing, unexpected = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
+    if missing or unexpected:
+        raise ValueError(f"{path}: adapter keys do not match the model; missing: {missing}; "
+                         f"unexpected: {unexpected}")
+    with torch.no_grad():
+        for k, p in params.items():
+            if tensors[k].shape != p.shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(tensors[k].shape)}, "
+                                 f"the model expects {tuple(p.shape)}")
+            p.copy_(tensors[k])
