@@ -1,0 +1,70 @@
+"""Rollout helpers for the online RL scripts (PPO, GRPO): re-scoring sampled completions.
+
+A rollout is `generate.generate(...)`: left-padded prompts of width P, completions of width N
+right-padded after their EOS, side by side in `Generation.sequences` (B, P + N). Everything an RL
+trainer computes about a completion lives at the completion's token positions, shifted by one
+(PITFALLS.md item 1): the token at column P + t is predicted by the logits at column P + t − 1.
+These helpers compute, for the N completion columns:
+
+- `completion_logps(model, sequences, attention_mask, prompt_len, temperature)`: log π(a_t) of the
+  sampled tokens under `logits / temperature` — the distribution actually sampled from, so PPO/GRPO
+  ratios start at exactly 1 (PITFALLS items 15, 16) — and optionally the per-token entropy. With
+  grad when called with grad (the training forward), so one function serves rollout and update.
+- `completion_values(value_model, sequences, attention_mask, prompt_len)`: a ScoreModel's V(s_t),
+  read at the same shifted column as the log-prob of a_t (the state before the token is chosen).
+- `sequence_scores(reward_model, sequences, attention_mask)`: the reward model's score at each
+  row's last real token, i.e. the EOS that ends the completion (PITFALLS items 8, 19).
+- `gold_rewards(tokenizer, completion_ids, completion_mask, answers)`: the verifier's 0/1 reward.
+
+Plain temperature sampling only: top-k / top-p change the sampled distribution, and these
+log-probs would then not match the sampler's (ms-swift PR #8442).
+"""
+import torch
+
+from .model import token_logprobs
+from .tasks import verify
+
+
+def completion_logps(model, sequences, attention_mask, prompt_len: int, temperature: float = 1.0,
+                     with_entropy: bool = False):
+    """Log-probs (B, N) of the completion tokens under softmax(logits / T), N = T_seq − prompt_len.
+
+    Args:
+        model: a GPT (or a DDP/PEFT wrapper of one) returning logits (B, T_seq, V).
+        sequences: (B, T_seq) left-padded prompt then completion; attention_mask: (B, T_seq).
+        prompt_len: P, the width of the (padded) prompt block.
+        temperature: the sampling temperature; 0 (greedy) scores at temperature 1, as `generate`
+            records it.
+        with_entropy: also return the per-token entropy (B, N) of softmax(logits / T), detached.
+
+    Returns logps (B, N), or (logps, entropy). Values at padded completion positions are garbage
+    the caller masks out.
+    """
+    t = temperature if temperature > 0 else 1.0
+    logits = model(sequences, attention_mask=attention_mask)[:, prompt_len - 1:]   # (B, N+1, V)
+    logits = logits.float() / t
+    logps = token_logprobs(logits, sequences[:, prompt_len - 1:])                  # (B, N)
+    if not with_entropy:
+        return logps
+    with torch.no_grad():
+        logp_all = logits[:, :-1].log_softmax(-1)                                  # (B, N, V)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)                             # (B, N)
+    return logps, entropy
+
+
+def completion_values(value_model, sequences, attention_mask, prompt_len: int):
+    """V(s_t) for each completion token a_t: the value head at column P + t − 1. (B, N), fp32."""
+    return value_model(sequences, attention_mask=attention_mask)[:, prompt_len - 1:-1]
+
+
+def sequence_scores(reward_model, sequences, attention_mask):
+    """(B,) reward-model score at each row's last real token: the completion's EOS, if it has one."""
+    return reward_model.score_last(sequences, attention_mask)
+
+
+def gold_rewards(tokenizer, completion_ids, completion_mask, answers) -> torch.Tensor:
+    """(B,) float 0/1: the verifier on each decoded completion (special tokens dropped)."""
+    texts = [tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
+             for ids, m in zip(completion_ids, completion_mask)]
+    return torch.tensor([verify(t, a) for t, a in zip(texts, answers)],
+                        dtype=torch.float32, device=completion_ids.device)
