@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import save_model
-from minipost.cli import (Metrics, UserError, parse_args, peak_rss_mb, setup, user_errors,
-                          write_results)
+from minipost.cli import (Metrics, UserError, difficulty_arg, parse_args, peak_rss_mb, setup,
+                          user_errors, write_results)
 from minipost.evaluate import evaluate_base
 from minipost.model import GPT, GPTConfig
 from minipost.optim import cosine_schedule, make_optimizer
@@ -62,7 +62,7 @@ def main(args: Args):
     if args.batch_size % rt.world_size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the "
                         f"{rt.world_size} processes")
-    difficulty = tasks.Difficulty.from_str(args.difficulty)
+    difficulty = difficulty_arg(args.difficulty)
 
     # ------------------------------------------------------------------------ data
     docs = tasks.pretrain_corpus(args.n_docs, difficulty, seed=args.seed)

@@ -77,6 +77,15 @@ def user_errors():
         sys.exit(2)
 
 
+def difficulty_arg(text: str):
+    """`--difficulty` parsed, or a one-line UserError naming the flag."""
+    from .tasks import Difficulty
+    try:
+        return Difficulty.from_str(text)
+    except ValueError as e:
+        raise UserError(f"--difficulty: {e}") from None
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)

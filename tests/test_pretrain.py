@@ -1,0 +1,71 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_PRETRAIN
+from minipost.checkpoint import load_model
+from minipost.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_pretrain_end_to_end_saves_a_loadable_checkpoint_and_metrics(tmp_path):
+    import pretrain
+    threads = torch.get_num_threads()
+    try:
+        final = pretrain.main(pretrain.Args(out_dir=str(tmp_path / "base"),
+                                            **{**TINY_PRETRAIN, "max_steps": 4, "eval_every": 2,
+                                               "eval_problems": 4}))
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "base"
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json", "metrics.jsonl", "results.json"]:
+        assert (out / name).exists(), name
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/loss" in x for x in lines) and lines[-1]["eval/n"] == 4
+    assert 0.0 <= final["eval/accuracy"] <= 1.0 and final["eval/loss"] > 0
+    model, tok = load_model(out), load_tokenizer(out)
+    assert model.config.vocab_size == tok.vocab_size
+    assert model.config.eos_token_id == tok.eos_token_id != tok.pad_token_id
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+
+
+def test_pretrain_help_explains_every_flag():
+    import pretrain
+    from dataclasses import fields
+    r = subprocess.run([sys.executable, "pretrain.py", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0
+    for f in fields(pretrain.Args):
+        assert "--" + f.name.replace("_", "-") in r.stdout
+
+
+def test_bad_flag_value_is_one_line_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "pretrain.py", "--difficulty", "three", "--out-dir",
+                        str(tmp_path / "x"), "--device", "cpu"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "difficulty" in r.stderr
+    assert not (tmp_path / "x" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_pretrain_under_torchrun_two_processes(tmp_path):
+    flags = []
+    for k, v in {**TINY_PRETRAIN, "max_steps": 2, "eval_problems": 4}.items():
+        flags += ["--" + k.replace("_", "-"), str(v)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29517", "pretrain.py", *flags,
+                        "--out-dir", str(tmp_path / "ddp")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "ddp" / "model.safetensors").exists()
+    lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert len([x for x in lines if '"step": 0,' in x]) == 1   # only rank 0 writes
