@@ -9,6 +9,10 @@ Schemas (the field names TRL uses, DESIGN.md):
 run fails before training starts. SFT rows come back normalised to {"messages": [...]};
 preference and RL rows keep the form they were written in (`to_messages` converts a prompt).
 
+Preference pairs (`encode_preference`, `collate_preference`) become one right-padded batch of 2B
+rows, the B chosen sequences first and the B rejected ones after, so a reward model or DPO scores
+both sides in one forward pass.
+
 Packing (`pack_sequences`) concatenates documents into rows of at most `max_len` tokens with
 position ids restarting at 0 and a segment id per document, so a model that blocks attention across
 segments computes exactly what it computes on each document alone (PITFALLS 14).
@@ -235,3 +239,39 @@ def collate_packed(rows, pad_id: int) -> dict[str, torch.Tensor]:
     segment_ids, _, _ = pad_batch([r[3] for r in rows], 0, "right")
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
             "position_ids": position_ids, "segment_ids": segment_ids}
+
+
+def encode_preference(tokenizer, row: dict, max_length: int = 1024
+                      ) -> tuple[list[int], list[int], list[int], list[int], bool]:
+    """ChatML ids and loss masks of a preference row's prompt + chosen and prompt + rejected.
+
+    The loss mask is 1 on the completion's tokens and the <|im_end|> that closes it (0 on the
+    prompt, even on assistant turns inside a multi-turn prompt), and each sequence ENDS at that
+    <|im_end|>, so a reward model reads its score on the EOS. Sequences longer than `max_length`
+    keep their last `max_length` tokens (the completion matters most; the prompt is cut first).
+
+    Returns (chosen_ids, chosen_mask, rejected_ids, rejected_mask, truncated).
+    """
+    prompt = to_messages(row["prompt"])
+    n_prompt = len(tokenizer.format_chat(prompt)[0])
+    out, truncated = [], False
+    for side in ("chosen", "rejected"):
+        completion = row[side]
+        completion = ([{"role": "assistant", "content": completion}] if isinstance(completion, str)
+                      else to_messages(completion))
+        ids, mask = tokenizer.format_chat(prompt + completion)
+        mask = [0] * n_prompt + mask[n_prompt:]
+        end = max(i for i, m in enumerate(mask) if m) + 1 if any(mask) else len(ids)
+        ids, mask, cut = truncate(ids[:end], mask[:end], max_length, side="left")
+        out += [ids, mask]
+        truncated |= cut
+    return (*out, truncated)
+
+
+def collate_preference(encoded: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
+    """Encoded pairs -> {"input_ids", "attention_mask", "loss_mask"}, each (2B, T), right-padded:
+    rows 0..B−1 are the chosen sequences, rows B..2B−1 the rejected ones of the same pairs."""
+    seqs = [e[0] for e in encoded] + [e[2] for e in encoded]
+    masks = [e[1] for e in encoded] + [e[3] for e in encoded]
+    input_ids, attention_mask, loss_mask = pad_batch(seqs, pad_id, "right", masks)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}

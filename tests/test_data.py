@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from minipost.data import (DataError, collate_packed, load_jsonl, pack_sequences, pad_batch,
-                           to_messages, truncate)
+from minipost.data import (DataError, collate_packed, collate_preference, encode_preference,
+                           load_jsonl, pack_sequences, pad_batch, to_messages, truncate)
 
 GOOD = {
     "sft": {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
@@ -128,3 +128,45 @@ def test_collate_packed_pads_with_segment_zero():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
     assert batch["loss_mask"].tolist() == [[0, 1, 1, 0], [0, 1, 0, 1]]
     assert all(t.shape == (2, 4) for t in batch.values())
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    from minipost.tokenizer import train_tokenizer
+    return train_tokenizer(["Who are you? I am Pip. 12 + 3 = 15\n#### 15"] * 20, vocab_size=300)
+
+
+def test_encode_preference_masks_only_the_completion_and_ends_at_eos(chat_tokenizer):
+    tok = chat_tokenizer
+    row = {"prompt": [U, A, {"role": "user", "content": "Who are you?"}],
+           "chosen": "I am Pip.", "rejected": [{"role": "assistant", "content": "#### 15"}]}
+    c_ids, c_mask, r_ids, r_mask, truncated = encode_preference(tok, row)
+    assert not truncated
+    for ids, mask, text in ((c_ids, c_mask, "I am Pip."), (r_ids, r_mask, "#### 15")):
+        assert ids[-1] == tok.eos_token_id and mask[-1] == 1       # ends at <|im_end|>, scored
+        scored = [t for t, m in zip(ids, mask) if m]               # the assistant turn inside the
+        assert tok.decode(scored) == text                          # prompt is not scored
+        assert scored[-1] == tok.eos_token_id
+    n_prompt = len(tok.format_chat(to_messages(row["prompt"]))[0])
+    assert c_ids[:n_prompt] == r_ids[:n_prompt]                    # the same prompt tokens
+
+
+def test_encode_preference_truncates_the_prompt_first(chat_tokenizer):
+    row = {"prompt": "Who are you? " * 20, "chosen": "I am Pip.", "rejected": "#### 15"}
+    c_ids, c_mask, _, _, truncated = encode_preference(chat_tokenizer, row, max_length=16)
+    assert truncated and len(c_ids) == 16
+    full = encode_preference(chat_tokenizer, row)
+    assert c_ids == full[0][-16:] and c_mask == full[1][-16:]
+
+
+def test_collate_preference_puts_chosen_rows_first(chat_tokenizer):
+    rows = [{"prompt": "Who are you?", "chosen": "I am Pip.", "rejected": "#### 15"},
+            {"prompt": "12 + 3", "chosen": "#### 15", "rejected": "I am Pip. I am Pip."}]
+    enc = [encode_preference(chat_tokenizer, r) for r in rows]
+    batch = collate_preference(enc, pad_id=chat_tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 4
+    order = [enc[0][0], enc[1][0], enc[0][2], enc[1][2]]       # chosen 0, chosen 1, rejected 0, 1
+    for b, ids in enumerate(order):
+        n = int(batch["attention_mask"][b].sum())
+        assert n == len(ids) and batch["input_ids"][b, :n].tolist() == ids   # right padding
+        assert (batch["input_ids"][b, n:] == chat_tokenizer.pad_token_id).all()
