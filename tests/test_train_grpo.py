@@ -1,0 +1,150 @@
+"""train_grpo.py: the step function's invariants (ratio 1, micro-batch = full batch, constant reward
+= no gradient, no reference at β = 0) and end-to-end runs with tiny flags (full and LoRA)."""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_grpo
+from minipost.checkpoint import load_model
+from minipost.grpo import group_advantages
+from minipost.tokenizer import load_tokenizer
+
+TINY = dict(max_steps=2, batch_prompts=2, group_size=4, max_new_tokens=12, n_prompts=40,
+            micro_batch_size=3, eval_problems=4, pass_k=2, eval_every=1, threads=1, device="cpu",
+            max_minutes=0)
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def fake_batch(vocab: int, prompt_lens, completion_lens, group_size: int, seed: int = 0):
+    """Rows with prompts and completions of the given (unequal) lengths, joined like rollouts."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for p, c in zip(prompt_lens, completion_lens):
+        rows.append({"input_ids": torch.randint(4, vocab, (1, p + c), generator=g),
+                     "attention_mask": torch.ones(1, p + c, dtype=torch.long),
+                     "loss_mask": torch.ones(1, c), "sampler_logps": torch.zeros(1, c),
+                     "rewards": torch.rand(1, generator=g).round(), "correct": torch.zeros(1),
+                     "truncated": torch.zeros(1, dtype=torch.bool)})
+    batch = train_grpo.cat_rollouts(rows)
+    batch["advantages"] = group_advantages(batch["rewards"], group_size)
+    return batch
+
+
+def grads_of(model, batch, args):
+    model.zero_grad(set_to_none=True)
+    mbs = train_grpo.micro_batches(batch, args.micro_batch_size)
+    norm = train_grpo.loss_normalizer(args.loss_type, batch["loss_mask"], args.max_new_tokens)
+    stats, old = train_grpo.policy_update(model, mbs, norm, args)
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            for p in model.parameters()], stats, mbs, old
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_micro_batches_of_unequal_lengths_give_the_full_batch_gradient(tiny_sft_dir, loss_type):
+    torch.manual_seed(0)
+    model = load_model(tiny_sft_dir).double()
+    batch = fake_batch(model.config.vocab_size, [5, 9, 7, 6, 8, 5, 9, 6], [3, 11, 6, 2, 9, 4, 1, 7],
+                       group_size=4)
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    batch["rewards"] = torch.tensor([1., 0, 0, 1, 0, 1, 1, 1], dtype=torch.float64)
+    batch["advantages"] = group_advantages(batch["rewards"], 4)
+    args = train_grpo.Args(loss_type=loss_type, max_new_tokens=12)
+    full, _, mbs_full, _ = grads_of(model, batch, replace(args, micro_batch_size=8))
+    split, _, mbs, _ = grads_of(model, batch, replace(args, micro_batch_size=3))
+    assert len(mbs_full) == 1 and len(mbs) == 3
+    assert len({mb["input_ids"].shape[1] for mb in mbs}) > 1    # really unequal widths
+    assert any(g.abs().sum() > 0 for g in full)
+    for a, b in zip(full, split):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_first_update_ratio_is_one_and_logps_match_the_sampler(tiny_sft_dir):
+    torch.manual_seed(0)
+    model, tok = load_model(tiny_sft_dir), load_tokenizer(tiny_sft_dir)
+    args = train_grpo.Args(group_size=4, max_new_tokens=12, temperature=0.7, micro_batch_size=3)
+    problems = [{"prompt": "Mia has 2 apples. She buys 3 more. How many?", "answer": "5"},
+                {"prompt": "Leo has 9 coins. He loses 4. How many are left?", "answer": "5"}]
+    batch = train_grpo.rollout(model, tok, problems, args, torch.Generator().manual_seed(0))
+    batch["advantages"] = torch.randn(len(batch["rewards"]))
+    _, stats, _, old = grads_of(model, batch, args)
+    assert stats["policy/ratio_max_dev"] < 1e-6           # PITFALLS 16: ρ = 1 on the first update
+    assert stats["policy/clipfrac"] == 0.0
+    assert stats["sampler_logp_max_diff"] < 1e-4          # KV-cache sampler == full forward at T
+    # a second update on the same batch uses these old log-probs: after a step ρ ≠ 1
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    mbs = train_grpo.micro_batches(batch, args.micro_batch_size)
+    norm = train_grpo.loss_normalizer(args.loss_type, batch["loss_mask"], args.max_new_tokens)
+    stats2, _ = train_grpo.policy_update(model, mbs, norm, args, old_logps=old)
+    assert stats2["policy/ratio_max_dev"] > 1e-4
+
+
+def test_constant_reward_group_gives_no_policy_gradient(tiny_sft_dir):
+    model = load_model(tiny_sft_dir).double()
+    batch = fake_batch(model.config.vocab_size, [5, 7, 6, 8], [4, 9, 2, 6], group_size=4)
+    batch["rewards"] = torch.ones(4)
+    batch["advantages"] = group_advantages(batch["rewards"], 4)
+    assert torch.equal(batch["advantages"], torch.zeros(4))   # no NaN from std = 0
+    grads, stats, _, _ = grads_of(model, batch, train_grpo.Args(beta=0.0))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    assert all(v == v for v in stats.values())                # finite, no NaN
+
+
+def test_beta_zero_builds_no_reference_model(tiny_sft_dir):
+    model = load_model(tiny_sft_dir)
+    assert train_grpo.make_reference(model, train_grpo.Args(beta=0.0)) is None
+    ref = train_grpo.make_reference(model, train_grpo.Args(beta=0.04))
+    assert ref is not model and not ref.training
+    assert not any(p.requires_grad for p in ref.parameters())
+    assert train_grpo.make_reference(model, train_grpo.Args(beta=0.04, peft="lora")) == \
+        "disable_adapters"                                    # LoRA: the base model, no copy
+
+
+def read_metrics(out):
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_grpo_end_to_end_full(tiny_sft_dir, tmp_path):
+    out = tmp_path / "grpo"
+    final = train_grpo.main(train_grpo.Args(init=tiny_sft_dir, out_dir=str(out), mu=2,
+                                            **{**TINY, "max_steps": 3}))
+    assert final["steps"] == 3
+    for key in ("accuracy", "accuracy_ci95", "well_formed", "pass@2"):
+        assert key in final["before"] and key in final["after"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["stage"] == "grpo" and results["minutes"] > 0 and results["peak_rss_mb"] > 0
+    lines = read_metrics(out)
+    train = [x for x in lines if "reward/mean" in x]
+    assert train and all(k in train[0] for k in ("reward/std", "frac_reward_zero_std",
+                                                 "policy/clipfrac", "completions/mean_length"))
+    assert all("kl" not in x for x in train)                 # β = 0: no reference, no KL
+    assert any("eval/accuracy" in x for x in lines[1:-1])    # evaluated at intervals
+    model = load_model(out)
+    assert model.config.vocab_size == load_tokenizer(out).vocab_size
+
+
+def test_train_grpo_end_to_end_lora_with_kl(tiny_sft_dir, tmp_path):
+    out = tmp_path / "grpo_lora"
+    train_grpo.main(train_grpo.Args(init=tiny_sft_dir, out_dir=str(out), peft="lora", lora_r=2,
+                                    beta=0.04, dynamic_sampling=False, mask_truncated=True,
+                                    loss_type="grpo", scale_rewards="none", format_reward=0.5,
+                                    **TINY))
+    assert (out / "adapter" / "adapter_config.json").exists()
+    train = [x for x in read_metrics(out) if "reward/mean" in x]
+    assert all("kl" in x for x in train)
+    load_model(out)                                          # merged: a plain checkpoint
+
+
+def test_missing_init_names_the_command(tmp_path):
+    from minipost.cli import UserError
+    with pytest.raises(UserError, match="train_sft.py"):
+        train_grpo.main(train_grpo.Args(init=str(tmp_path / "nope"), out_dir=str(tmp_path / "o"),
+                                        device="cpu", threads=1))

@@ -1,0 +1,379 @@
+"""Stage 5: GRPO with verifiable rewards (Shao et al. 2024, arXiv 2402.03300), with the DAPO and
+Dr. GRPO fixes (Yu et al. 2025, arXiv 2503.14476; Liu et al. 2025, arXiv 2503.20783).
+
+    python train_grpo.py                     # out/sft -> out/grpo
+    python train_grpo.py --peft lora --lr 1e-3
+    torchrun --nproc_per_node 2 train_grpo.py --device cpu --threads 1
+
+Each step samples B prompts × G completions with the KV cache (a group = G consecutive rows),
+scores them with the verifier (1 for a correct, well-formed answer; plus `--format-reward` × well
+formed), turns rewards into group-relative advantages Â_i = (r_i − mean_g r)/std_g r, and takes μ
+optimiser steps on that batch with the clipped surrogate of `minipost.grpo.grpo_loss`. Log-probs are
+recomputed from logits / T, the distribution the rollout sampled from (PITFALLS 15), so the first
+update's ratio is exactly 1 (PITFALLS 16, asserted at run time). With β = 0 no reference model is
+built at all.
+
+The recipe behind the defaults (a 1.9M-parameter model on 2 CPU cores): sample at T = 0.7, not 1,
+so rollouts look like the greedy answers we are scored on (at T = 1 they slip digits and the reward
+stops tracking what greedy decoding does); lr 3e-4 (a tiny model needs a large step); β = 0; DAPO's
+token-level loss and clip-higher; dynamic sampling, which spends the gradient only on prompts whose
+group disagrees (reward spread > 0).
+"""
+import contextlib
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from minipost import dist, tasks
+from minipost.checkpoint import load_model, save_model
+from minipost.cli import (Metrics, UserError, parse_args, peak_rss_mb, require_checkpoint, setup,
+                          user_errors, write_results)
+from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
+from minipost.generate import generate
+from minipost.grpo import group_advantages, grpo_loss
+from minipost.optim import make_optimizer
+from minipost.rollout import completion_logps
+from minipost.tokenizer import load_tokenizer
+
+
+# ---------------------------------------------------------------------------- Args
+@dataclass
+class Args:
+    init: str = "out/sft"           # policy to start from (the SFT model), any HF-format directory
+    out_dir: str = "out/grpo"       # where the trained policy, metrics.jsonl and results.json go
+    difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the held-out evaluation
+    train_difficulty: str = ""      # task of the training prompts ("" = --difficulty)
+    n_prompts: int = 20000          # training prompts in the pool
+    batch_prompts: int = 8          # B: prompts per step (global, over all ranks)
+    group_size: int = 8             # G: completions sampled per prompt
+    temperature: float = 0.7        # rollout sampling temperature (log-probs use logits / T)
+    max_new_tokens: int = 64        # completion budget; no EOS by then = truncated
+    format_reward: float = 0.0      # weight of the well-formed reward added to correctness
+    scale_rewards: str = "std"      # std (GRPO) | none (Dr. GRPO: advantages are r − mean)
+    loss_type: str = "dapo"         # grpo (per-sequence mean) | dapo (token mean) | dr_grpo
+    clip_eps: float = 0.2           # ε: ratio clipped to [1 − ε, 1 + ε_high]
+    clip_eps_high: float = 0.28     # ε_high, DAPO's clip-higher (0 = same as ε)
+    beta: float = 0.0               # β: k3 KL penalty to the frozen reference (0 = no reference)
+    mu: int = 1                     # μ: optimiser steps on each sampled batch
+    dynamic_sampling: bool = True   # DAPO: drop groups with zero reward spread and refill
+    max_refills: int = 3            # extra sampling rounds per step when filling dynamic batches
+    mask_truncated: bool = False    # leave completions that hit --max-new-tokens out of the loss
+    micro_batch_size: int = 32      # rows per forward/backward (gradient accumulation)
+    max_steps: int = 400            # optimiser steps (each of μ updates counts once per batch)
+    max_minutes: float = 12.0       # stop training after this many minutes (0 = no limit)
+    lr: float = 3e-4                # learning rate (constant after warm-up)
+    warmup_steps: int = 5           # linear warm-up steps
+    weight_decay: float = 0.0       # AdamW weight decay on matrices
+    grad_clip: float = 1.0          # max global gradient norm (0 = off)
+    eval_every: int = 100           # held-out greedy pass@1 every N steps (0 = only before/after)
+    eval_problems: int = 500        # held-out problems (evaluate.heldout_problems)
+    pass_k: int = 8                 # k of held-out pass@k, sampled at --temperature (0 = skip)
+    seed: int = 0                   # seed for prompts and sampling
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    threads: int = 0                # CPU threads per process (0 = torch's default)
+    dtype: str = "float32"          # float32 | bfloat16: dtype the policy is loaded in
+    peft: str = "none"              # none | lora | adapter: train only a PEFT module
+    lora_r: int = 8                 # LoRA rank r
+    lora_alpha: float = 16.0        # LoRA α (the update is scaled by α/r)
+    lora_dropout: float = 0.0       # dropout on the LoRA input (0 keeps the first ratio at 1)
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
+    adapter_dim: int = 16           # bottleneck width of --peft adapter
+
+
+# ---------------------------------------------------------------------------- rollout
+@torch.no_grad()
+def rollout(model, tokenizer, problems, args, generator, autocast=contextlib.nullcontext):
+    """Sample G completions for each problem and score them. Returns a dict of (N = len·G) rows."""
+    prompts = [chat_prompt_ids(tokenizer, p["prompt"]) for p in problems for _ in range(args.group_size)]
+    model.eval()
+    with autocast():
+        g = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     generator=generator)
+    model.train()
+    texts = [tokenizer.decode(ids[m]) for ids, m in zip(g.completion_ids, g.completion_mask)]
+    answers = [p["answer"] for p in problems for _ in range(args.group_size)]
+    correct = torch.tensor([tasks.verify(t, a) for t, a in zip(texts, answers)])
+    formed = torch.tensor([float(tasks.is_well_formed(t)) for t in texts])
+    ids, attention_mask = g.sequences
+    return {"input_ids": ids, "attention_mask": attention_mask,
+            "loss_mask": g.completion_mask.float(), "sampler_logps": g.logps,
+            "rewards": correct + args.format_reward * formed, "correct": correct,
+            "truncated": g.truncated.cpu()}
+
+
+def cat_rollouts(parts):
+    """Concatenate rollouts of different lengths: prompts left-padded, completions right-padded."""
+    P = max(r["input_ids"].shape[1] - r["loss_mask"].shape[1] for r in parts)
+    C = max(r["loss_mask"].shape[1] for r in parts)
+    out = {k: [] for k in parts[0]}
+    for r in parts:
+        c = r["loss_mask"].shape[1]
+        p = r["input_ids"].shape[1] - c
+        for k, v in r.items():
+            if k in ("input_ids", "attention_mask"):
+                pad = 3 if k == "input_ids" else 0   # any id: padded positions are masked out
+                v = F.pad(v, (P - p, C - c), value=pad)
+            elif k in ("loss_mask", "sampler_logps"):
+                v = F.pad(v, (0, C - c))
+            out[k].append(v)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def prompt_len(mb) -> int:
+    """Width of the left-padded prompt block of a (micro-)batch."""
+    return mb["input_ids"].shape[1] - mb["loss_mask"].shape[1]
+
+
+def micro_batches(batch, size: int):
+    """Split rows into micro-batches, each trimmed to its own longest prompt and completion."""
+    C = batch["loss_mask"].shape[1]
+    out = []
+    for s in range(0, len(batch["rewards"]), size):
+        mb = {k: v[s:s + size] for k, v in batch.items()}
+        c = max(int(mb["loss_mask"].sum(1).max()), 1)
+        first = int(mb["attention_mask"].any(0).nonzero()[0])     # drop all-padding prompt columns
+        end = mb["input_ids"].shape[1] - (C - c)
+        for k in ("input_ids", "attention_mask"):
+            mb[k] = mb[k][:, first:end]
+        for k in ("loss_mask", "sampler_logps"):
+            mb[k] = mb[k][:, :c]
+        out.append(mb)
+    return out
+
+
+# ---------------------------------------------------------------------------- loss
+def loss_normalizer(loss_type: str, loss_mask, max_new_tokens: int) -> float:
+    """The whole batch's denominator, so accumulated micro-batch losses equal the full-batch loss
+    (PITFALLS 4): tokens (dapo), sequences (grpo), sequences × token budget (dr_grpo)."""
+    N = loss_mask.shape[0]
+    return {"dapo": max(float(loss_mask.sum()), 1.0), "grpo": float(N),
+            "dr_grpo": float(N * max_new_tokens)}[loss_type]
+
+
+def policy_update(train_model, mbs, normalizer: float, args, old_logps=None, ref_logps=None):
+    """One accumulated backward over all micro-batches (no optimiser step). Returns stats and the
+    detached log-probs, which are the old log-probs of later updates on the same batch.
+
+    old_logps None: this is the first update on the batch; the detached current log-probs are the
+    old ones, so ρ = 1 exactly (μ = 1 is then the on-policy GRPO gradient).
+    """
+    sums, new_old, total_loss = {}, [], 0.0
+    sync = getattr(train_model, "no_sync", None)
+    for i, mb in enumerate(mbs):
+        ctx = sync() if sync is not None and i < len(mbs) - 1 else contextlib.nullcontext()
+        with ctx:
+            logps = completion_logps(train_model, mb["input_ids"], mb["attention_mask"],
+                                     prompt_len(mb), args.temperature)            # (n, C)
+            old = logps.detach() if old_logps is None else old_logps[i]
+            loss, stats = grpo_loss(logps, old, None if ref_logps is None else ref_logps[i],
+                                    mb["advantages"], mb["loss_mask"], clip_eps=args.clip_eps,
+                                    clip_eps_high=args.clip_eps_high or None, beta=args.beta,
+                                    loss_type=args.loss_type, normalizer=normalizer)
+            loss.backward()
+        new_old.append(old)
+        m = mb["loss_mask"].bool()
+        # the sampler's KV-cache log-probs against this full forward (PITFALLS 3, 15): ~1e-6
+        stats["sampler_logp_max_diff"] = ((logps.detach() - mb["sampler_logps"]).abs() * m).max()
+        for k, v in stats.items():     # token-weighted means, or maxima
+            if "max" in k:
+                sums[k] = v if k not in sums else torch.maximum(sums[k], v)
+            else:
+                sums[k] = sums.get(k, 0) + v * m.sum()
+        total_loss += loss.detach()    # micro-batch losses share one normaliser: they add up
+    n = sum(mb["loss_mask"].sum() for mb in mbs).clamp(min=1)
+    out = {k: float(v) if "max" in k else float(v / n) for k, v in sums.items()}
+    out["loss"] = float(total_loss)
+    return out, new_old
+
+
+def make_reference(model, args):
+    """The frozen reference π_ref: None when β = 0 (nothing built, no memory spent); the policy
+    itself with its PEFT layers disabled when training LoRA/adapters; else a frozen copy."""
+    if args.beta == 0:
+        return None
+    if args.peft != "none":
+        return "disable_adapters"
+    ref = copy.deepcopy(model).eval()
+    return ref.requires_grad_(False)
+
+
+@torch.no_grad()
+def reference_logps(ref_model, model, mbs, args):
+    """log π_ref on each micro-batch, at the sampling temperature, like the policy's."""
+    if ref_model is None:
+        return None
+    if ref_model == "disable_adapters":
+        from minipost.lora import disable_adapters
+        with disable_adapters(model):
+            return [completion_logps(model, mb["input_ids"], mb["attention_mask"], prompt_len(mb),
+                                     args.temperature) for mb in mbs]
+    return [completion_logps(ref_model, mb["input_ids"], mb["attention_mask"], prompt_len(mb),
+                             args.temperature) for mb in mbs]
+
+
+def add_peft(model, args):
+    """LoRA or bottleneck adapters on the policy (the base stays frozen)."""
+    if args.peft == "lora":
+        from minipost.lora import apply_lora
+        return apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout,
+                          targets=args.lora_targets.split(","))
+    if args.peft == "adapter":
+        from minipost.adapters import apply_adapters
+        return apply_adapters(model, args.adapter_dim)
+    if args.peft != "none":
+        raise UserError(f"--peft {args.peft!r}: expected none, lora or adapter")
+    return model
+
+
+def main(args: Args):
+    rt = setup(args)
+    metrics = Metrics(args.out_dir, rt.is_main)
+    require_checkpoint(args.init, "python train_sft.py")
+    if args.batch_prompts % rt.world_size:
+        raise UserError(f"--batch-prompts {args.batch_prompts} is not divisible by the "
+                        f"{rt.world_size} processes")
+    if args.scale_rewards not in ("std", "none") or args.loss_type not in ("grpo", "dapo", "dr_grpo"):
+        raise UserError("--scale-rewards is std|none and --loss-type grpo|dapo|dr_grpo")
+    if args.temperature <= 0 or args.group_size < 2:
+        raise UserError("GRPO needs --temperature > 0 and --group-size >= 2")
+
+    # ------------------------------------------------------------------------ data
+    train_difficulty = tasks.Difficulty.from_str(args.train_difficulty or args.difficulty)
+    pool = tasks.rl_prompts(args.n_prompts, "train", train_difficulty, seed=args.seed)
+    held_out = heldout_problems(args.difficulty, args.eval_problems)
+    gen = torch.Generator().manual_seed(args.seed + rt.rank)   # each rank its own prompts/samples
+    per_rank = args.batch_prompts // rt.world_size
+
+    # ------------------------------------------------------------------------ models
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    tokenizer = load_tokenizer(args.init)
+    model = add_peft(load_model(args.init, dtype=dtype, device=rt.device), args)
+    ref_model = make_reference(model, args)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)))
+    train_model = DDP(model) if rt.world_size > 1 else model
+    if rt.is_main:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"policy {args.init}: {n_train:,} trainable parameters; reference: "
+              f"{'none (beta=0)' if ref_model is None else 'frozen'}; {len(pool)} train prompts")
+
+    # ------------------------------------------------------------------------ eval
+    def evaluate(tag):
+        res = evaluate_task(model, tokenizer, held_out, args.max_new_tokens, autocast=rt.autocast)
+        out = {"accuracy": res["accuracy"], "accuracy_ci95": res["accuracy_ci95"],
+               "well_formed": res["well_formed"], "n": res["n"]}
+        if args.pass_k > 1 and tag in ("before", "after"):
+            res_k = evaluate_task(model, tokenizer, held_out, args.max_new_tokens,
+                                  temperature=args.temperature, samples=args.pass_k,
+                                  autocast=rt.autocast, seed=args.seed)
+            out[f"pass@{args.pass_k}"] = res_k[f"pass@{args.pass_k}"]
+            out["sampled_accuracy"] = res_k["accuracy"]
+        return out
+
+    before = evaluate("before") if args.eval_problems else {}
+    metrics.log({"step": 0, **{f"eval/{k}": v for k, v in before.items()}}, echo=True)
+
+    # ------------------------------------------------------------------------ loop
+    start, step, train_time = time.time(), 0, 0.0
+    bar = tqdm(total=args.max_steps, disable=not rt.is_main, desc="grpo")
+    while step < args.max_steps:
+        t0 = time.time()
+        # rollout: B/world groups per rank; dynamic sampling keeps groups whose rewards differ
+        keep, dropped, n_groups, n_zero = [], [], 0, 0
+        for _ in range(1 + (args.max_refills if args.dynamic_sampling else 0)):
+            idx = torch.randint(len(pool), (per_rank,), generator=gen).tolist()
+            r = rollout(model, tokenizer, [pool[i] for i in idx], args, gen, rt.autocast)
+            spread = r["rewards"].view(-1, args.group_size).std(1) > 0          # (B,)
+            n_groups, n_zero = n_groups + len(spread), n_zero + int((~spread).sum())
+            for gi in range(len(spread)):
+                sl = slice(gi * args.group_size, (gi + 1) * args.group_size)
+                group = {k: v[sl] for k, v in r.items()}
+                (keep if spread[gi] or not args.dynamic_sampling else dropped).append(group)
+            if len(keep) >= per_rank:
+                break
+        groups = (keep + dropped)[:per_rank]   # refills ran out: zero-spread groups fill the rest
+        batch = cat_rollouts(groups)
+        batch["advantages"] = group_advantages(batch["rewards"], args.group_size,
+                                               None if args.scale_rewards == "none" else "std")
+        if args.mask_truncated:
+            batch["loss_mask"] = batch["loss_mask"] * (~batch["truncated"]).float()[:, None]
+        batch = {k: v.to(rt.device) for k, v in batch.items()}
+        mbs = micro_batches(batch, args.micro_batch_size)
+        normalizer = loss_normalizer(args.loss_type, batch["loss_mask"], args.max_new_tokens)
+        ref_logps = reference_logps(ref_model, model, mbs, args)
+        gen_time = time.time() - t0
+
+        # μ optimiser steps on the same batch
+        old_logps = None
+        for it in range(min(args.mu, args.max_steps - step)):
+            optimizer.zero_grad(set_to_none=True)
+            stats, old_logps = policy_update(train_model, mbs, normalizer, args, old_logps,
+                                             ref_logps)
+            if it == 0 and stats["policy/ratio_max_dev"] > 1e-5:   # PITFALLS 16
+                raise RuntimeError(f"first-update ratio is not 1: {stats['policy/ratio_max_dev']}")
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+        train_time += time.time() - t0
+
+        lengths = batch["loss_mask"].sum(1).float()
+        m = dist.all_reduce_mean({
+            "reward/mean": batch["rewards"].mean(), "reward/std": batch["rewards"].std(),
+            "reward/sampled_accuracy": batch["correct"].mean(),
+            "frac_reward_zero_std": n_zero / n_groups, "groups_sampled": n_groups,
+            "completions/mean_length": lengths.mean(),
+            "completions/clipped_ratio": batch["truncated"].float().mean(),
+            "grad_norm": float(gnorm), **stats})
+        rec = {"step": step, **m, "lr": scheduler.get_last_lr()[0], "gen_seconds": gen_time,
+               "step_seconds": time.time() - t0}
+        metrics.log(rec)
+        bar.set_postfix(reward=f"{m['reward/mean']:.2f}", acc=f"{m['reward/sampled_accuracy']:.2f}",
+                        zero_std=f"{m['frac_reward_zero_std']:.2f}", len=f"{lengths.mean():.0f}")
+        if args.eval_every and step % args.eval_every < args.mu and step < args.max_steps:
+            metrics.log({"step": step, **{f"eval/{k}": v for k, v in evaluate("mid").items()}},
+                        echo=True)
+        out_of_time = args.max_minutes and (time.time() - start) / 60 > args.max_minutes
+        if dist.all_reduce_mean({"stop": float(bool(out_of_time))})["stop"] > 0:
+            break
+    bar.close()
+
+    # ------------------------------------------------------------------------ eval
+    after = evaluate("after") if args.eval_problems else {}
+    final = {"before": before, "after": after, "steps": step,
+             "minutes": (time.time() - start) / 60, "train_minutes": train_time / 60,
+             "seconds_per_step": train_time / max(step, 1), "peak_rss_mb": peak_rss_mb()}
+    metrics.log({"step": step, **{f"eval/{k}": v for k, v in after.items()},
+                 **{k: v for k, v in final.items() if k not in ("before", "after")}}, echo=True)
+
+    # ------------------------------------------------------------------------ save
+    if rt.is_main:
+        write_results(args.out_dir, "grpo", final)
+        if args.peft == "lora":
+            from minipost.lora import merge_lora, save_lora
+            save_lora(model, f"{args.out_dir}/adapter", base_model_name_or_path=args.init)
+            merge_lora(model)
+        elif args.peft == "adapter":
+            from minipost.adapters import save_adapters
+            save_adapters(model, f"{args.out_dir}/adapter", base_model_name_or_path=args.init)
+        if args.peft != "adapter":   # a merged LoRA or full policy, loadable as a plain model
+            save_model(model, args.out_dir, tokenizer,
+                       extra_config={"minipost": {"stage": "grpo", "args": asdict(args),
+                                                  "results": final}})
+        print(f"saved the GRPO policy to {args.out_dir}")
+    dist.cleanup()
+    return final
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(parse_args(Args, description=__doc__))
