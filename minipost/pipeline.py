@@ -1,0 +1,157 @@
+"""The whole pipeline in one command: base → SFT → RM → DPO → PPO → GRPO, then a scoreboard.
+
+    python -m minipost.pipeline                       # defaults, everything under out/
+    python -m minipost.pipeline --device cpu --threads 2 --out out
+    python -m minipost.pipeline --start-at ppo        # re-run from a stage (earlier outputs kept)
+    python -m minipost.pipeline --quick --out /tmp/q  # tiny settings, for tests (seconds a stage)
+
+Each stage runs as its own process (`python <script> --init ... --out-dir ...`), exactly the
+command a user would type, so a stage's memory is returned when it ends and a failure names the
+stage and the command that re-runs it. `--device`, `--threads` and `--seed` are passed to every
+stage. At the end every stage's `results.json` (written by `cli.write_results`) is read and its
+held-out numbers are printed side by side and written to `<out>/scoreboard.md`.
+"""
+import argparse
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent   # the stage scripts live in the repository root
+
+# (stage, script, inputs: flag -> stage whose output directory it takes)
+STAGES = [
+    ("base", "pretrain.py", {}),
+    ("sft", "train_sft.py", {"init": "base"}),
+    ("rm", "train_rm.py", {"init": "sft"}),
+    ("dpo", "train_dpo.py", {"init": "sft"}),
+    ("ppo", "train_ppo.py", {"init": "sft", "reward_model": "rm"}),
+    ("grpo", "train_grpo.py", {"init": "sft"}),
+]
+
+# --quick: tiny settings; each stage gets the ones its Args has (scripts are written in parallel,
+# so the flag set is read from the script, not assumed)
+QUICK = dict(max_steps=2, max_minutes=0.0, eval_problems=8, eval_every=0, warmup_steps=1,
+             batch_size=8, mini_batch_size=4, grad_accum=1, n_train=64, n_pairs=64, n_identity=8,
+             n_prompts=64, eval_quick=0, eval_chats=8, eval_rm_problems=8, eval_pairs=8,
+             max_new_tokens=16, batch_prompts=2, group_size=4, pass_k=2, ppo_epochs=1)
+QUICK_BASE = dict(n_docs=300, vocab_size=300, hidden_size=32, num_layers=2, num_heads=2,
+                  num_kv_heads=2, intermediate_size=64, seq_len=64, max_steps=3, eval_every=1000,
+                  eval_windows=4)
+
+
+def script_fields(script: Path) -> dict:
+    """The Args fields of a stage script and their defaults (the script is imported, not run)."""
+    spec = importlib.util.spec_from_file_location(f"_stage_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return {f.name: f.default for f in dataclasses.fields(module.Args)}
+
+
+def flag(name: str, value) -> list[str]:
+    name = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [name if value else "--no-" + name[2:]]
+    return [name, str(value)]
+
+
+def stage_command(stage: str, script: str, inputs: dict, args) -> list[str]:
+    """The command line of one stage."""
+    out = Path(args.out)
+    fields = script_fields(ROOT / script)
+    opts = {"out_dir": out / stage, **{k: out / src for k, src in inputs.items()},
+            "device": args.device, "threads": args.threads, "seed": args.seed}
+    if args.quick:
+        opts.update({**QUICK, **(QUICK_BASE if stage == "base" else {})})
+    cmd = [sys.executable, str(ROOT / script)]
+    for k, v in opts.items():
+        if k in fields:
+            cmd += flag(k, v)
+    return cmd
+
+
+# ---------------------------------------------------------------------------- scoreboard
+def _pick(d: dict, *keys):
+    return next((d[k] for k in keys if d.get(k) is not None), None)
+
+
+def headline(results: dict) -> dict:
+    """A stage's headline numbers from its results.json, whatever its layout: the agreed "before" /
+    "after" dicts ({"accuracy", "accuracy_ci95", "well_formed"}), or flat keys."""
+    after = results.get("after") if isinstance(results.get("after"), dict) else results
+    before = results.get("before") if isinstance(results.get("before"), dict) else {}
+    row = {
+        "before": _pick(before, "accuracy") if before else _pick(
+            results, "accuracy_before", "eval/accuracy_before", "start/accuracy"),
+        "after": _pick(after, "accuracy", "eval/accuracy"),
+        "ci95": _pick(after, "accuracy_ci95", "eval/accuracy_ci95"),
+        "well_formed": _pick(after, "well_formed", "eval/well_formed"),
+        "pass@k": next((f"{v:.3f} ({k})" for k, v in after.items()
+                        if k.startswith("pass@") and isinstance(v, float)), None),
+        "minutes": _pick(results, "minutes", "train_minutes"),
+        "peak_rss_mb": _pick(results, "peak_rss_mb"),
+    }
+    return row
+
+
+METRIC = {"base": "pass@1, plain completion", "rm": "pairwise accuracy (correct > flawed)"}
+
+
+def scoreboard(out) -> str:
+    """Markdown table of every stage's held-out numbers (stages without results.json: "missing")."""
+    def num(x, fmt="{:.3f}"):
+        return "–" if x is None else fmt.format(x)
+
+    lines = ["| stage | held-out metric | before | after | gain | ±95% | well-formed | pass@k "
+             "| minutes | peak RSS MB |", "|" + "---|" * 10]
+    for stage, _, _ in STAGES:
+        path = Path(out) / stage / "results.json"
+        if not path.exists():
+            lines.append(f"| {stage} | missing | | | | | | | | |")
+            continue
+        r = headline(json.loads(path.read_text()))
+        gain = (None if r["before"] is None or r["after"] is None else r["after"] - r["before"])
+        lines.append(" | ".join([
+            f"| {stage}", METRIC.get(stage, "pass@1, greedy"), num(r["before"]), num(r["after"]),
+            num(gain, "{:+.3f}"), num(r["ci95"]), num(r["well_formed"]), r["pass@k"] or "–",
+            num(r["minutes"], "{:.1f}"), num(r["peak_rss_mb"], "{:.0f}")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out", help="root directory; stage S writes <out>/<S>")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda, passed to every stage")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per stage (0 = default)")
+    p.add_argument("--seed", type=int, default=0, help="seed passed to every stage")
+    p.add_argument("--quick", action="store_true", help="tiny settings (tests, smoke runs)")
+    p.add_argument("--start-at", default="base", choices=[s for s, _, _ in STAGES],
+                   help="first stage to run; the earlier ones' outputs must exist")
+    args = p.parse_args(argv)
+
+    names = [s for s, _, _ in STAGES]
+    t0 = time.time()
+    for stage, script, inputs in STAGES[names.index(args.start_at):]:
+        cmd = stage_command(stage, script, inputs, args)
+        print(f"\n=== {stage}: {' '.join(cmd[1:])}", flush=True)
+        start = time.time()
+        rc = subprocess.run(cmd, cwd=ROOT).returncode
+        if rc != 0:
+            sys.exit(f"pipeline: stage {stage} failed (exit code {rc}); fix it and re-run with "
+                     f"--start-at {stage}")
+        print(f"=== {stage} done in {(time.time() - start) / 60:.1f} min", flush=True)
+
+    board = scoreboard(args.out)
+    (Path(args.out) / "scoreboard.md").write_text(
+        f"# minipost scoreboard\n\nHeld-out numbers of every stage "
+        f"({(time.time() - t0) / 60:.1f} minutes in all).\n\n{board}")
+    print("\n" + board)
+    return board
+
+
+if __name__ == "__main__":
+    main()
