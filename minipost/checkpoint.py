@@ -59,12 +59,16 @@ def atomic_dir(path):
 
 # ---------------------------------------------------------------- config.json <-> GPTConfig
 
-def config_to_hf(cfg: GPTConfig, head: str = "lm") -> dict:
-    """The HF `config.json` dict for a minipost config; head is "lm" or "score"."""
+def config_to_hf(cfg: GPTConfig, head: str = "lm", dtype: str = "float32") -> dict:
+    """The HF `config.json` dict for a minipost config; head is "lm" or "score".
+
+    dtype: the weights' dtype, written as `dtype` (transformers 5) and `torch_dtype` (4).
+    """
     family = FAMILIES[cfg.model_type]
     arch = f"{family}ForSequenceClassification" if head == "score" else (
         "GPT2LMHeadModel" if cfg.model_type == "gpt2" else f"{family}ForCausalLM")
-    out = {"architectures": [arch], "model_type": cfg.model_type, "torch_dtype": "float32",
+    out = {"architectures": [arch], "model_type": cfg.model_type, "dtype": dtype,
+           "torch_dtype": dtype,
            "vocab_size": cfg.vocab_size, "bos_token_id": cfg.bos_token_id,
            "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
            "tie_word_embeddings": cfg.tie_word_embeddings}
@@ -92,9 +96,11 @@ def config_from_hf(d: dict) -> GPTConfig:
     mt = d.get("model_type")
     if mt not in FAMILIES:
         raise CheckpointError(f"unsupported model_type {mt!r}; supported: {', '.join(FAMILIES)}")
+    _check_supported(d)
+    # an absent tie_word_embeddings means transformers' class default: tied for GPT-2 only
     common = dict(vocab_size=d["vocab_size"], bos_token_id=d.get("bos_token_id"),
                   eos_token_id=_first(d.get("eos_token_id")), pad_token_id=d.get("pad_token_id"),
-                  tie_word_embeddings=d.get("tie_word_embeddings", True))
+                  tie_word_embeddings=d.get("tie_word_embeddings", mt == "gpt2"))
     if mt == "gpt2":
         n = d["n_embd"]
         return GPTConfig.gpt2(hidden_size=n, num_hidden_layers=d["n_layer"],
@@ -117,6 +123,35 @@ def config_from_hf(d: dict) -> GPTConfig:
 
 def _first(x):
     return x[0] if isinstance(x, list) else x
+
+
+def _check_supported(d: dict):
+    """Refuse, by name, the config features minipost's decoder does not implement."""
+    mt = d["model_type"]
+
+    def refuse(what):
+        raise CheckpointError(f"{mt} config with {what} is not supported by minipost's decoder")
+    if mt == "gpt2":
+        if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            refuse(f"activation_function {d['activation_function']!r} (supported: gelu_new)")
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+                     "add_cross_attention"):
+            if d.get(flag):
+                refuse(f"{flag}=true")
+        return
+    # rope_scaling (transformers 4) or rope_parameters (5); "default" is plain RoPE
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        refuse(f"rope_type {rope_type!r} (supported: default)")
+    if d.get("hidden_act", "silu") != "silu":
+        refuse(f"hidden_act {d['hidden_act']!r} (supported: silu)")
+    if d.get("mlp_bias"):
+        refuse("mlp_bias=true")
+    if mt != "qwen2" and d.get("attention_bias"):   # Llama/Qwen3 would also bias o_proj
+        refuse("attention_bias=true")
+    if d.get("use_sliding_window"):
+        refuse("use_sliding_window=true (sliding-window attention)")
 
 
 def read_config(path) -> tuple[GPTConfig, str]:
@@ -154,7 +189,12 @@ def read_weights(path) -> dict:
                               "pytorch_model.bin is not read, since it is a pickle")
     sd = {}
     for f in files:
-        sd.update(load_file(str(path / f)))
+        if not (path / f).exists():
+            raise CheckpointError(f"{path}: missing shard {f} (listed in model.safetensors.index.json)")
+        try:
+            sd.update(load_file(str(path / f)))
+        except Exception as e:  # safetensors' own error type varies by version
+            raise CheckpointError(f"{path / f}: not a readable safetensors file ({e})") from None
     return sd
 
 
@@ -172,7 +212,8 @@ def save_model(model, path, tokenizer=None, extra_config: dict | None = None):
     sd = hf.export_state_dict(cfg, sd)
     with atomic_dir(path) as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps({**config_to_hf(cfg, head),
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps({**config_to_hf(cfg, head, dtype),
                                                      **(extra_config or {})}, indent=2))
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
                "pad_token_id": cfg.pad_token_id}
@@ -182,8 +223,15 @@ def save_model(model, path, tokenizer=None, extra_config: dict | None = None):
 
 
 def load_model(path, dtype=None, device=None, head: str = "lm"):
-    """Load a minipost or supported HF checkpoint directory as a GPT (head="lm") or ScoreModel."""
+    """Load a minipost or supported HF checkpoint directory as a GPT (head="lm") or ScoreModel.
+
+    A LoRA output directory (adapter_config.json, no config.json) loads as its base model with the
+    adapter merged in, so a later stage can start from a LoRA SFT run (see peft.py).
+    """
     from . import hf
+    if (Path(path) / "adapter_config.json").exists() and not (Path(path) / "config.json").exists():
+        from .peft import load_merged
+        return load_merged(path, dtype=dtype, device=device, head=head)
     cfg, saved_head = read_config(path)
     if head == "lm" and saved_head == "score":
         raise CheckpointError(f"{path}: this is a reward/score model (ForSequenceClassification), "
