@@ -1,0 +1,276 @@
+"""Stage 1: supervised fine-tuning (SFT) on chats, full or parameter-efficient (LoRA, adapters).
+
+    python train_sft.py                                  # out/base -> out/sft, built-in chats
+    python train_sft.py --peft lora --lr 1e-2 --out-dir out/sft-lora
+    python train_sft.py --peft adapter --lr 1e-2 --out-dir out/sft-adapter
+    python train_sft.py --data my_chats.jsonl --init some/hf-checkpoint --max-steps 1000
+    torchrun --nproc_per_node 2 train_sft.py --device cpu --threads 1
+
+Maximum likelihood on demonstrations (Ouyang et al. 2022, arXiv 2203.02155), with the loss on the
+assistant's tokens and the <|im_end|> ending each assistant turn (`--loss-on all`: every token).
+Gradient accumulation is token-weighted: each micro-batch's summed loss is divided by the number
+of target tokens of the whole step, so `--grad-accum` never changes the gradient (PITFALLS 4).
+`--packing` concatenates chats into rows with restarting positions and block-diagonal attention,
+so each chat computes what it computes alone (PITFALLS 14). At the start and the end it prints the
+held-out task accuracy (greedy, verifier) and the share of well-formed answers.
+
+Data: `--data file.jsonl` ({"messages": [...]} or {"prompt", "completion"}), else `--n-train`
+built-in chats of `--difficulty`. PEFT outputs hold the adapter alone (PEFT's format) + tokenizer;
+later stages can `--init` from a LoRA output (merged on load), not from a bottleneck-adapter one.
+"""
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from minipost import dist, tasks
+from minipost.checkpoint import load_model
+from minipost.cli import (Metrics, UserError, parse_args, peak_rss_mb, require_checkpoint, setup,
+                          user_errors, write_results)
+from minipost.data import collate_packed, load_jsonl, pack_sequences, pad_batch, truncate
+from minipost.evaluate import evaluate_task, heldout_problems
+from minipost.lora import count_trainable
+from minipost.optim import cosine_schedule, make_optimizer
+from minipost.peft import add_peft, peft_options, save_peft, trainable_summary
+from minipost.sft import sft_loss_sum
+from minipost.tokenizer import load_tokenizer
+
+
+# ---------------------------------------------------------------------------- Args
+@dataclass
+class Args:
+    init: str = "out/base"          # checkpoint directory to start from (minipost or HF format)
+    out_dir: str = "out/sft"        # where the model (or adapter), tokenizer and metrics.jsonl go
+    data: str = ""                  # SFT JSONL (messages or prompt/completion); "" = built-in chats
+    difficulty: str = tasks.DEFAULT_DIFFICULTY  # built-in task: operands x digits, then operators
+    n_train: int = 20000            # built-in training chats
+    loss_on: str = "assistant"      # assistant (assistant tokens + <|im_end|>) | all (every token)
+    max_length: int = 256           # tokens per chat; longer chats are truncated (and counted)
+    packing: bool = False           # pack chats into --max-length rows (no attention across chats)
+    batch_size: int = 32            # sequences (rows, with --packing) per optimiser step, all ranks
+    grad_accum: int = 1             # micro-batches per step (token-weighted: same gradient)
+    epochs: float = 0.0             # passes over the data; 0 = use --max-steps
+    max_steps: int = 600            # optimiser steps (when --epochs is 0)
+    lr: float = 1e-3                # peak learning rate (LoRA/adapters want ~10x full FT)
+    min_lr_ratio: float = 0.1       # final LR as a fraction of the peak (cosine decay)
+    warmup_steps: int = 30          # linear warm-up steps
+    weight_decay: float = 0.0       # AdamW weight decay on matrices
+    grad_clip: float = 1.0          # max global gradient norm (0 = off)
+    eval_every: int = 200           # held-out loss + quick accuracy every N steps (0 = off)
+    eval_chats: int = 200           # held-out chats for the held-out loss
+    eval_quick: int = 64            # held-out problems for the quick accuracy during training
+    eval_problems: int = 500        # held-out problems for the start/end accuracy (0 = skip)
+    peft: str = "none"              # none | lora | adapter
+    lora_r: int = 8                 # LoRA rank
+    lora_alpha: float = 16.0        # LoRA scale numerator (the update is scaled by alpha/r)
+    lora_dropout: float = 0.0       # dropout on the LoRA input
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
+    adapter_dim: int = 16           # bottleneck width of each adapter
+    merge: bool = False             # LoRA: also write the merged full model to OUT_DIR/merged
+    dtype: str = "float32"          # float32 | bfloat16: weights as loaded (bf16 for big models)
+    seed: int = 0                   # seed for data order, init and sampling
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    threads: int = 0                # CPU threads per process (0 = torch's default)
+
+
+def tokenize(tokenizer, messages, loss_on: str, max_length: int):
+    """(ids, loss_mask, truncated) of one chat: ChatML ids, 1 on the tokens the loss counts."""
+    ids, mask = tokenizer.format_chat(messages)
+    if loss_on == "all":
+        mask = [1] * len(ids)
+    return truncate(ids, mask, max_length)
+
+
+def collate(units, pad_id: int, device=None) -> dict:
+    """(ids, loss_mask) pairs, or packed rows (ids, loss_mask, position_ids, segment_ids), ->
+    right-padded tensors (B, T): input_ids, loss_mask (+ position_ids, segment_ids when packed)."""
+    if len(units[0]) == 4:
+        batch = collate_packed(units, pad_id)
+    else:
+        input_ids, _, loss_mask = pad_batch([u[0] for u in units], pad_id, "right",
+                                            [u[1] for u in units])
+        batch = {"input_ids": input_ids, "loss_mask": loss_mask}
+    batch.pop("attention_mask", None)   # right padding: causal attention already hides the pad
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------- loss
+def batch_loss_sum(net, batch: dict, autocast=nullcontext):
+    """(summed CE over the batch's target tokens, their count). Right padding needs no attention
+    mask (causal attention already hides the pad after each row); packed rows pass their
+    restarting positions and segment ids, which keep documents apart."""
+    with autocast():
+        logits = net(batch["input_ids"], position_ids=batch.get("position_ids"),
+                     segment_ids=batch.get("segment_ids"))                  # (B, T, V)
+    return sft_loss_sum(logits, batch["input_ids"], batch["loss_mask"])
+
+
+def accumulate(net, micro_batches: list[dict], autocast=nullcontext) -> torch.Tensor:
+    """Backward over a step's micro-batches; returns the step's mean loss (detached).
+
+    Token-weighted (PITFALLS 4): every micro-batch's sum is divided by N, the target tokens of the
+    whole step over all micro-batches and ranks, so Σ_i S_i / N is the one-big-batch loss and its
+    gradient. DDP averages gradients over ranks, so the loss is multiplied by the world size.
+    """
+    n_total = dist.all_reduce_sum(sum(b["loss_mask"][:, 1:].sum() for b in micro_batches).float())
+    n_total = n_total.clamp(min=1.0)
+    total = torch.zeros(())
+    for i, b in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with nullcontext() if last or not isinstance(net, DDP) else net.no_sync():
+            loss_sum, _ = batch_loss_sum(net, b, autocast)
+            (loss_sum * dist.world_size() / n_total).backward()
+        total += loss_sum.detach().cpu()
+    return dist.all_reduce_sum(total) / n_total.cpu()
+
+
+def main(args: Args):
+    rt = setup(args)
+    if args.loss_on not in ("assistant", "all"):
+        raise UserError(f"--loss-on must be 'assistant' or 'all', got {args.loss_on!r}")
+    if args.merge and args.peft != "lora":
+        raise UserError("--merge needs --peft lora (adapters cannot be merged into the weights)")
+    micro = args.batch_size // (rt.world_size * args.grad_accum)
+    if micro * rt.world_size * args.grad_accum != args.batch_size:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by {rt.world_size} "
+                        f"processes x --grad-accum {args.grad_accum}")
+    try:
+        difficulty = tasks.Difficulty.from_str(args.difficulty)
+    except ValueError as e:
+        raise UserError(f"--difficulty: {e}") from None
+    require_checkpoint(args.init, "python pretrain.py")
+
+    # ------------------------------------------------------------------------ data
+    if args.data:   # validated before anything is loaded or written
+        chats = load_jsonl(args.data, "sft")
+        n_held = min(args.eval_chats, len(chats) // 10)      # the last 10% (at most) held out
+        chats, held_chats = chats[:len(chats) - n_held], chats[len(chats) - n_held:]
+    else:
+        chats = tasks.sft_chats(args.n_train, "train", difficulty, seed=args.seed)
+        held_chats = tasks.sft_chats(args.eval_chats, "test", difficulty, seed=args.seed)
+    tokenizer = load_tokenizer(args.init)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train = [tokenize(tokenizer, c["messages"], args.loss_on, args.max_length) for c in chats]
+    held = [tokenize(tokenizer, c["messages"], args.loss_on, args.max_length)[:2]
+            for c in held_chats]
+    n_truncated = sum(t[2] for t in train)
+    if args.packing:   # units are packed rows, packed once in a seeded shuffled order
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+        units = pack_sequences([train[i][0] for i in perm], [train[i][1] for i in perm],
+                               args.max_length)
+    else:
+        units = [t[:2] for t in train]
+    n_targets = sum(sum(t[1][1:]) for t in train)
+    steps = (math.ceil(args.epochs * len(units) / args.batch_size) if args.epochs > 0
+             else args.max_steps)
+    if rt.is_main:
+        print(f"data: {len(train)} chats ({n_truncated} truncated to {args.max_length} tokens), "
+              f"{n_targets:,} target tokens, loss on {args.loss_on}"
+              + (f", packed into {len(units)} rows" if args.packing else "")
+              + f"; {steps} steps of {args.batch_size} ({steps * args.batch_size / len(units):.2f} "
+              "epochs)")
+
+    # ------------------------------------------------------------------------ model
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
+    if dtype is None:
+        raise UserError(f"--dtype must be float32 or bfloat16, got {args.dtype!r}")
+    model = load_model(args.init, dtype=dtype, device=rt.device)
+    model = add_peft(model, **peft_options(args))
+    trainable, total = count_trainable(model)
+    if rt.is_main:
+        print(f"model: {args.init} ({model.num_params(non_embedding=False):,} parameters), "
+              f"peft={args.peft}; {trainable_summary(model)}")
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    scheduler = cosine_schedule(optimizer, args.warmup_steps, steps, args.min_lr_ratio)
+    train_model = DDP(model) if rt.world_size > 1 else model
+
+    # ------------------------------------------------------------------------ eval
+    problems = heldout_problems(args.difficulty, args.eval_problems)
+
+    @torch.no_grad()
+    def held_out_loss() -> float:
+        model.eval()
+        mine, total = dist.shard(held), torch.zeros(2, dtype=torch.float64)
+        for i in range(0, len(mine), 64):
+            loss_sum, n = batch_loss_sum(model, collate(mine[i:i + 64], pad_id, rt.device),
+                                         rt.autocast)
+            total += torch.tensor([loss_sum.item(), n.item()], dtype=torch.float64)
+        model.train()
+        total = dist.all_reduce_sum(total)
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def task_eval(n: int) -> dict:
+        res = evaluate_task(model, tokenizer, problems[:n], autocast=rt.autocast, seed=args.seed)
+        return {"eval/accuracy": res["accuracy"], "eval/accuracy_ci95": res["accuracy_ci95"],
+                "eval/well_formed": res["well_formed"], "eval/n": res["n"]}
+
+    start_eval = {"step": 0, "eval/loss": held_out_loss()}
+    if args.eval_problems:
+        start_eval.update(task_eval(args.eval_problems))
+    metrics = Metrics(args.out_dir, rt.is_main)
+    metrics.log(start_eval, echo=True)
+
+    # ------------------------------------------------------------------------ loop
+    gen = torch.Generator().manual_seed(args.seed)   # the same data order on every rank
+    order = torch.randperm(len(units), generator=gen)
+    pos, tokens_seen = 0, 0
+    start = time.time()
+    bar = tqdm(range(steps), disable=not rt.is_main, desc=f"sft ({args.peft})")
+    for step in bar:
+        if pos + args.batch_size > len(units):            # a new epoch, a new order
+            order, pos = torch.randperm(len(units), generator=gen), 0
+        idx = order[pos:pos + args.batch_size].tolist()
+        pos += args.batch_size
+        mine = idx[rt.rank * micro * args.grad_accum:(rt.rank + 1) * micro * args.grad_accum]
+        micro_batches = [collate([units[i] for i in mine[j:j + micro]], pad_id, rt.device)
+                         for j in range(0, len(mine), micro)]
+        tokens_seen += sum(b["input_ids"].numel() for b in micro_batches) * rt.world_size
+        optimizer.zero_grad(set_to_none=True)
+        loss = accumulate(train_model, micro_batches, rt.autocast)
+        gnorm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], args.grad_clip or math.inf)
+        optimizer.step()
+        scheduler.step()
+        if step % 10 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            metrics.log({"step": step + 1, "loss": loss.item(), "grad_norm": float(gnorm),
+                          "learning_rate": scheduler.get_last_lr()[0]})
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps:
+            record = {"step": step + 1, "eval/loss": held_out_loss()}
+            if args.eval_quick:
+                record.update({k: v for k, v in task_eval(args.eval_quick).items()
+                               if k in ("eval/accuracy", "eval/well_formed")})
+            metrics.log(record, echo=True)
+    train_time = time.time() - start
+
+    final = {"step": steps, "eval/loss": held_out_loss(), "train_minutes": train_time / 60,
+             "tokens_per_s": tokens_seen / max(train_time, 1e-9), "truncated": n_truncated,
+             "peft": args.peft, "trainable_share": trainable / total}
+    if args.eval_problems:
+        final.update(task_eval(args.eval_problems))
+        final.update({"start/accuracy": start_eval["eval/accuracy"],
+                      "start/well_formed": start_eval["eval/well_formed"]})
+    final["peak_rss_mb"] = peak_rss_mb()
+    metrics.log(final, echo=True)
+
+    # ------------------------------------------------------------------------ save
+    if rt.is_main:
+        write_results(args.out_dir, "sft", final)
+        save_peft(model, args.out_dir, args.peft, args.merge, tokenizer,
+                  base_model_name_or_path=args.init,
+                  extra_config={"minipost": {"stage": "sft", "args": asdict(args),
+                                             "results": final}})
+        print(f"saved {'the model' if args.peft == 'none' else 'the ' + args.peft + ' adapter'} "
+              f"to {args.out_dir}" + (f" (merged model in {args.out_dir}/merged)" if args.merge
+                                      else ""))
+    dist.cleanup()
+    return final
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(parse_args(Args, description=__doc__))
