@@ -189,3 +189,24 @@ def test_user_jsonl_prompt_completion_trains(base, tmp_path):
     res = train_sft.main(tiny_args(base, tmp_path / "o", data=str(data), eval_problems=0,
                                    grad_accum=2, loss_on="all", max_steps=2))
     assert res["eval/loss"] > 0 and "eval/accuracy" not in res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_under_torchrun_two_processes(base, tmp_path, peft):
+    import os
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    args = tiny_args(base, tmp_path / peft, peft=peft, grad_accum=2, max_steps=2)
+    flags = []
+    for k, v in vars(args).items():
+        flag = "--" + k.replace("_", "-")
+        flags += ([flag] if v is True else [] if v is False else [flag, str(v)])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29527" if peft == "none" else "29528", "train_sft.py",
+                        *flags], cwd=root, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = (tmp_path / peft / "metrics.jsonl").read_text().splitlines()
+    assert len([x for x in lines if '"step": 0,' in x]) == 1   # only rank 0 writes
+    assert json.loads((tmp_path / peft / "results.json").read_text())["eval/n"] == 6
