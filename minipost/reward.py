@@ -10,10 +10,19 @@ Sources:
 
 Departure from InstructGPT: it groups all K(K−1)/2 comparisons of one prompt in one batch element;
 here each pair is one element and the loss is the mean over pairs.
+
+The reward model itself is `model.ScoreModel`: the decoder plus a scalar head `score` (HF's
+`*ForSequenceClassification`, `num_labels = 1`), read at each row's last real token — the
+<|im_end|> that ends the completion — whatever the padding side (PITFALLS item 19). The head starts
+at zero, so every reward is 0 and the first loss is ln 2; `checkpoint.load_model(path, head="score")`
+builds one from a language model. `pair_rewards` scores chosen and rejected in ONE forward pass
+over a (2B, T) batch from `data.collate_preference`.
 """
 
 import torch
 import torch.nn.functional as F
+
+from .model import ScoreModel, last_token_index
 
 
 def bradley_terry_loss(
@@ -42,3 +51,32 @@ def bradley_terry_loss(
     if margin is not None:
         logits = logits - torch.as_tensor(margin, dtype=dtype, device=logits.device)
     return -F.logsigmoid(logits).mean()
+
+
+def pair_rewards(reward_model: ScoreModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the chosen and the rejected completions, from one forward pass.
+
+    Args:
+        reward_model: a `ScoreModel` (or a DDP wrapper of one: only its forward is called).
+        input_ids: (2B, T) rows 0..B−1 chosen, B..2B−1 rejected (`data.collate_preference`).
+        attention_mask: (2B, T) 1 on real tokens, left or right padding.
+
+    Returns:
+        (chosen_rewards, rejected_rewards), each (B,), fp32: the score at each row's last real token.
+    """
+    scores = reward_model(input_ids, attention_mask)                           # (2B, T)
+    rewards = scores.gather(1, last_token_index(attention_mask)[:, None])      # (2B, 1)
+    return rewards.squeeze(1).chunk(2)
+
+
+def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
+    """TRL's reward-model metrics, as detached 0-d tensors (call `.item()` when logging).
+
+    rewards/chosen, rewards/rejected: mean reward of each side; rewards/margins: mean r_c − r_r;
+    rewards/accuracies: share of pairs with r_c > r_r (a tie counts as wrong).
+    """
+    chosen, rejected = chosen_rewards.detach().float(), rejected_rewards.detach().float()
+    return {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+            "rewards/margins": (chosen - rejected).mean(),
+            "rewards/accuracies": (chosen > rejected).float().mean()}
