@@ -165,6 +165,9 @@ def main(args: Args):
     else:
         units = [t[:2] for t in train]
     n_targets = sum(sum(t[1][1:]) for t in train)
+    if len(units) < args.batch_size:
+        raise UserError(f"{len(units)} training {'rows' if args.packing else 'chats'} < "
+                        f"--batch-size {args.batch_size}")
     steps = (math.ceil(args.epochs * len(units) / args.batch_size) if args.epochs > 0
              else args.max_steps)
     if rt.is_main:
@@ -189,7 +192,7 @@ def main(args: Args):
     train_model = DDP(model) if rt.world_size > 1 else model
 
     # ------------------------------------------------------------------------ eval
-    problems = heldout_problems(args.difficulty, args.eval_problems)
+    problems = heldout_problems(args.difficulty, max(args.eval_problems, args.eval_quick))
 
     @torch.no_grad()
     def held_out_loss() -> float:
