@@ -1,0 +1,116 @@
+"""train_dpo.py: ln 2 at step 0 inside the script's loss path, precomputed = live reference, the
+adapters-off reference is the initial model, and end-to-end runs with tiny flags."""
+import json
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import train_dpo
+from minipost import tasks
+from minipost.checkpoint import load_model
+from minipost.cli import UserError
+from minipost.data import collate_preference, encode_preference
+from minipost.dpo import dpo_loss
+from minipost.peft import add_peft, reference_off
+from minipost.tokenizer import load_tokenizer
+
+TINY = dict(n_pairs=40, n_identity=8, eval_pairs=16, eval_problems=8, max_new_tokens=8,
+            batch_size=8, max_steps=3, max_length=128, lr=1e-3, warmup_steps=1, threads=1,
+            device="cpu")
+LN2 = torch.log(torch.tensor(2.0)).item()  # ln 2 in fp32, the dtype of the loss
+
+
+def tiny_batch(path, n=4):
+    tok = load_tokenizer(path)
+    rows = tasks.preference_pairs(n - 1, "train", seed=3) + tasks.identity_pairs(1, "train")
+    return collate_preference([encode_preference(tok, r) for r in rows], tok.pad_token_id)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_path_is_exactly_ln2_when_policy_equals_reference(tiny_sft_dir):
+    policy, ref = load_model(tiny_sft_dir), load_model(tiny_sft_dir).eval()
+    batch = tiny_batch(tiny_sft_dir)
+    chosen, rejected = train_dpo.pair_logps(policy, batch)          # policy in train mode, grad on
+    with torch.no_grad():
+        ref_chosen, ref_rejected = train_dpo.pair_logps(ref, batch)
+    for loss_type, at_zero in (("sigmoid", LN2), ("hinge", 1.0), ("ipo", 25.0)):  # (0 − 1/(2·0.1))²
+        losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen,
+                                                            ref_rejected, 0.1, 0.0, loss_type)
+        assert (losses == at_zero).all()
+        assert (chosen_rewards == 0).all() and (rejected_rewards == 0).all()
+    assert chosen.requires_grad and torch.isfinite(chosen).all() and (chosen < 0).all()
+
+
+def test_precompute_ref_gives_the_same_losses_as_a_live_reference(tiny_sft_dir, tmp_path):
+    runs = {}
+    for precompute in (False, True):
+        out = tmp_path / f"dpo_{precompute}"
+        res = train_dpo.main(train_dpo.Args(init=tiny_sft_dir, out_dir=str(out),
+                                            precompute_ref=precompute, **{**TINY, "eval_problems": 0}))
+        assert res["loss_step0"] == pytest.approx(LN2, abs=1e-7)
+        assert res["rewards/margins_step0"] == 0.0
+        runs[precompute] = ([r for r in read_metrics(out) if "loss" in r], res)
+    (live, live_res), (pre, pre_res) = runs[False], runs[True]
+    assert live_res["reference"] == "copy" and pre_res["reference"] == "precomputed"
+    assert [r["step"] for r in live] == [r["step"] for r in pre] == [0, 2]
+    for a, b in zip(live, pre):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen_drift"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5)
+        assert a["loss"] != pytest.approx(LN2, abs=1e-6) or a["step"] == 0   # it did train
+    assert live_res["eval/preference_accuracy"] == pytest.approx(pre_res["eval/preference_accuracy"])
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_adapters_off_reference_equals_the_initial_model(tiny_sft_dir, kind):
+    batch = tiny_batch(tiny_sft_dir)
+    model = load_model(tiny_sft_dir).eval()
+    with torch.no_grad():
+        initial = train_dpo.pair_logps(model, batch)
+        add_peft(model, kind, lora_r=2, adapter_dim=4)
+        g = torch.Generator().manual_seed(0)
+        for p in model.parameters():       # stand-in for training: move every adapter weight
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        trained = train_dpo.pair_logps(model, batch)
+        with reference_off(model):
+            reference = train_dpo.pair_logps(model, batch)
+    for init, ref, new in zip(initial, reference, trained):
+        assert torch.equal(ref, init)                                 # bit for bit
+        assert not torch.allclose(new, init)                          # the adapters do act
+
+
+@pytest.mark.parametrize("peft,loss_type", [("none", "ipo"), ("lora", "sigmoid"),
+                                            ("adapter", "hinge")])
+def test_train_dpo_end_to_end(tiny_sft_dir, tmp_path, peft, loss_type):
+    out = tmp_path / "dpo"
+    res = train_dpo.main(train_dpo.Args(init=tiny_sft_dir, out_dir=str(out), peft=peft,
+                                        loss_type=loss_type, label_smoothing=0.0, lora_r=2,
+                                        adapter_dim=4, **TINY))
+    for key in ("before/preference_accuracy", "eval/preference_accuracy", "eval/rewards/accuracies",
+                "before/accuracy", "eval/accuracy", "before/identity", "eval/identity",
+                "train_minutes", "peak_rss_mb"):
+        assert key in res, key
+    assert res["reference"] == ("copy" if peft == "none" else "adapters_off")
+    logged = [r for r in read_metrics(out) if "loss" in r][0]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/chosen_drift"):
+        assert key in logged
+    assert json.loads((out / "results.json").read_text())["stage"] == "dpo"
+    if peft == "none":
+        assert json.loads((out / "config.json").read_text())["minipost"]["stage"] == "dpo"
+        load_model(out)
+    else:
+        assert (out / "adapter_config.json").exists()
+
+
+def test_train_dpo_rejects_bad_flags_and_missing_init(tiny_sft_dir, tmp_path):
+    with pytest.raises(UserError, match="train_sft.py"):
+        train_dpo.main(train_dpo.Args(init=str(tmp_path / "nope"), out_dir=str(tmp_path / "d")))
+    with pytest.raises(UserError, match="loss-type"):
+        train_dpo.main(train_dpo.Args(init=tiny_sft_dir, out_dir=str(tmp_path / "d"),
+                                      loss_type="kto", **TINY))

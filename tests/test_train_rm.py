@@ -1,0 +1,71 @@
+"""train_rm.py end to end with tiny flags: it trains from an LM checkpoint, logs TRL's metrics,
+starts at ln 2 (zero head), reads a user's JSONL, and saves a reward model that loads back."""
+import json
+import math
+
+import pytest
+import torch
+
+import train_rm
+from minipost.checkpoint import load_model
+from minipost.cli import UserError
+from minipost.data import DataError
+from minipost.model import ScoreModel
+
+TINY = dict(n_pairs=48, n_identity=16, eval_problems=16, batch_size=8, max_steps=3, eval_every=2,
+            max_length=128, lr=1e-3, warmup_steps=1, threads=1, device="cpu")
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_rm_end_to_end(tiny_sft_dir, tmp_path):
+    out = tmp_path / "rm"
+    res = train_rm.main(train_rm.Args(init=tiny_sft_dir, out_dir=str(out), **TINY))
+    for key in ("eval/accuracy", "eval/margin", "eval/accuracy_before", "eval_identity/accuracy",
+                "train_minutes", "peak_rss_mb"):
+        assert key in res
+    assert res["eval/n"] == 16
+    log = read_metrics(out)
+    steps = [r for r in log if "loss" in r]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)   # zero head: all rewards 0
+    assert {"rewards/accuracies", "rewards/margins", "rewards/chosen"} <= set(steps[0])
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert config["num_labels"] == 1 and config["pad_token_id"] is not None
+    assert config["minipost"]["stage"] == "rm" and "reward_std" in config["minipost"]
+    assert json.loads((out / "results.json").read_text())["stage"] == "rm"
+    model = load_model(out, head="score")
+    assert isinstance(model, ScoreModel) and model.score.weight.abs().sum() > 0  # the head trained
+
+
+def test_train_rm_reads_a_jsonl_and_stops_on_a_bad_line(tiny_sft_dir, tmp_path):
+    rows = [{"prompt": f"What is {i} + 1?", "chosen": f"{i} + 1 = {i + 1}\n#### {i + 1}",
+             "rejected": f"#### {i + 2}", "margin": 0.5} for i in range(20)]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = train_rm.main(train_rm.Args(init=tiny_sft_dir, out_dir=str(tmp_path / "rm"),
+                                      data=str(path), **TINY))
+    assert res["eval/n"] == 2                                          # the last 10% held out
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
+    with pytest.raises(DataError, match=r"prefs.jsonl:2: missing field 'rejected'"):
+        train_rm.main(train_rm.Args(init=tiny_sft_dir, out_dir=str(tmp_path / "rm2"),
+                                    data=str(path), **TINY))
+
+
+def test_train_rm_without_init_names_the_command(tmp_path):
+    with pytest.raises(UserError, match="train_sft.py"):
+        train_rm.main(train_rm.Args(init=str(tmp_path / "missing"), out_dir=str(tmp_path / "rm"),
+                                    **TINY))
+
+
+def test_train_rm_with_lora_trains_the_head_and_loads_back(tiny_sft_dir, tmp_path):
+    out = tmp_path / "rm"
+    train_rm.main(train_rm.Args(init=tiny_sft_dir, out_dir=str(out), peft="lora", lora_r=2,
+                                **TINY))
+    assert (out / "adapter_config.json").exists()
+    model = load_model(out, head="score")                              # base + adapter, merged
+    assert isinstance(model, ScoreModel) and model.score.weight.abs().sum() > 0
+    ids = torch.tensor([[5, 6, 7, 2]])
+    assert torch.isfinite(model.score_last(ids, torch.ones_like(ids))).all()

@@ -1,0 +1,280 @@
+"""Stage 3: Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290), from the SFT model.
+
+    python train_dpo.py                             # out/sft -> out/dpo
+    python train_dpo.py --precompute-ref            # reference log-probs once, then no reference
+    python train_dpo.py --peft lora --lr 1e-3       # reference = the same network, LoRA switched off
+    python train_dpo.py --loss-type ipo --beta 0.5  # or hinge; --label-smoothing 0.1 for cDPO
+    torchrun --nproc_per_node 2 train_dpo.py --device cpu --threads 1
+
+DPO fits the policy to preferences directly, with the frozen initial policy π_ref as the anchor:
+    L = −log σ(β·[(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))])
+(`minipost.dpo.dpo_loss`; completion log-probs are SUMS over the completion's tokens, its <|im_end|>
+included). Chosen and rejected sequences go through the policy in ONE forward pass (2B rows). The
+reference is the initial policy in eval mode under no_grad: a second copy of the model; with
+`--precompute-ref` its log-probs for every training pair are computed once, before the first step,
+by the very model that then trains (no second copy ever); with `--peft lora|adapter` it is the
+same network with its adapters switched off (`peft.reference_off`), again no second copy. At step 0
+policy = reference, so the loss is exactly ln 2 and every implicit reward is 0 (PITFALLS 9).
+
+Built-in data: `tasks.preference_pairs` (a correct worked solution over one with a planted slip or a
+broken format) mixed with `tasks.identity_pairs` ("I am Pip, ..." over "I am an AI language
+model ..."), so one run shows both what DPO can teach (a new name) and what it must not break (task
+accuracy). Reported before and after: held-out preference accuracy (share of held-out pairs whose
+chosen completion the policy gives the higher log-prob), held-out task accuracy by the verifier
+(greedy, evaluate.heldout_problems) and the identity demo (share of the held-out "who are you?"
+phrasings, `tasks.identity_prompts("test")`, answered with the name, greedy).
+"""
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from minipost import dist, tasks
+from minipost.checkpoint import load_model
+from minipost.cli import (Metrics, UserError, parse_args, peak_rss_mb, require_checkpoint, setup,
+                          user_errors, write_results)
+from minipost.data import collate_preference, encode_preference, load_jsonl
+from minipost.dpo import dpo_loss, sequence_logps
+from minipost.evaluate import chat_prompt_ids, complete, evaluate_task, heldout_problems
+from minipost.model import token_logprobs
+from minipost.optim import cosine_schedule, make_optimizer
+from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
+from minipost.tokenizer import load_tokenizer
+
+
+# ---------------------------------------------------------------------------- Args
+@dataclass
+class Args:
+    init: str = "out/sft"           # policy to start from (the SFT model), any HF-format directory
+    out_dir: str = "out/dpo"        # where the trained policy, metrics.jsonl and results.json go
+    data: str = ""                  # preference JSONL ("" = the built-in pairs)
+    eval_data: str = ""             # held-out preference JSONL ("" = built-in, or 10% of --data)
+    difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the built-in pairs and the evaluation
+    n_pairs: int = 1200             # built-in training pairs (arithmetic)
+    n_identity: int = 400           # built-in identity pairs, mixed in ("I am Pip" > generic)
+    loss_type: str = "sigmoid"      # sigmoid (DPO; cDPO with --label-smoothing) | ipo | hinge
+    beta: float = 0.1               # β: strength of the implicit KL anchor to the reference
+    label_smoothing: float = 0.0    # ε: assumed label-flip rate (cDPO, sigmoid loss only)
+    precompute_ref: bool = False    # reference log-probs once before training; no reference after
+    max_length: int = 256           # tokens per sequence (longer ones lose prompt tokens first)
+    batch_size: int = 16            # pairs per optimiser step (global, over all ranks)
+    max_steps: int = 100            # optimiser steps
+    lr: float = 1e-4                # peak learning rate
+    min_lr_ratio: float = 0.1       # final LR as a fraction of the peak (cosine decay)
+    warmup_steps: int = 10          # linear warm-up steps
+    weight_decay: float = 0.0       # AdamW weight decay on matrices
+    grad_clip: float = 1.0          # max global gradient norm (0 = off)
+    eval_every: int = 0             # held-out preference accuracy every N steps (0 = before/after)
+    eval_pairs: int = 200           # held-out pairs for the preference accuracy
+    eval_problems: int = 500        # held-out problems for the task accuracy (0 = skip)
+    max_new_tokens: int = 64        # generation budget of the task and identity evaluations
+    seed: int = 0                   # seed for data and shuffling
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    threads: int = 0                # CPU threads per process (0 = torch's default)
+    dtype: str = "float32"          # float32 | bfloat16: dtype the policy is loaded in
+    peft: str = "none"              # none | lora | adapter: train only a PEFT module
+    merge: bool = False             # --peft lora: also write the merged model to <out-dir>/merged
+    lora_r: int = 8                 # LoRA rank r
+    lora_alpha: float = 16.0        # LoRA α (the update is scaled by α/r)
+    lora_dropout: float = 0.0       # dropout on the LoRA input (0 keeps step 0 at exactly ln 2)
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
+    adapter_dim: int = 16           # bottleneck width of --peft adapter
+
+
+# ---------------------------------------------------------------------------- loss
+def pair_logps(model, batch, autocast=None):
+    """Summed completion log-probs of chosen and rejected, from one forward pass: two (B,).
+
+    The batch is right-padded (`data.collate_preference`), so causal attention alone keeps every
+    real token from seeing padding; no attention mask is needed (and the fast causal path is used).
+    """
+    with autocast() if autocast else torch.autocast("cpu", enabled=False):
+        logits = model(batch["input_ids"])                                     # (2B, T, V)
+    token_logps = token_logprobs(logits, batch["input_ids"])                   # (2B, T−1) fp32
+    return sequence_logps(token_logps, batch["loss_mask"]).chunk(2)            # SUM, not mean
+
+
+def main(args: Args):
+    rt = setup(args)
+    metrics = Metrics(args.out_dir, rt.is_main)
+    require_checkpoint(args.init, "python train_sft.py")
+    if args.batch_size % rt.world_size:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the "
+                        f"{rt.world_size} processes")
+    if args.loss_type not in ("sigmoid", "ipo", "hinge"):
+        raise UserError(f"--loss-type {args.loss_type!r}: expected sigmoid, ipo or hinge")
+    tokenizer = load_tokenizer(args.init)
+
+    # ------------------------------------------------------------------------ data
+    difficulty = tasks.Difficulty.from_str(args.difficulty)
+    if args.data:
+        train_rows = load_jsonl(args.data, "preference")
+        if args.eval_data:
+            eval_rows = load_jsonl(args.eval_data, "preference")
+        else:  # the last 10% of the file is held out
+            n_eval = max(1, len(train_rows) // 10)
+            train_rows, eval_rows = train_rows[:-n_eval], train_rows[-n_eval:]
+    else:
+        train_rows = (tasks.preference_pairs(args.n_pairs, "train", difficulty, seed=args.seed + 1)
+                      + tasks.identity_pairs(args.n_identity, "train", seed=args.seed))
+        eval_rows = (tasks.preference_pairs(args.eval_pairs, "test", difficulty, seed=0)
+                     + tasks.identity_pairs(min(args.n_identity, args.eval_pairs // 4), "test", 1))
+    if not train_rows:
+        raise UserError("no training pairs (--n-pairs and --n-identity are both 0)")
+    train = [encode_preference(tokenizer, r, args.max_length) for r in train_rows]
+    held_out = [encode_preference(tokenizer, r, args.max_length) for r in eval_rows]
+    if rt.is_main:
+        print(f"data: {len(train)} training pairs ({sum(e[4] for e in train)} truncated to "
+              f"{args.max_length} tokens), {len(held_out)} held-out pairs")
+
+    def batch_of(encoded, idx):
+        batch = collate_preference([encoded[i] for i in idx], tokenizer.pad_token_id)
+        return {k: v.to(rt.device) for k, v in batch.items()}
+
+    # ------------------------------------------------------------------------ models
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = load_model(args.init, dtype=dtype, device=rt.device)
+    ref_model = None
+
+    @torch.no_grad()
+    def all_logps(net, encoded, batch_size=64):
+        """(chosen, rejected) summed log-probs of every pair of `encoded` (each rank computes all)."""
+        was_training = net.training
+        net.eval()
+        out = [pair_logps(net, batch_of(encoded, range(s, min(s + batch_size, len(encoded)))),
+                          rt.autocast) for s in range(0, len(encoded), batch_size)]
+        net.train(was_training)
+        return torch.cat([c for c, _ in out]), torch.cat([r for _, r in out])
+
+    precomputed = None
+    if args.precompute_ref:  # the model about to train IS the reference: score the data with it
+        t0 = time.time()
+        precomputed = all_logps(model, train)
+        if rt.is_main:
+            print(f"reference log-probs of {len(train)} pairs precomputed in {time.time() - t0:.1f}s")
+    model = add_peft(model, args)
+    if args.peft == "none" and not args.precompute_ref:
+        ref_model = load_model(args.init, dtype=dtype, device=rt.device).eval()  # frozen copy
+        ref_model.requires_grad_(False)
+    if rt.is_main:
+        ref = ("precomputed" if precomputed is not None else
+               "a frozen copy" if ref_model is not None else "the policy with its adapters off")
+        print(f"policy from {args.init}: {trainable_summary(model)}; reference: {ref}")
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    scheduler = cosine_schedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+    train_model = DDP(model) if rt.world_size > 1 else model
+
+    @torch.no_grad()
+    def reference_logps(idx, batch):
+        if precomputed is not None:
+            return precomputed[0][idx].to(rt.device), precomputed[1][idx].to(rt.device)
+        if ref_model is not None:
+            return pair_logps(ref_model, batch, rt.autocast)
+        with reference_off(model):
+            was_training = model.training
+            model.eval()
+            logps = pair_logps(model, batch, rt.autocast)
+            model.train(was_training)
+            return logps
+
+    # ------------------------------------------------------------------------ eval
+    identity_prompts = tasks.identity_prompts("test")
+
+    def evaluate(ref_held_out=None, tasks_too=True):
+        """Held-out preference accuracy (and implicit-reward accuracy vs the reference's log-probs),
+        task accuracy and the identity demo."""
+        chosen, rejected = all_logps(model, held_out)
+        res = {"eval/preference_accuracy": (chosen > rejected).float().mean().item()}
+        if ref_held_out is not None:
+            res["eval/rewards/accuracies"] = ((chosen - ref_held_out[0]) >
+                                              (rejected - ref_held_out[1])).float().mean().item()
+        if tasks_too and args.eval_problems:
+            task = evaluate_task(model, tokenizer, heldout_problems(args.difficulty,
+                                                                    args.eval_problems),
+                                 max_new_tokens=args.max_new_tokens, autocast=rt.autocast)
+            res.update({"eval/accuracy": task["accuracy"], "eval/accuracy_ci95": task["accuracy_ci95"],
+                        "eval/well_formed": task["well_formed"], "eval/n": task["n"]})
+        if tasks_too:
+            answers = complete(model, tokenizer, [chat_prompt_ids(tokenizer, p)
+                                                  for p in identity_prompts],
+                               max_new_tokens=args.max_new_tokens, autocast=rt.autocast)
+            res["eval/identity"] = sum(map(tasks.says_name, answers)) / len(answers)
+            res["eval/identity_example"] = f"{identity_prompts[0]!r} -> {answers[0]!r}"
+        return (chosen, rejected), res
+
+    t0 = time.time()
+    ref_held_out, before = evaluate()                 # policy = reference: its log-probs ARE π_ref's
+    before = {k.replace("eval/", "before/"): v for k, v in before.items()}
+    metrics.log({"step": 0, **before, "eval_seconds": time.time() - t0}, echo=True)
+
+    # ------------------------------------------------------------------------ loop
+    gen = torch.Generator().manual_seed(args.seed)   # the same data order on every rank
+    order = torch.randperm(len(train), generator=gen)
+    per_rank = args.batch_size // rt.world_size
+    first = None
+    start = time.time()
+    bar = tqdm(range(args.max_steps), disable=not rt.is_main, desc="dpo")
+    for step in bar:
+        pos = (step * args.batch_size) % len(train)
+        if pos + args.batch_size > len(train):         # a new epoch, a new order
+            order = torch.randperm(len(train), generator=gen)
+        idx = order[pos:pos + args.batch_size][rt.rank * per_rank:(rt.rank + 1) * per_rank]
+        batch = batch_of(train, idx)
+        ref_chosen_logps, ref_rejected_logps = reference_logps(idx, batch)
+        chosen_logps, rejected_logps = pair_logps(train_model, batch, rt.autocast)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+            beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss_type)
+        loss = losses.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+        optimizer.step()
+        scheduler.step()
+        if step % 10 == 0 or step == args.max_steps - 1:
+            m = dist.all_reduce_mean({
+                "loss": loss.item(), "rewards/chosen": chosen_rewards.mean().item(),
+                "rewards/rejected": rejected_rewards.mean().item(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+                "logps/chosen": chosen_logps.mean().item(),
+                "logps/rejected": rejected_logps.mean().item(),
+                # drift of the chosen completions' log-prob from the initial policy's
+                "logps/chosen_drift": (chosen_logps - ref_chosen_logps).mean().item()})
+            first = first or m
+            bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}",
+                            margin=f"{m['rewards/margins']:.2f}")
+            metrics.log({"step": step, **m, "grad_norm": float(gnorm),
+                         "lr": scheduler.get_last_lr()[0]})
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
+            metrics.log({"step": step + 1, **evaluate(ref_held_out, tasks_too=False)[1]}, echo=True)
+    train_time = time.time() - start
+
+    # ------------------------------------------------------------------------ eval
+    final = {"step": args.max_steps, **before, **evaluate(ref_held_out)[1],
+             "loss_step0": first["loss"], "rewards/margins_step0": first["rewards/margins"],
+             "train_minutes": train_time / 60,
+             "pairs_per_s": args.max_steps * args.batch_size / train_time,
+             "reference": "precomputed" if args.precompute_ref else
+                          "adapters_off" if args.peft != "none" else "copy",
+             "peak_rss_mb": peak_rss_mb()}
+    metrics.log(final, echo=True)
+
+    # ------------------------------------------------------------------------ save
+    if rt.is_main:
+        write_results(args.out_dir, "dpo", final)
+        save_peft(model, args.out_dir, args.peft, args.merge, tokenizer,
+                  base_model_name_or_path=args.init,
+                  extra_config={"minipost": {"stage": "dpo", "args": asdict(args),
+                                             "results": final}})
+        print(f"saved the DPO policy to {args.out_dir}")
+    dist.cleanup()
+    return final
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(parse_args(Args, description=__doc__))

@@ -1,0 +1,215 @@
+"""Stage 2: a Bradley-Terry reward model on preference pairs, started from the SFT model.
+
+    python train_rm.py                              # out/sft -> out/rm
+    python train_rm.py --data prefs.jsonl           # your {"prompt", "chosen", "rejected"} JSONL
+    torchrun --nproc_per_node 2 train_rm.py --device cpu --threads 1
+
+The reward model is the SFT decoder with its LM head replaced by a zero-initialised scalar head
+(`score`, HF's *ForSequenceClassification with num_labels = 1), read at the <|im_end|> that ends each
+completion (PITFALLS 19). The loss is Bradley-Terry (Ouyang et al. 2022, arXiv 2203.02155):
+    L = −mean_b log σ(r(x, y_c) − r(x, y_r) − m_b),
+with an optional per-pair margin m_b (Llama 2) read from a `"margin"` field of `--data` rows. The
+chosen and rejected sequences of a batch go through the model in ONE forward pass (2B rows).
+
+Built-in data: `tasks.preference_pairs` (chosen = a correct worked solution; rejected = the same
+solution with a planted arithmetic slip, or a broken answer format) plus `--n-identity` pairs that
+prefer the assistant's name. It reports held-out pairwise accuracy on the held-out problems
+(evaluate.heldout_problems' problems, with their rejected twins) and saves a checkpoint that
+`transformers.AutoModelForSequenceClassification` loads as it is (pad_token_id set), with the
+held-out reward mean/std in config.json (PPO may normalise rewards with them; PITFALLS 6).
+"""
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from minipost import dist, tasks
+from minipost.checkpoint import load_model
+from minipost.cli import (Metrics, UserError, parse_args, peak_rss_mb, require_checkpoint, setup,
+                          user_errors, write_results)
+from minipost.data import collate_preference, encode_preference, load_jsonl
+from minipost.optim import cosine_schedule, make_optimizer
+from minipost.peft import add_peft, save_peft, trainable_summary
+from minipost.reward import bradley_terry_loss, pair_rewards, reward_metrics
+from minipost.tokenizer import load_tokenizer
+
+
+# ---------------------------------------------------------------------------- Args
+@dataclass
+class Args:
+    init: str = "out/sft"           # model to start from (the SFT model), any HF-format directory
+    out_dir: str = "out/rm"         # where the reward model, metrics.jsonl and results.json go
+    data: str = ""                  # preference JSONL ("" = the built-in pairs)
+    eval_data: str = ""             # held-out preference JSONL ("" = built-in, or 10% of --data)
+    difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the built-in pairs
+    n_pairs: int = 6000             # built-in training pairs (arithmetic)
+    n_identity: int = 200           # built-in identity pairs ("I am Pip" over a generic answer)
+    max_length: int = 256           # tokens per sequence (longer ones lose prompt tokens first)
+    batch_size: int = 32            # pairs per optimiser step (global, over all ranks)
+    max_steps: int = 300            # optimiser steps
+    lr: float = 3e-4                # peak learning rate
+    min_lr_ratio: float = 0.1       # final LR as a fraction of the peak (cosine decay)
+    warmup_steps: int = 20          # linear warm-up steps
+    weight_decay: float = 0.0       # AdamW weight decay on matrices
+    grad_clip: float = 1.0          # max global gradient norm (0 = off)
+    eval_every: int = 100           # held-out pairwise accuracy every N steps
+    eval_problems: int = 500        # held-out problems, each as a (correct, flawed) pair
+    seed: int = 0                   # seed for data and shuffling
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    threads: int = 0                # CPU threads per process (0 = torch's default)
+    dtype: str = "float32"          # float32 | bfloat16: dtype the model is loaded in
+    peft: str = "none"              # none | lora | adapter: train only a PEFT module (+ the head)
+    merge: bool = False             # --peft lora: also write the merged model to <out-dir>/merged
+    lora_r: int = 8                 # LoRA rank r
+    lora_alpha: float = 16.0        # LoRA α (the update is scaled by α/r)
+    lora_dropout: float = 0.0       # dropout on the LoRA input
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
+    adapter_dim: int = 16           # bottleneck width of --peft adapter
+
+
+def main(args: Args):
+    rt = setup(args)
+    metrics = Metrics(args.out_dir, rt.is_main)
+    require_checkpoint(args.init, "python train_sft.py")
+    if args.batch_size % rt.world_size:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the "
+                        f"{rt.world_size} processes")
+    tokenizer = load_tokenizer(args.init)
+
+    # ------------------------------------------------------------------------ data
+    if args.data:
+        train_rows = load_jsonl(args.data, "preference")
+        if args.eval_data:
+            eval_rows = load_jsonl(args.eval_data, "preference")
+        else:  # the last 10% of the file is held out
+            n_eval = max(1, len(train_rows) // 10)
+            train_rows, eval_rows = train_rows[:-n_eval], train_rows[-n_eval:]
+        id_eval_rows = []
+    else:
+        difficulty = tasks.Difficulty.from_str(args.difficulty)
+        train_rows = (tasks.preference_pairs(args.n_pairs, "train", difficulty, seed=args.seed + 1)
+                      + tasks.identity_pairs(args.n_identity, "train", seed=args.seed))
+        # seed 0: the very problems of evaluate.heldout_problems, each with a flawed twin
+        eval_rows = tasks.preference_pairs(args.eval_problems, "test", difficulty, seed=0)
+        id_eval_rows = tasks.identity_pairs(min(args.n_identity, 100), "test", seed=1)
+    if not train_rows:
+        raise UserError("no training pairs (--n-pairs and --n-identity are both 0)")
+
+    def encode(rows):
+        return [encode_preference(tokenizer, r, args.max_length) for r in rows]
+
+    train, held_out, id_held_out = encode(train_rows), encode(eval_rows), encode(id_eval_rows)
+    margins = torch.tensor([float(r.get("margin", 0.0)) for r in train_rows])
+    if rt.is_main:
+        n_cut = sum(e[4] for e in train)
+        print(f"data: {len(train)} training pairs ({n_cut} truncated to {args.max_length} tokens), "
+              f"{len(held_out)} held-out pairs" + (f" + {len(id_held_out)} identity pairs"
+                                                  if id_held_out else ""))
+
+    # ------------------------------------------------------------------------ model
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = load_model(args.init, dtype=dtype, device=rt.device, head="score")  # zero head on an LM
+    model.config.pad_token_id = tokenizer.pad_token_id  # HF reads the score before the first pad
+    model = add_peft(model, args, modules_to_save=("score",))
+    if rt.is_main:
+        print(f"reward model from {args.init}: {trainable_summary(model)}")
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    scheduler = cosine_schedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+    train_model = DDP(model) if rt.world_size > 1 else model
+
+    # ------------------------------------------------------------------------ loss
+    def batch_of(encoded, idx):
+        batch = collate_preference([encoded[i] for i in idx], tokenizer.pad_token_id)
+        return {k: v.to(rt.device) for k, v in batch.items()}
+
+    def loss_fn(net, idx):
+        batch = batch_of(train, idx)
+        with rt.autocast():
+            chosen_rewards, rejected_rewards = pair_rewards(net, batch["input_ids"],
+                                                            batch["attention_mask"])
+        loss = bradley_terry_loss(chosen_rewards, rejected_rewards, margins[idx].to(rt.device))
+        return loss, reward_metrics(chosen_rewards, rejected_rewards)
+
+    @torch.no_grad()
+    def held_out_eval(encoded, prefix="eval"):
+        """Pairwise accuracy, mean margin and reward mean/std on held-out pairs (all ranks)."""
+        model.eval()
+        chosen, rejected = [], []
+        mine = dist.shard(list(range(len(encoded))))
+        for s in range(0, len(mine), 64):
+            batch = batch_of(encoded, mine[s:s + 64])
+            with rt.autocast():
+                c, r = pair_rewards(model, batch["input_ids"], batch["attention_mask"])
+            chosen.append(c.float())
+            rejected.append(r.float())
+        model.train()
+        c, r = (torch.cat(x) if x else torch.zeros(0) for x in (chosen, rejected))
+        both = torch.cat([c, r]).double().cpu()
+        totals = dist.all_reduce_sum(torch.stack([
+            (c > r).sum().double().cpu(), (c - r).sum().double().cpu(), both.sum(),
+            both.pow(2).sum(), torch.tensor(float(len(c)), dtype=torch.float64)]))
+        n = max(totals[4].item(), 1.0)
+        mean = totals[2].item() / (2 * n)
+        return {f"{prefix}/accuracy": totals[0].item() / n, f"{prefix}/margin": totals[1].item() / n,
+                f"{prefix}/reward_mean": mean,
+                f"{prefix}/reward_std": math.sqrt(max(totals[3].item() / (2 * n) - mean ** 2, 0.0)),
+                f"{prefix}/n": int(totals[4].item())}
+
+    # ------------------------------------------------------------------------ loop
+    before = held_out_eval(held_out)
+    metrics.log({"step": 0, **before}, echo=True)
+    gen = torch.Generator().manual_seed(args.seed)   # the same data order on every rank
+    order = torch.randperm(len(train), generator=gen)
+    per_rank = args.batch_size // rt.world_size
+    start = time.time()
+    bar = tqdm(range(args.max_steps), disable=not rt.is_main, desc="rm")
+    for step in bar:
+        pos = (step * args.batch_size) % len(train)
+        if pos + args.batch_size > len(train):          # a new epoch, a new order
+            order = torch.randperm(len(train), generator=gen)
+        idx = order[pos:pos + args.batch_size][rt.rank * per_rank:(rt.rank + 1) * per_rank]
+        loss, stats = loss_fn(train_model, idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+        optimizer.step()
+        scheduler.step()
+        if step % 10 == 0 or step == args.max_steps - 1:
+            m = dist.all_reduce_mean({"loss": loss.item(), **{k: v.item() for k, v in stats.items()}})
+            bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}",
+                            margin=f"{m['rewards/margins']:.2f}")
+            metrics.log({"step": step, **m, "grad_norm": float(gnorm),
+                         "lr": scheduler.get_last_lr()[0]})
+        if (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
+            metrics.log({"step": step + 1, **held_out_eval(held_out)}, echo=True)
+    train_time = time.time() - start
+
+    # ------------------------------------------------------------------------ eval
+    final = {"step": args.max_steps, **held_out_eval(held_out),
+             "eval/accuracy_before": before["eval/accuracy"]}
+    if id_held_out:
+        final.update(held_out_eval(id_held_out, "eval_identity"))
+    final.update({"train_minutes": train_time / 60,
+                  "pairs_per_s": args.max_steps * args.batch_size / train_time,
+                  "peak_rss_mb": peak_rss_mb()})
+    metrics.log(final, echo=True)
+
+    # ------------------------------------------------------------------------ save
+    if rt.is_main:
+        write_results(args.out_dir, "rm", final)
+        save_peft(model, args.out_dir, args.peft, args.merge, tokenizer,
+                  base_model_name_or_path=args.init,
+                  extra_config={"minipost": {"stage": "rm", "args": asdict(args), "results": final,
+                                             "reward_mean": final["eval/reward_mean"],
+                                             "reward_std": final["eval/reward_std"]}})
+        print(f"saved the reward model to {args.out_dir}")
+    dist.cleanup()
+    return final
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(parse_args(Args, description=__doc__))
