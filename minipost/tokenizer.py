@@ -23,6 +23,16 @@ encoding is then the canonical minipost tokenization (the mask could not be exac
 
 Saved directories hold `tokenizer.json` + `tokenizer_config.json` (`PreTrainedTokenizerFast`,
 ChatML `chat_template`) so `transformers.AutoTokenizer` loads them as they are.
+
+Hugging Face tokenizers (docs/real_models.md): `load_tokenizer` reads any `tokenizer.json`; the
+`tokenizer_class` is not used (transformers 5 writes "TokenizersBackend"), and the template may sit
+in `chat_template.jinja`. No Jinja runs here: a template is taken as ChatML when it contains
+"<|im_start|>" (Qwen2/2.5/3, SmolLM2), and `format_chat` renders exactly the messages it is given,
+so a template's default system prompt (Qwen2.5's "You are Qwen...", SmolLM2's "You are a helpful AI
+assistant named SmolLM...") appears only if the data has it; Qwen3's <think> handling is not
+reproduced. Another template (Llama 3, Gemma, ...) makes `format_chat` raise; loading with
+`chat_template="chatml"` (the scripts' `--chat-template chatml`) formats ChatML with the
+tokenizer's own <|im_start|>/<|im_end|> tokens and saves the ChatML template with the result.
 """
 from __future__ import annotations
 
@@ -52,7 +62,8 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special-token ids and ChatML formatting minipost needs."""
 
     def __init__(self, tok: HFTokenizer, chat_template: str = CHATML_TEMPLATE,
-                 bos_token: str = BOS_TOKEN, eos_token: str = IM_END, pad_token: str = PAD_TOKEN,
+                 bos_token: str | None = BOS_TOKEN, eos_token: str = IM_END,
+                 pad_token: str | None = PAD_TOKEN,
                  model_max_length: int = 2048):
         self.tok = tok
         self.chat_template = chat_template
@@ -60,9 +71,10 @@ class Tokenizer:
         self.model_max_length = model_max_length
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.eos_token_id = self._id(eos_token)
-        # Optional for foreign (e.g. imported Hugging Face) tokenizers that lack them: None then.
-        self.bos_token_id = tok.token_to_id(bos_token)
-        self.pad_token_id = tok.token_to_id(pad_token)
+        # Optional for foreign (e.g. imported Hugging Face) tokenizers that lack them (or name
+        # none, like Qwen's `bos_token: null`): None then.
+        self.bos_token_id = tok.token_to_id(bos_token) if bos_token else None
+        self.pad_token_id = tok.token_to_id(pad_token) if pad_token else None
         self.im_start_id = tok.token_to_id(IM_START)
         self.im_end_id = tok.token_to_id(IM_END)
 
@@ -71,6 +83,11 @@ class Tokenizer:
         if idx is None:
             raise ValueError(f"token {token!r} is not in the vocabulary")
         return idx
+
+    @property
+    def is_chatml(self) -> bool:
+        """True when the chat template is ChatML (it contains <|im_start|>): `format_chat` is exact."""
+        return IM_START in (self.chat_template or "")
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -96,8 +113,13 @@ class Tokenizer:
         model must learn to end its turn, PITFALLS 13), 0 on headers, the "\\n" after <|im_end|>
         and all non-assistant messages. No BOS is added.
         """
+        if not self.is_chatml:
+            raise ValueError("the tokenizer's chat template is not ChatML (no <|im_start|>) and "
+                             "minipost formats chats only as ChatML; pass --chat-template chatml "
+                             "(load_tokenizer(path, chat_template='chatml')) to train in ChatML")
         if self.im_start_id is None or self.im_end_id is None:
-            raise ValueError("this tokenizer has no <|im_start|>/<|im_end|> tokens for ChatML")
+            raise ValueError("this tokenizer has no <|im_start|>/<|im_end|> tokens for ChatML; "
+                             "minipost cannot add tokens to a pretrained vocabulary")
         ids: list[int] = []
         mask: list[int] = []
         newline = self.encode("\n")
@@ -165,19 +187,26 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:
     return Tokenizer(tok)
 
 
-def _token_str(value, default: str) -> str:
-    """A special token from tokenizer_config.json: a string, an AddedToken dict, or null."""
+def _token_str(config: dict, key: str, default: str) -> str | None:
+    """A special token from tokenizer_config.json: a string or an AddedToken dict; an explicit
+    null (Qwen's bos_token) is None, an absent key the minipost default."""
+    if key not in config:
+        return default
+    value = config[key]
     if isinstance(value, dict):
         value = value.get("content")
-    return value if isinstance(value, str) else default
+    return value if isinstance(value, str) else None
 
 
-def load_tokenizer(path: str) -> Tokenizer:
+def load_tokenizer(path: str, chat_template: str | None = None) -> Tokenizer:
     """Load a tokenizer directory written by `Tokenizer.save` or by transformers.
 
     The chat template comes from `chat_template.jinja` when present (transformers 5 writes it
-    there), else from `tokenizer_config.json`, else ChatML.
+    there), else from `tokenizer_config.json`, else ChatML. chat_template="chatml" replaces the
+    directory's template by ChatML (for tokenizers whose own template is not ChatML).
     """
+    if chat_template not in (None, "chatml"):
+        raise ValueError(f"chat_template must be None or 'chatml', not {chat_template!r}")
     tok = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
     config = {}
     config_path = os.path.join(path, "tokenizer_config.json")
@@ -192,13 +221,15 @@ def load_tokenizer(path: str) -> Tokenizer:
     if os.path.exists(jinja_path):
         with open(jinja_path, encoding="utf-8") as f:
             template = f.read()
+    if chat_template == "chatml":
+        template = CHATML_TEMPLATE
     max_len = config.get("model_max_length", 2048)
     if not isinstance(max_len, int) or max_len > 10**9:  # transformers writes 1e30 for "no limit"
         max_len = 2048
     return Tokenizer(
         tok, chat_template=template,
-        bos_token=_token_str(config.get("bos_token"), BOS_TOKEN),
-        eos_token=_token_str(config.get("eos_token"), IM_END),
-        pad_token=_token_str(config.get("pad_token"), PAD_TOKEN),
+        bos_token=_token_str(config, "bos_token", BOS_TOKEN),
+        eos_token=_token_str(config, "eos_token", IM_END) or IM_END,
+        pad_token=_token_str(config, "pad_token", PAD_TOKEN),
         model_max_length=max_len,
     )
