@@ -1,0 +1,407 @@
+"""Benchmark: the performance workloads W0–W5 of DESIGN.md, run on minipost's own code paths.
+
+    python bench.py                         # every workload, each in its own process; one table
+    python bench.py --workload W1 --json    # one workload, one JSON line
+    python bench.py --compare trl           # the same workloads with TRL / transformers, and ratios
+    python bench.py --device cuda           # on a GPU, with bf16 autocast
+
+Bench model: Llama-style, vocab 1024, hidden 256, SwiGLU 688, 6 layers, 8 heads, 4 KV heads, RoPE
+θ=10000, RMSNorm ε=1e-5, tied embeddings, fp32 weights, random init (seed 0), 2 CPU threads.
+Token ids are random (a benchmark of speed, not of learning). Warm-up steps are not timed; each row
+gives the median step time, the throughput, the peak RSS of its own process (so the imports,
+≈ the first few hundred MB, are in it) and the MFU against the W0 matmul ceiling of the same run.
+
+    W0  fp32 1024³ matmul (the ceiling) and a bare train loop (forward, cross-entropy, AdamW) 16×256
+    W1  SFT: 16 × (prompt 128 + completion 128), loss on the completion (sft.sft_loss), AdamW
+    W2  RM: 16 pairs × 128 tokens, chosen and rejected in one forward (ScoreModel.score_last, BT loss)
+    W3  DPO: 16 pairs, prompt 64 + completion 64 a side, a live reference model (no grad), or its
+        log-probs computed before timing (--precompute-ref)
+    W4  generation: 32 prompts × 32 tokens, 64 new tokens, temperature 1 and greedy, no EOS
+    W5  GRPO: 8 prompts × 8 samples, prompt 32, completion 64, one optimiser step per batch, β=0.04
+        with a reference model; the reward is a stand-in (share of even token ids)
+
+`--compare trl` needs `pip install trl transformers` (never a run-time dependency of minipost);
+its side is `bench_trl.py`.
+"""
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from minipost.cli import UserError, parse_args, peak_rss_mb, setup, user_errors
+from minipost.dpo import dpo_loss, sequence_logps
+from minipost.generate import generate
+from minipost.grpo import grpo_loss, group_advantages
+from minipost.model import GPT, GPTConfig, ScoreModel, token_logprobs
+from minipost.optim import make_optimizer
+from minipost.reward import bradley_terry_loss
+from minipost.sft import sft_loss
+
+WORKLOADS = ["W0", "W1", "W2", "W3", "W4", "W5"]
+
+
+# ---------------------------------------------------------------------------- Args
+@dataclass
+class Args:
+    workload: str = "all"           # W0..W5, or all (each in its own process, then one table)
+    json: bool = False              # print this workload's numbers as one JSON line
+    impl: str = "minipost"          # minipost | trl: whose code runs the workload
+    compare: str = "none"           # none | trl: also run every workload with TRL, with ratios
+    repeats: int = 1                # runs of each workload (and side) in the table; all are shown
+    steps: int = 10                 # timed steps per workload (the median is reported)
+    warmup: int = 2                 # untimed steps first
+    precompute_ref: bool = False    # W3: reference log-probs computed before timing, not live
+    tiny: bool = False              # a tiny model (hidden 32, 2 layers), for tests
+    compile: bool = False           # torch.compile the trained model (W0–W3, W5 training)
+    device: str = "cpu"             # auto | cpu | cuda (bf16 autocast on cuda)
+    threads: int = 2                # CPU threads (torch.set_num_threads)
+    seed: int = 0                   # seed for the init and the random tokens
+
+
+def bench_config(tiny: bool = False) -> GPTConfig:
+    if tiny:
+        return GPTConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    return GPTConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                     num_attention_heads=8, num_key_value_heads=4, rope_theta=10000.0,
+                     rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=512)
+
+
+# ---------------------------------------------------------------------------- FLOPs
+def non_embedding_params(cfg: GPTConfig) -> int:
+    """N: parameters of the blocks and the final norm (no token/position embeddings, no head)."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    return sum(p.numel() for p in model.model.layers.parameters()) + cfg.hidden_size
+
+
+def flops_per_token(cfg: GPTConfig, T: int, train: bool = True, head_size: int | None = None) -> int:
+    """Model FLOPs for one token of a length-T sequence (Kaplan et al. 2020; PaLM, Chowdhery et
+    al. 2022, appendix B), counting a multiply-add as 2 FLOPs and the backward pass as twice the
+    forward:
+
+        train:   6·N  +  12·L·d·T  +  6·V·d
+        forward: 2·N  +   4·L·d·T  +  2·V·d      (a third of the above)
+
+    N = non-embedding parameters (blocks + final norm; the embedding lookup is free), L layers,
+    d = heads·head_dim (the attention width), T the sequence length — attention over all T keys, as
+    PaLM counts it, although a causal mask needs only half —, V·d the LM head (`head_size` = 1 for a
+    reward model's score head). Norms and activations are in N's count or ignored; they are small.
+    """
+    N = non_embedding_params(cfg)
+    L, d = cfg.num_hidden_layers, cfg.num_attention_heads * cfg.head_dim
+    V = cfg.vocab_size if head_size is None else head_size
+    train_flops = 6 * N + 12 * L * d * T + 6 * V * cfg.hidden_size
+    return train_flops if train else train_flops // 3
+
+
+def generation_flops(cfg: GPTConfig, B: int, P: int, new: int) -> int:
+    """Forward FLOPs of a prefill of P tokens and `new` decode steps, each over its own context."""
+    prefill = B * P * flops_per_token(cfg, P, train=False)
+    return prefill + sum(B * flops_per_token(cfg, P + t + 1, train=False) for t in range(new - 1))
+
+
+# ---------------------------------------------------------------------------- timing
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, args, device) -> list[float]:
+    """Seconds of each of `args.steps` calls of `step()`, after `args.warmup` untimed ones."""
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def row(name, times, work, unit, flops, **extra) -> dict:
+    """A table row: median step time, `work` units per step -> throughput, achieved FLOP/s."""
+    t = statistics.median(times)
+    return {"name": name, "step_s": t, "throughput": work / t, "unit": unit,
+            "flops_per_s": flops / t, **extra}
+
+
+# ---------------------------------------------------------------------------- workloads
+def random_ids(gen, cfg, *shape, device):
+    """Random token ids, none of them special (ids below 4 are the tokenizer's specials)."""
+    return torch.randint(4, cfg.vocab_size, shape, generator=gen).to(device)
+
+
+def train_step(model, optimizer, loss_fn, rt, clip=1.0):
+    """One optimiser step: forward under autocast, backward, clip, AdamW. No host sync."""
+    with rt.autocast():
+        loss = loss_fn(model)
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def w0(args, cfg, rt, gen) -> list[dict]:
+    """Matmul ceiling, and a bare train loop: forward, cross-entropy on all tokens, AdamW."""
+    n = 1024
+    mm_dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=rt.device, dtype=mm_dtype)
+    b = torch.randn(n, n, device=rt.device, dtype=mm_dtype)
+    times = time_steps(lambda: a @ b, dataclasses.replace(args, steps=max(args.steps, 20)), rt.device)
+    rows = [row(f"matmul {n}³ {str(mm_dtype)[6:]}", times, 2 * n ** 3 / 1e9, "GFLOP/s", 2 * n ** 3,
+                ceiling=True)]
+    model, optimizer = trained(GPT(cfg), args, rt)
+    ids = random_ids(gen, cfg, 16, 256, device=rt.device)
+
+    def loss_fn(net):
+        logits = net(ids)                                                  # (B, T, V)
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+
+    times = time_steps(lambda: train_step(model, optimizer, loss_fn, rt, clip=0), args, rt.device)
+    rows.append(row("bare train loop 16×256", times, ids.numel(), "tok/s",
+                    ids.numel() * flops_per_token(cfg, 256)))
+    return rows
+
+
+def trained(model, args, rt):
+    """The model on the device and its AdamW (fused where available)."""
+    model = model.to(rt.device)
+    optimizer = make_optimizer(model, lr=1e-4)
+    if args.compile:
+        model.compile()        # in place, so methods such as score_last call the compiled forward
+    return model, optimizer
+
+
+def w1(args, cfg, rt, gen) -> list[dict]:
+    """SFT: 16 × (128 prompt + 128 completion), loss on the completion tokens."""
+    model, optimizer = trained(GPT(cfg), args, rt)
+    ids = random_ids(gen, cfg, 16, 256, device=rt.device)
+    loss_mask = torch.zeros_like(ids)
+    loss_mask[:, 128:] = 1                                                 # completion tokens
+    times = time_steps(lambda: train_step(model, optimizer, lambda m: sft_loss(m(ids), ids, loss_mask),
+                                          rt), args, rt.device)
+    return [row("SFT 16×256", times, ids.numel(), "tok/s", ids.numel() * flops_per_token(cfg, 256))]
+
+
+def w2(args, cfg, rt, gen) -> list[dict]:
+    """Reward model: 16 pairs of 128 tokens, chosen and rejected stacked into one forward."""
+    model, optimizer = trained(ScoreModel(cfg), args, rt)
+    ids = random_ids(gen, cfg, 32, 128, device=rt.device)                  # (2B, T): chosen; rejected
+    attention_mask = torch.ones_like(ids)
+
+    def loss_fn(net):
+        rewards = net.score_last(ids, attention_mask)                      # (2B,)
+        return bradley_terry_loss(rewards[:16], rewards[16:])
+
+    times = time_steps(lambda: train_step(model, optimizer, loss_fn, rt), args, rt.device)
+    return [row("RM 16 pairs × 128", times, 16, "pairs/s",
+                ids.numel() * flops_per_token(cfg, 128, head_size=1))]
+
+
+def w3(args, cfg, rt, gen) -> list[dict]:
+    """DPO: 16 pairs, prompt 64 + completion 64 a side, both sides in one forward."""
+    policy = GPT(cfg)
+    ref_model = GPT(cfg).to(rt.device).eval().requires_grad_(False)
+    ref_model.load_state_dict(policy.state_dict())
+    model, optimizer = trained(policy, args, rt)
+    prompts = random_ids(gen, cfg, 16, 64, device=rt.device)
+    completions = random_ids(gen, cfg, 32, 64, device=rt.device)          # chosen; rejected
+    ids = torch.cat([prompts.repeat(2, 1), completions], 1)                # (2B, 128)
+    loss_mask = torch.zeros_like(ids)
+    loss_mask[:, 64:] = 1
+
+    def ref_logps():
+        with torch.no_grad(), rt.autocast():
+            return sequence_logps(token_logprobs(ref_model(ids), ids), loss_mask)  # (2B,)
+
+    precomputed = ref_logps() if args.precompute_ref else None
+
+    def loss_fn(net):
+        ref = precomputed if precomputed is not None else ref_logps()
+        logps = sequence_logps(token_logprobs(net(ids), ids), loss_mask)  # (2B,)
+        losses, _, _ = dpo_loss(logps[:16], logps[16:], ref[:16], ref[16:], beta=0.1)
+        return losses.mean()
+
+    times = time_steps(lambda: train_step(model, optimizer, loss_fn, rt), args, rt.device)
+    flops = ids.numel() * flops_per_token(cfg, 128)
+    if precomputed is None:
+        flops += ids.numel() * flops_per_token(cfg, 128, train=False)
+    name = "DPO 16 pairs, " + ("precomputed ref" if precomputed is not None else "live ref")
+    return [row(name, times, 16, "pairs/s", flops)]
+
+
+def w4(args, cfg, rt, gen) -> list[dict]:
+    """Generation: 32 prompts × 32 tokens, 64 new tokens, no EOS, sampled and greedy."""
+    model = GPT(cfg).to(rt.device).eval()
+    prompts = random_ids(gen, cfg, 32, 32, device=rt.device)
+    prompt_mask = torch.ones_like(prompts)
+    flops = generation_flops(cfg, 32, 32, 64)
+    rows = []
+    for temperature, name in [(1.0, "generate T=1, 32×64 new"), (0.0, "generate greedy, 32×64 new")]:
+        def step():
+            with rt.autocast():
+                generate(model, (prompts, prompt_mask), 64, temperature=temperature,
+                         eos_token_id=None, generator=gen if rt.device.type == "cpu" else None)
+        rows.append(row(name, time_steps(step, args, rt.device), 32 * 64, "new tok/s", flops))
+    return rows
+
+
+def w5(args, cfg, rt, gen) -> list[dict]:
+    """GRPO: 8 prompts × 8 samples of exactly 64 tokens, reference KL (β=0.04), one AdamW step."""
+    G, P, C = 8, 32, 64
+    policy = GPT(cfg)
+    ref_model = GPT(cfg).to(rt.device).eval().requires_grad_(False)
+    ref_model.load_state_dict(policy.state_dict())
+    model, optimizer = trained(policy, args, rt)
+    prompts = random_ids(gen, cfg, 8, P, device=rt.device).repeat_interleave(G, 0)  # (N, P)
+    prompt_mask = torch.ones_like(prompts)
+    phases = {"generate": [], "score": [], "train": []}
+
+    def step():
+        t0 = time.perf_counter()
+        with rt.autocast():        # rollout: old log-probs are the sampler's own (one step per batch)
+            rollout = generate(policy, (prompts, prompt_mask), C, temperature=1.0, eos_token_id=None,
+                               generator=gen if rt.device.type == "cpu" else None)
+        ids, _ = rollout.sequences                                         # (N, P + C)
+        rewards = (rollout.completion_ids % 2 == 0).float().mean(1)        # (N,) stand-in reward
+        advantages = group_advantages(rewards, G)
+        sync(rt.device)
+        t1 = time.perf_counter()
+        with torch.no_grad(), rt.autocast():
+            ref_logps = token_logprobs(ref_model(ids), ids)[:, P - 1:]     # (N, C)
+        sync(rt.device)
+        t2 = time.perf_counter()
+
+        def loss_fn(net):
+            logps = token_logprobs(net(ids), ids)[:, P - 1:]               # (N, C)
+            loss, _ = grpo_loss(logps, rollout.logps, ref_logps, advantages,
+                                rollout.completion_mask, beta=0.04)
+            return loss
+
+        train_step(model, optimizer, loss_fn, rt)
+        sync(rt.device)
+        for k, dt in zip(phases, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+            phases[k].append(dt)
+
+    times = time_steps(step, args, rt.device)
+    N, T = 8 * G, P + C
+    flops = (generation_flops(cfg, N, P, C) + N * T * flops_per_token(cfg, T, train=False)
+             + N * T * flops_per_token(cfg, T))
+    split = {k: statistics.median(v[args.warmup:]) for k, v in phases.items()}
+    return [row("GRPO 8×8, 32+64", times, 1, "steps/s", flops, phases_s=split)]
+
+
+# ---------------------------------------------------------------------------- run one workload
+def run_workload(args) -> dict:
+    if args.impl == "trl":
+        import bench_trl
+        return bench_trl.run_workload(args)
+    rt = setup(args)
+    cfg = bench_config(args.tiny)
+    gen = torch.Generator().manual_seed(args.seed)
+    fn = {"W0": w0, "W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5}[args.workload]
+    rows = fn(args, cfg, rt, gen)
+    return {"workload": args.workload, "impl": "minipost", "device": str(rt.device),
+            "rows": rows, "peak_rss_mb": peak_rss_mb()}
+
+
+# ---------------------------------------------------------------------------- the table
+def subprocess_run(args, workload, impl, extra=()) -> dict:
+    """One workload in a fresh process, so its peak RSS is its own."""
+    cmd = [sys.executable, __file__, "--workload", workload, "--json", "--impl", impl,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+           "--threads", str(args.threads), "--seed", str(args.seed), *extra]
+    cmd += ["--tiny"] * args.tiny + ["--compile"] * args.compile
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise UserError(f"{' '.join(cmd[1:])} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(results: dict, impls: list[str]) -> str:
+    """Markdown table; `results[(job, impl)]` is a list of runs (repeats), each a workload's JSON."""
+    ceiling = [r["rows"][0]["flops_per_s"] for r in results.get((("W0",), "minipost"), [])]
+    ceiling = statistics.median(ceiling) if ceiling else None
+    cols = ["workload", "what"] + [f"{i} {c}" for i in impls for c in ("step", "throughput",
+                                                                        "MFU", "peak RSS")]
+    if len(impls) == 2:
+        cols.append("minipost / trl")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    jobs = dict.fromkeys(job for job, _ in results)
+    for job in jobs:
+        n_rows = len(results[(job, "minipost")][0]["rows"])
+        for k in range(n_rows):
+            first = results[(job, "minipost")][0]["rows"][k]
+            cells = [job[0], first["name"] + "".join(
+                f", {phase} {t:.2f} s" for phase, t in first.get("phases_s", {}).items())]
+            tput = {}
+            for impl in impls:
+                runs = results.get((job, impl), [])
+                rows = [r["rows"][k] for r in runs if k < len(r["rows"])]
+                if not rows:
+                    cells += ["—"] * 4
+                    continue
+                tput[impl] = [r["throughput"] for r in rows]
+                is_ceiling = rows[0].get("ceiling")
+                cells.append(" / ".join(f"{r['step_s'] * 1e3:.1f} ms" if r['step_s'] < 1
+                                        else f"{r['step_s']:.2f} s" for r in rows))
+                cells.append(" / ".join(f"{t:,.0f}" if t >= 100 else f"{t:.3g}" for t in tput[impl])
+                             + f" {rows[0]['unit']}")
+                cells.append("—" if is_ceiling or not ceiling else
+                             " / ".join(f"{r['flops_per_s'] / ceiling:.0%}" for r in rows))
+                cells.append(" / ".join(f"{r['peak_rss_mb']:.0f} MB" for r in runs))
+            if len(impls) == 2:
+                both = len(tput) == 2
+                cells.append(" / ".join(f"{a / b:.2f}×" for a, b in zip(tput["minipost"], tput["trl"]))
+                             if both else "—")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(args: Args) -> dict:
+    if args.workload != "all":
+        if args.workload not in WORKLOADS:
+            raise UserError(f"--workload {args.workload}: expected one of {', '.join(WORKLOADS)} or all")
+        result = run_workload(args)
+        print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+        return result
+    impls = ["minipost"]
+    if args.compare == "trl":
+        try:
+            import transformers, trl  # noqa: F401,E401
+        except ImportError:
+            print("--compare trl needs TRL and transformers, which minipost itself never imports:\n"
+                  "    pip install trl transformers")
+            return {}
+        impls.append("trl")
+    jobs = [(w,) for w in WORKLOADS]
+    jobs.insert(4, ("W3", "--precompute-ref"))
+    results = {}
+    for job in jobs:
+        for _ in range(args.repeats):
+            for impl in impls:     # sides interleaved, so both see the same machine load
+                if impl == "trl" and job[1:] == ("--precompute-ref",):
+                    continue
+                print(f"running {job[0]} {' '.join(job[1:])} ({impl})", file=sys.stderr, flush=True)
+                results.setdefault((job, impl), []).append(subprocess_run(args, job[0], impl, job[1:]))
+    device = results[(jobs[0], "minipost")][0]["device"]
+    print(f"\n`python bench.py{' --compare trl' if len(impls) == 2 else ''}` on {device}, "
+          f"{args.threads} threads, torch {torch.__version__}; {args.steps} timed steps after "
+          f"{args.warmup} warm-up, median; runs separated by ' / '.\n")
+    print(table(results, impls))
+    return {f"{job[0]}{''.join(job[1:])}:{impl}": runs for (job, impl), runs in results.items()}
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(parse_args(Args, description=__doc__))
