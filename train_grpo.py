@@ -38,6 +38,7 @@ from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
 from minipost.generate import generate
 from minipost.grpo import group_advantages, grpo_loss
 from minipost.optim import make_optimizer
+from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.rollout import completion_logps
 from minipost.tokenizer import load_tokenizer
 
@@ -84,6 +85,7 @@ class Args:
     lora_dropout: float = 0.0       # dropout on the LoRA input (0 keeps the first ratio at 1)
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
     adapter_dim: int = 16           # bottleneck width of --peft adapter
+    merge: bool = False             # --peft lora: also save the merged model to out_dir/merged
 
 
 # ---------------------------------------------------------------------------- rollout
@@ -210,26 +212,11 @@ def reference_logps(ref_model, model, mbs, args):
     if ref_model is None:
         return None
     if ref_model == "disable_adapters":
-        from minipost.lora import disable_adapters
-        with disable_adapters(model):
+        with reference_off(model):
             return [completion_logps(model, mb["input_ids"], mb["attention_mask"], prompt_len(mb),
                                      args.temperature) for mb in mbs]
     return [completion_logps(ref_model, mb["input_ids"], mb["attention_mask"], prompt_len(mb),
                              args.temperature) for mb in mbs]
-
-
-def add_peft(model, args):
-    """LoRA or bottleneck adapters on the policy (the base stays frozen)."""
-    if args.peft == "lora":
-        from minipost.lora import apply_lora
-        return apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout,
-                          targets=args.lora_targets.split(","))
-    if args.peft == "adapter":
-        from minipost.adapters import apply_adapters
-        return apply_adapters(model, args.adapter_dim)
-    if args.peft != "none":
-        raise UserError(f"--peft {args.peft!r}: expected none, lora or adapter")
-    return model
 
 
 def main(args: Args):
@@ -241,6 +228,8 @@ def main(args: Args):
                         f"{rt.world_size} processes")
     if args.scale_rewards not in ("std", "none") or args.loss_type not in ("grpo", "dapo", "dr_grpo"):
         raise UserError("--scale-rewards is std|none and --loss-type grpo|dapo|dr_grpo")
+    if args.peft not in ("none", "lora", "adapter") or (args.merge and args.peft != "lora"):
+        raise UserError("--peft is none|lora|adapter, and --merge needs --peft lora")
     if args.temperature <= 0 or args.group_size < 2:
         raise UserError("GRPO needs --temperature > 0 and --group-size >= 2")
 
@@ -261,8 +250,7 @@ def main(args: Args):
         optimizer, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)))
     train_model = DDP(model) if rt.world_size > 1 else model
     if rt.is_main:
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"policy {args.init}: {n_train:,} trainable parameters; reference: "
+        print(f"policy {args.init} (peft={args.peft}, {trainable_summary(model)}); reference: "
               f"{'none (beta=0)' if ref_model is None else 'frozen'}; {len(pool)} train prompts")
 
     # ------------------------------------------------------------------------ eval
@@ -358,17 +346,10 @@ def main(args: Args):
     # ------------------------------------------------------------------------ save
     if rt.is_main:
         write_results(args.out_dir, "grpo", final)
-        if args.peft == "lora":
-            from minipost.lora import merge_lora, save_lora
-            save_lora(model, f"{args.out_dir}/adapter", base_model_name_or_path=args.init)
-            merge_lora(model)
-        elif args.peft == "adapter":
-            from minipost.adapters import save_adapters
-            save_adapters(model, f"{args.out_dir}/adapter", base_model_name_or_path=args.init)
-        if args.peft != "adapter":   # a merged LoRA or full policy, loadable as a plain model
-            save_model(model, args.out_dir, tokenizer,
-                       extra_config={"minipost": {"stage": "grpo", "args": asdict(args),
-                                                  "results": final}})
+        save_peft(model, args.out_dir, args.peft, args.merge, tokenizer,
+                  base_model_name_or_path=args.init,
+                  extra_config={"minipost": {"stage": "grpo", "args": asdict(args),
+                                             "results": final}})
         print(f"saved the GRPO policy to {args.out_dir}")
     dist.cleanup()
     return final

@@ -136,11 +136,12 @@ def test_train_grpo_end_to_end_lora_with_kl(tiny_sft_dir, tmp_path):
     train_grpo.main(train_grpo.Args(init=tiny_sft_dir, out_dir=str(out), peft="lora", lora_r=2,
                                     beta=0.04, dynamic_sampling=False, mask_truncated=True,
                                     loss_type="grpo", scale_rewards="none", format_reward=0.5,
+                                    merge=True,
                                     **TINY))
-    assert (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "adapter_config.json").exists() and (out / "merged" / "config.json").exists()
     train = [x for x in read_metrics(out) if "reward/mean" in x]
     assert all("kl" in x for x in train)
-    load_model(out)                                          # merged: a plain checkpoint
+    load_model(out)                                # --init of a LoRA output: base + adapter, merged
 
 
 def test_missing_init_names_the_command(tmp_path):
