@@ -1,0 +1,214 @@
+"""train_ppo.py and the PPO rollout pieces it wires together, on tiny models."""
+import json
+
+import pytest
+import torch
+
+from minipost.checkpoint import load_model, save_model
+from minipost.generate import generate
+from minipost.model import GPT, GPTConfig, ScoreModel
+from minipost.peft import add_peft, reference_off
+from minipost.ppo import gae, kl_shaped_rewards, ppo_policy_loss, whiten
+from minipost.rollout import completion_logps, completion_values, sequence_scores
+
+CFG = GPTConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, eos_token_id=2, pad_token_id=3)
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [17, 18, 19]]
+T = 0.7
+
+
+def tiny_policy(seed=0):
+    torch.manual_seed(seed)
+    return GPT(CFG).eval()
+
+
+def sample(policy, n=10, eos=2, seed=0):
+    return generate(policy, PROMPTS, n, temperature=T, eos_token_id=eos, pad_token_id=3,
+                    generator=torch.Generator().manual_seed(seed))
+
+
+def test_score_sits_on_the_eos_position():
+    torch.manual_seed(0)
+    reward_model = ScoreModel(CFG).eval()
+    torch.nn.init.normal_(reward_model.score.weight)
+    # pick as "EOS" a token that first appears at different places in several rows, so the
+    # completions (same seed, same draws until they stop) end at different lengths
+    free = sample(tiny_policy(), n=12, eos=None)
+    firsts = {}
+    for row in free.completion_ids.tolist():
+        for tok in set(row):
+            firsts.setdefault(tok, set()).add(row.index(tok))
+    eos = max(firsts, key=lambda tok: len(firsts[tok]))
+    g = sample(tiny_policy(), n=12, eos=eos)
+    assert (~g.truncated).any() and g.completion_mask.sum(1).unique().numel() > 1
+    seq, attention_mask = g.sequences
+    with torch.no_grad():
+        scores = sequence_scores(reward_model, seq, attention_mask)
+    token_rewards = kl_shaped_rewards(torch.zeros_like(g.logps), torch.zeros_like(g.logps), scores,
+                                      g.completion_mask.float(), kl_coef=0.1)
+    for i, prompt in enumerate(PROMPTS):
+        comp = g.completion_ids[i][g.completion_mask[i]].tolist()
+        if g.truncated[i]:
+            continue
+        eos_at = comp.index(eos)
+        assert eos_at == len(comp) - 1                      # the completion ends at its first EOS
+        with torch.no_grad():                               # the score of the unpadded sequence
+            alone = reward_model(torch.tensor([prompt + comp]))[0, -1]
+        torch.testing.assert_close(scores[i], alone, atol=1e-5, rtol=0)
+        assert token_rewards[i].nonzero().flatten().tolist() == [eos_at]
+        assert token_rewards[i, eos_at] == scores[i]
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_first_minibatch_ratio_is_one(peft):
+    policy = add_peft(tiny_policy(), peft, lora_r=4, lora_alpha=8)
+    if peft == "lora":   # a non-zero LoRA update, so policy != reference
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+    g = sample(policy)
+    seq, attention_mask = g.sequences
+    P = g.prompt_ids.shape[1]
+    with torch.no_grad():
+        old_logps = completion_logps(policy, seq, attention_mask, P, T)
+    j = torch.tensor([3, 1])                                 # a shuffled minibatch of two rows
+    logps = completion_logps(policy, seq[j], attention_mask[j], P, T)
+    adv = torch.randn(logps.shape)
+    _, stats = ppo_policy_loss(logps, old_logps[j], adv, g.completion_mask[j].float())
+    assert stats["policy/ratio_max_dev"] < 1e-5
+    assert stats["policy/clipfrac"] == 0
+    if peft == "lora":   # the reference (adapters off) differs from the policy
+        with torch.no_grad(), reference_off(policy):
+            ref_logps = completion_logps(policy, seq, attention_mask, P, T)
+        assert (ref_logps - old_logps)[g.completion_mask].abs().max() > 1e-3
+
+
+def test_one_ppo_iteration_on_fixed_rollouts_lowers_the_surrogate_loss():
+    policy = tiny_policy()
+    g = sample(policy, n=12, eos=None)
+    seq, attention_mask = g.sequences
+    P = g.prompt_ids.shape[1]
+    mask = g.completion_mask.float()
+    with torch.no_grad():
+        old_logps = completion_logps(policy, seq, attention_mask, P, T)
+    scores = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    rewards = kl_shaped_rewards(old_logps, old_logps, scores, mask, 0.05)
+    advantages, _ = gae(rewards, torch.zeros_like(rewards), mask, 1.0, 0.95)
+    advantages = whiten(advantages, mask)
+
+    def surrogate():
+        return ppo_policy_loss(completion_logps(policy, seq, attention_mask, P, T), old_logps,
+                               advantages, mask)[0]
+
+    with torch.no_grad():
+        before = surrogate().item()
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    for _ in range(4):                                       # K = 4 epochs of 2 minibatches
+        for j in torch.randperm(4).split(2):
+            loss, _ = ppo_policy_loss(completion_logps(policy, seq[j], attention_mask[j], P, T),
+                                      old_logps[j], advantages[j], mask[j])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        after = surrogate().item()
+    assert before == pytest.approx(0.0, abs=1e-6)            # whitened advantages, ratio 1
+    assert after < before - 1e-3
+
+
+def test_value_model_initialised_from_the_reward_model_outputs_its_values(tmp_path):
+    torch.manual_seed(0)
+    rm = ScoreModel(CFG).eval()
+    torch.nn.init.normal_(rm.score.weight)
+    save_model(rm, tmp_path / "rm")
+    value_model = load_model(tmp_path / "rm", head="score").eval()
+    g = sample(tiny_policy())
+    seq, attention_mask = g.sequences
+    P = g.prompt_ids.shape[1]
+    with torch.no_grad():
+        values = completion_values(value_model, seq, attention_mask, P)
+        expected = rm(seq, attention_mask)[:, P - 1:-1]
+        fresh = completion_values(ScoreModel.from_lm(tiny_policy()), seq, attention_mask, P)
+    m = g.completion_mask
+    torch.testing.assert_close(values[m], expected[m], atol=0, rtol=0)
+    assert values[m].abs().min() > 0 and (fresh == 0).all()     # --value-init policy: zero head
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def tiny_rm_dir(tiny_sft_dir, tmp_path_factory):
+    torch.manual_seed(0)
+    rm = load_model(tiny_sft_dir, head="score")
+    torch.nn.init.normal_(rm.score.weight, std=0.1)
+    path = tmp_path_factory.mktemp("rm") / "rm"
+    save_model(rm, path)
+    return str(path)
+
+
+def tiny_args(tiny_sft_dir, tiny_rm_dir, out, **kw):
+    import train_ppo
+    base = dict(init=tiny_sft_dir, reward_model=tiny_rm_dir, out_dir=str(out), n_prompts=40,
+                batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=8, max_steps=2,
+                eval_every=1, eval_problems=4, eval_rm_problems=4, threads=1, device="cpu")
+    return train_ppo.Args(**{**base, **kw})
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_train_ppo_end_to_end(tiny_sft_dir, tiny_rm_dir, tmp_path, peft):
+    import train_ppo
+    out = tmp_path / "ppo"
+    res = train_ppo.main(tiny_args(tiny_sft_dir, tiny_rm_dir, out, peft=peft, target_kl=0.1))
+    assert res["iterations"] == 2 and 0 <= res["accuracy"] <= 1
+    assert res["kl_coef"] != 0.05                            # the adaptive controller moved β
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    it = [r for r in logs if "policy/clipfrac" in r]
+    assert len(it) == 2
+    for key in ("reward/mean", "gold/mean", "kl", "entropy", "policy/approx_kl",
+                "value/clipfrac", "value/explained_variance", "completion_length", "no_eos"):
+        assert key in it[0]
+    assert it[0]["policy/ratio_first_max_dev"] < 1e-4
+    assert [r["step"] for r in logs if "eval/accuracy" in r] == [0, 1, 2]
+    assert json.loads((out / "results.json").read_text())["stage"] == "ppo"
+    if peft == "none":
+        policy = load_model(out)
+        assert policy.config.vocab_size > 0
+    else:
+        assert (out / "adapter_config.json").exists()
+        load_model(out)                                      # a LoRA output loads, merged
+
+
+def test_train_ppo_gold_reward_needs_no_reward_model(tiny_sft_dir, tmp_path):
+    import train_ppo
+    res = train_ppo.main(tiny_args(tiny_sft_dir, str(tmp_path / "none"), tmp_path / "ppo",
+                                   reward="gold", value_init="policy", max_steps=1,
+                                   mask_truncated=True, eval_every=0))
+    assert res["iterations"] == 1 and res["reward"] is None
+
+
+def test_missing_reward_model_names_the_command(tiny_sft_dir, tmp_path):
+    import train_ppo
+    from minipost.cli import UserError
+    with pytest.raises(UserError, match="train_rm.py"):
+        train_ppo.main(tiny_args(tiny_sft_dir, str(tmp_path / "no_rm"), tmp_path / "ppo"))
+
+
+@pytest.mark.slow
+def test_train_ppo_under_torchrun_two_processes(tiny_sft_dir, tiny_rm_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = tiny_args(tiny_sft_dir, tiny_rm_dir, tmp_path / "ddp", peft="lora")
+    flags = []
+    for k in ("init", "reward_model", "out_dir", "n_prompts", "batch_size", "mini_batch_size",
+              "max_new_tokens", "max_steps", "eval_problems", "eval_rm_problems", "peft"):
+        flags += ["--" + k.replace("_", "-"), str(getattr(args, k))]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29531", "train_ppo.py", "--device", "cpu",
+                        "--threads", "1", *flags], cwd=root, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "ddp" / "adapter_model.safetensors").exists()
+    logs = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert len([x for x in logs if '"policy/clipfrac"' in x]) == 2   # only rank 0 writes

@@ -1,0 +1,299 @@
+"""Stage 4: PPO against a learned reward model, the RL step of RLHF (Ouyang et al. 2022, arXiv
+2203.02155), with the details of Huang et al. 2024 ("The N+ implementation details of RLHF with
+PPO", arXiv 2403.17031).
+
+    python train_ppo.py                      # out/sft (policy) + out/rm (reward) -> out/ppo
+    python train_ppo.py --reward gold        # optimise the verifier instead, for comparison
+    python train_ppo.py --peft lora --lr 1e-3
+    torchrun --nproc_per_node 2 train_ppo.py --device cpu --threads 1
+
+Each iteration samples B prompts and one completion each with the KV cache at temperature T, then,
+with no grad: old log-probs log π_old(a_t) from one full forward on logits / T (PITFALLS 15),
+reference log-probs, values V(s_t) and the score r(x, y) of the reward model at the EOS (PITFALLS
+8, 19). Per-token rewards are r_t = −β·(log π_old − log π_ref) plus the score on the last token
+(Ziegler et al. 2019, arXiv 1909.08593); a completion without EOS loses `--missing-eos-penalty`
+(or leaves the loss with `--mask-truncated`). GAE gives advantages and returns; advantages are
+whitened over the batch's real tokens. Then K epochs over shuffled minibatches of the clipped
+policy loss and the clipped value loss (Schulman et al. 2017, arXiv 1707.06347), gradient clipping,
+and, with `--target-kl`, the adaptive β of Ziegler et al. The first minibatch of every update must
+have ratio 1 (PITFALLS 16): checked at run time. The models stay in eval mode (no dropout anywhere),
+as TRL does for PPO, so rollout and update compute the same function.
+
+The value model starts from the reward model (Stiennon et al. 2020), or with `--value-init policy`
+from the policy's decoder with a zero head (PITFALLS 7). The reference is a frozen copy of the
+policy; with `--peft` it is the policy with its adapters switched off, so no copy is made. Under
+torchrun each process rolls out its share of the prompts and whitens its own advantages.
+"""
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from minipost import dist, tasks
+from minipost.checkpoint import load_model
+from minipost.cli import (Metrics, UserError, parse_args, peak_rss_mb, require_checkpoint, setup,
+                          user_errors, write_results)
+from minipost.data import load_jsonl
+from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
+from minipost.generate import generate
+from minipost.model import ScoreModel
+from minipost.optim import make_optimizer
+from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
+from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped_rewards,
+                          masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
+from minipost.rollout import completion_logps, completion_values, gold_rewards, sequence_scores
+from minipost.tokenizer import load_tokenizer
+
+
+# ---------------------------------------------------------------------------- Args
+@dataclass
+class Args:
+    init: str = "out/sft"           # policy to start from (the SFT model), any HF-format directory
+    reward_model: str = "out/rm"    # reward model (a *ForSequenceClassification directory)
+    out_dir: str = "out/ppo"        # where the trained policy, metrics.jsonl and results.json go
+    data: str = ""                  # RL prompts JSONL ({"prompt", "answer"}); "" = built-in task
+    difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the built-in prompts and the evaluation
+    n_prompts: int = 20000          # built-in training prompts in the pool
+    reward: str = "model"           # model: the reward model's score | gold: the verifier's 0/1
+    value_init: str = "reward"      # reward: value model = the reward model | policy: zero head
+    batch_size: int = 32            # B: prompts (one completion each) per iteration, all ranks
+    mini_batch_size: int = 8        # completions per optimiser step (all ranks)
+    ppo_epochs: int = 4             # K: passes over each rollout batch
+    temperature: float = 0.7        # rollout sampling temperature (log-probs use logits / T)
+    max_new_tokens: int = 64        # completion budget; no EOS by then = truncated
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a completion without EOS
+    mask_truncated: bool = False    # leave completions without EOS out of the loss instead
+    kl_coef: float = 0.05           # β: per-token KL penalty −β·(log π − log π_ref)
+    target_kl: float = 0.0          # adaptive β towards this KL per completion (0 = fixed β)
+    kl_horizon: int = 10000         # time constant of the adaptive β controller, in completions
+    gamma: float = 1.0              # γ: discount
+    lam: float = 0.95               # λ: GAE
+    clip_eps: float = 0.2           # ε: policy ratio clipped to [1 − ε, 1 + ε]
+    clip_eps_value: float = 0.2     # value predictions clipped to V_old ± ε
+    max_steps: int = 150            # iterations (rollout + K epochs of updates)
+    max_minutes: float = 13.0       # stop training after this many minutes (0 = no limit)
+    lr: float = 3e-5                # policy learning rate (constant)
+    value_lr: float = 1e-4          # value model learning rate (constant)
+    weight_decay: float = 0.0       # AdamW weight decay on matrices
+    grad_clip: float = 1.0          # max gradient norm, per model (0 = off)
+    eval_every: int = 50            # held-out greedy accuracy every N iterations (0 = before/after)
+    eval_problems: int = 500        # held-out problems (evaluate.heldout_problems)
+    eval_rm_problems: int = 128     # held-out problems whose greedy answers the RM scores
+    seed: int = 0                   # seed for prompts and sampling
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    threads: int = 0                # CPU threads per process (0 = torch's default)
+    dtype: str = "float32"          # float32 | bfloat16: dtype the models are loaded in
+    peft: str = "none"              # none | lora | adapter: train only a PEFT module
+    lora_r: int = 8                 # LoRA rank r
+    lora_alpha: float = 16.0        # LoRA α (the update is scaled by α/r)
+    lora_dropout: float = 0.0       # LoRA dropout (unused here: PPO runs without dropout)
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
+    adapter_dim: int = 16           # bottleneck width of --peft adapter
+    merge: bool = False             # --peft lora: also save the merged model to out_dir/merged
+
+
+def main(args: Args):
+    rt = setup(args)
+    metrics = Metrics(args.out_dir, rt.is_main)
+    for name, value, choices in [("reward", args.reward, ("model", "gold")),
+                                 ("value-init", args.value_init, ("reward", "policy")),
+                                 ("peft", args.peft, ("none", "lora", "adapter")),
+                                 ("dtype", args.dtype, ("float32", "bfloat16"))]:
+        if value not in choices:
+            raise UserError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
+    W = rt.world_size
+    if args.batch_size % args.mini_batch_size or args.mini_batch_size % W:
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of --mini-batch-size "
+                        f"{args.mini_batch_size}, itself a multiple of the {W} processes")
+    B, mb = args.batch_size // W, args.mini_batch_size // W     # this rank's share
+
+    # ------------------------------------------------------------------------ data
+    require_checkpoint(args.init, "python train_sft.py")
+    tokenizer = load_tokenizer(args.init)
+    rows = (load_jsonl(args.data, "rl") if args.data else
+            tasks.rl_prompts(args.n_prompts, "train", tasks.Difficulty.from_str(args.difficulty),
+                             seed=args.seed))
+    prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in rows]
+    answers = [r["answer"] for r in rows]
+    heldout = heldout_problems(args.difficulty, args.eval_problems)
+
+    # ------------------------------------------------------------------------ models
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
+    policy = load_model(args.init, dtype, rt.device).eval()
+    need_rm = args.reward == "model" or args.value_init == "reward"
+    if need_rm:
+        require_checkpoint(args.reward_model, "python train_rm.py")
+    reward_model = None  # also loaded for --reward gold when present, to log its score
+    if need_rm or Path(args.reward_model, "config.json").exists():
+        reward_model = load_model(args.reward_model, dtype, rt.device, head="score").eval()
+        reward_model.requires_grad_(False)
+    value_model = (load_model(args.reward_model, dtype, rt.device, head="score")
+                   if args.value_init == "reward" else ScoreModel.from_lm(policy)).eval()
+    ref_model = None
+    if args.peft == "none":
+        ref_model = copy.deepcopy(policy).requires_grad_(False)
+    add_peft(policy, args)
+    add_peft(value_model, args, modules_to_save=("score",))
+    if rt.is_main:
+        print(f"policy: {trainable_summary(policy)}; value model: {trainable_summary(value_model)}")
+    opt_policy = make_optimizer(policy, args.lr, args.weight_decay)
+    opt_value = make_optimizer(value_model, args.value_lr, args.weight_decay)
+    train_policy = DDP(policy) if W > 1 else policy
+    train_value = DDP(value_model) if W > 1 else value_model
+
+    # ------------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def rollout(idx, kl_coef):
+        """Sample, score and compute every no-grad quantity of one batch of prompts."""
+        with rt.autocast():
+            g = generate(policy, [prompts[i] for i in idx], args.max_new_tokens,
+                         temperature=args.temperature, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+            seq, attention_mask = g.sequences                                   # (B, P + N)
+            P = g.prompt_ids.shape[1]
+            old_logps, entropy = completion_logps(policy, seq, attention_mask, P,
+                                                  args.temperature, with_entropy=True)
+            if ref_model is not None:
+                ref_logps = completion_logps(ref_model, seq, attention_mask, P, args.temperature)
+            else:
+                with reference_off(policy):
+                    ref_logps = completion_logps(policy, seq, attention_mask, P, args.temperature)
+            values = completion_values(value_model, seq, attention_mask, P)        # (B, N)
+            rm_scores = (sequence_scores(reward_model, seq, attention_mask)
+                         if reward_model is not None else None)                      # (B,) at EOS
+        gold = gold_rewards(tokenizer, g.completion_ids, g.completion_mask, [answers[i] for i in idx])
+        loss_mask = g.completion_mask.float()                                       # (B, N)
+        truncated = g.truncated.float()
+        scores = (rm_scores if args.reward == "model" else gold) - args.missing_eos_penalty * truncated
+        if args.mask_truncated:
+            loss_mask = loss_mask * (1 - truncated)[:, None]
+        token_rewards = kl_shaped_rewards(old_logps, ref_logps, scores, loss_mask, kl_coef)
+        advantages, returns = gae(token_rewards, values, loss_mask, args.gamma, args.lam)
+        advantages = whiten(advantages, loss_mask)
+        m = g.completion_mask
+        kl = ((old_logps - ref_logps) * m).sum(1)                                    # (B,) per completion
+        stats = {"reward/mean": rm_scores.mean() if rm_scores is not None else torch.tensor(math.nan),
+                 "gold/mean": gold.mean(), "kl": kl.mean(),
+                 "rlhf_reward": (scores - kl_coef * kl).mean(),
+                 "entropy": masked_mean(entropy, m),
+                 "completion_length": m.float().sum(1).mean(), "no_eos": truncated.mean(),
+                 "value/explained_variance": explained_variance(values, returns, loss_mask),
+                 "rollout/logp_mismatch": ((old_logps - g.logps).abs() * m).max()}
+        batch = dict(seq=seq, attention_mask=attention_mask, old_logps=old_logps, values=values,
+                     advantages=advantages, returns=returns, loss_mask=loss_mask)
+        return batch, P, stats
+
+    # ------------------------------------------------------------------------ loss
+    def ppo_step(batch, j, P):
+        """Clipped policy + value loss on the rows `j` of a rollout batch; one optimiser step."""
+        with rt.autocast():
+            logps = completion_logps(train_policy, batch["seq"][j], batch["attention_mask"][j], P,
+                                     args.temperature)
+            values = completion_values(train_value, batch["seq"][j], batch["attention_mask"][j], P)
+        mask = batch["loss_mask"][j]
+        pg_loss, pg_stats = ppo_policy_loss(logps, batch["old_logps"][j], batch["advantages"][j],
+                                            mask, args.clip_eps)
+        vf_loss, vf_stats = ppo_value_loss(values, batch["values"][j], batch["returns"][j], mask,
+                                           args.clip_eps_value)
+        opt_policy.zero_grad(set_to_none=True)
+        opt_value.zero_grad(set_to_none=True)
+        (pg_loss + vf_loss).backward()   # two separate models: each loss reaches only its own
+        for model, opt in ((policy, opt_policy), (value_model, opt_value)):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+            opt.step()
+        return {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), **pg_stats,
+                **vf_stats}
+
+    def check_first_ratio(stats):
+        """PITFALLS 16: before any update, π_θ = π_old, so every ratio must be 1."""
+        tol = 1e-4 if policy.lm_head.weight.dtype == torch.float32 and rt.device.type == "cpu" else 5e-2
+        dev = float(stats["policy/ratio_max_dev"])
+        if not dev < tol:
+            raise RuntimeError(
+                f"first PPO minibatch: max |ratio - 1| = {dev:.3g} >= {tol:g}. The training forward "
+                "does not reproduce the rollout's log-probs (dropout, train/eval mode, dtype, "
+                "temperature or padding differ): PPO would be optimising noise.")
+
+    # ------------------------------------------------------------------------ eval
+    def evaluate(step):
+        res = evaluate_task(policy, tokenizer, heldout, autocast=rt.autocast)
+        out = {"step": step, "eval/accuracy": res["accuracy"],
+               "eval/accuracy_ci95": res["accuracy_ci95"], "eval/well_formed": res["well_formed"]}
+        if reward_model is not None and args.eval_rm_problems:   # RM score of greedy answers
+            mine = dist.shard(heldout[:args.eval_rm_problems])
+            with torch.no_grad(), rt.autocast():
+                g = generate(policy, [chat_prompt_ids(tokenizer, p["prompt"]) for p in mine],
+                             args.max_new_tokens, temperature=0.0,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                s = sequence_scores(reward_model, *g.sequences)
+            out["eval/reward"] = dist.all_reduce_mean({"r": float(s.mean())})["r"]
+        metrics.log(out, echo=True)
+        return out
+
+    # ------------------------------------------------------------------------ loop
+    before = evaluate(0)
+    gen = torch.Generator().manual_seed(args.seed)    # the same prompt order on every rank
+    order, pos = torch.randperm(len(prompts), generator=gen), 0
+    kl_coef, start, step = args.kl_coef, time.time(), 0
+    bar = tqdm(range(args.max_steps), disable=not rt.is_main, desc="ppo")
+    for step in bar:
+        if pos + args.batch_size > len(order):
+            order, pos = torch.randperm(len(prompts), generator=gen), 0
+        idx = order[pos:pos + args.batch_size][rt.rank * B:(rt.rank + 1) * B].tolist()
+        pos += args.batch_size
+        batch, P, roll_stats = rollout(idx, kl_coef)
+        upd = []
+        for epoch in range(args.ppo_epochs):
+            perm = torch.randperm(B, device=rt.device)
+            for s in range(0, B, mb):
+                upd.append(ppo_step(batch, perm[s:s + mb], P))
+                if epoch == 0 and s == 0:
+                    check_first_ratio(upd[0])
+        upd_stats = {k: torch.stack([u[k] for u in upd]).mean() for k in upd[0]}
+        upd_stats["policy/ratio_first_max_dev"] = upd[0]["policy/ratio_max_dev"]
+        m = dist.all_reduce_mean({k: float(v) for k, v in {**roll_stats, **upd_stats}.items()})
+        m.pop("policy/ratio_max_dev")
+        if args.target_kl > 0:
+            kl_coef = adaptive_kl_update(kl_coef, m["kl"], args.target_kl, args.batch_size,
+                                         args.kl_horizon)
+        metrics.log({"step": step + 1, **m, "kl_coef": kl_coef})
+        bar.set_postfix(rm=f"{m['reward/mean']:.2f}", gold=f"{m['gold/mean']:.2f}",
+                        kl=f"{m['kl']:.2f}", clip=f"{m['policy/clipfrac']:.2f}",
+                        ev=f"{m['value/explained_variance']:.2f}")
+        minutes = (time.time() - start) / 60
+        if args.max_minutes and dist.all_reduce_mean({"t": minutes})["t"] > args.max_minutes:
+            break
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
+            evaluate(step + 1)
+    train_time = time.time() - start
+    iterations = step + 1 if args.max_steps else 0
+
+    final = evaluate(iterations)
+    results = {"iterations": iterations, "train_minutes": train_time / 60,
+               "seconds_per_iteration": train_time / max(iterations, 1),
+               "accuracy_before": before["eval/accuracy"], "accuracy": final["eval/accuracy"],
+               "accuracy_ci95": final["eval/accuracy_ci95"], "well_formed": final["eval/well_formed"],
+               "reward_before": before.get("eval/reward"), "reward": final.get("eval/reward"),
+               "kl": m["kl"] if iterations else 0.0, "kl_coef": kl_coef, "peak_rss_mb": peak_rss_mb()}
+    metrics.log(results, echo=True)
+
+    # ------------------------------------------------------------------------ save
+    if rt.is_main:
+        write_results(args.out_dir, "ppo", results)
+        save_peft(policy, args.out_dir, args.peft, args.merge, tokenizer,
+                  base_model_name_or_path=args.init,
+                  extra_config={"minipost": {"stage": "ppo", "args": asdict(args),
+                                             "results": results}})
+        print(f"saved the PPO policy to {args.out_dir}")
+    dist.cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(parse_args(Args, description=__doc__))
