@@ -149,3 +149,22 @@ def test_missing_init_names_the_command(tmp_path):
     with pytest.raises(UserError, match="train_sft.py"):
         train_grpo.main(train_grpo.Args(init=str(tmp_path / "nope"), out_dir=str(tmp_path / "o"),
                                         device="cpu", threads=1))
+
+
+@pytest.mark.slow
+def test_train_grpo_under_torchrun_two_processes(tiny_sft_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    flags = []
+    for k, v in {**TINY, "beta": 0.04, "mu": 2}.items():
+        flags += ["--" + k.replace("_", "-"), str(v)]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29531", "train_grpo.py", *flags, "--init", tiny_sft_dir,
+                        "--out-dir", str(tmp_path / "ddp")],
+                       cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "ddp" / "model.safetensors").exists()
+    lines = read_metrics(tmp_path / "ddp")
+    assert len([x for x in lines if x["step"] == 0]) == 1      # only rank 0 writes
