@@ -13,8 +13,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from minipost.checkpoint import CheckpointError, load_model, save_model  # noqa: E402
+from minipost.checkpoint import CheckpointError, config_from_hf, load_model, save_model  # noqa: E402
 from minipost.generate import generate  # noqa: E402
+from minipost.hf import export_state_dict  # noqa: E402
 from minipost.model import GPT, GPTConfig, ScoreModel  # noqa: E402
 
 V = 96
@@ -317,3 +318,47 @@ def test_weight_of_the_wrong_shape_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(CheckpointError, match=r"mlp\.\w+_proj\.weight has shape"):
         load_model(tmp_path)
+
+
+# ---------------------------------------------------------------- real models' config.json
+
+# The fields of the Hub config.json files that matter (docs/real_models.md quotes these counts).
+REAL_CONFIGS = {
+    "SmolLM2-135M-Instruct": (134_515_008, dict(
+        model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576,
+        intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        max_position_embeddings=8192, rope_theta=100000, rope_scaling=None, rms_norm_eps=1e-5,
+        hidden_act="silu", attention_bias=False, mlp_bias=False, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, torch_dtype="bfloat16")),
+    "Qwen2.5-0.5B-Instruct": (494_032_768, dict(
+        model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=151936,
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=True, use_sliding_window=False,
+        sliding_window=32768, max_window_layers=21, bos_token_id=151643, eos_token_id=151645,
+        torch_dtype="bfloat16")),
+    "Qwen3-0.6B": (596_049_920, dict(
+        model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936,
+        hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000,
+        rope_scaling=None, rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False,
+        tie_word_embeddings=True, use_sliding_window=False, bos_token_id=151643,
+        eos_token_id=151645, torch_dtype="bfloat16")),
+    "gpt2": (124_439_808, dict(
+        model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=50257, n_embd=768,
+        n_layer=12, n_head=12, n_positions=1024, n_ctx=1024, n_inner=None,
+        activation_function="gelu_new", layer_norm_epsilon=1e-5, bos_token_id=50256,
+        eos_token_id=50256)),
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_CONFIGS))
+def test_real_model_configs_map_to_transformers_parameter_count(name):
+    n_params, d = REAL_CONFIGS[name]
+    with torch.device("meta"):      # shapes only: no memory, no download
+        ours = GPT(config_from_hf(d))
+        hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**d))
+    exported = export_state_dict(ours.config, ours.state_dict())   # HF names (GPT-2: Conv1D)
+    assert {k: tuple(v.shape) for k, v in exported.items()} == {
+        k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    assert sum(p.numel() for p in ours.parameters()) == n_params
