@@ -295,7 +295,10 @@ def main(args: Args):
             batch["loss_mask"] = batch["loss_mask"] * (~batch["truncated"]).float()[:, None]
         batch = {k: v.to(rt.device) for k, v in batch.items()}
         mbs = micro_batches(batch, args.micro_batch_size)
-        normalizer = loss_normalizer(args.loss_type, batch["loss_mask"], args.max_new_tokens)
+        # the global denominator over ranks, divided by the world size that DDP's mean divides by
+        normalizer = dist.all_reduce_sum(torch.tensor(loss_normalizer(
+            args.loss_type, batch["loss_mask"], args.max_new_tokens), dtype=torch.float64))
+        normalizer = float(normalizer) / rt.world_size
         ref_logps = reference_logps(ref_model, model, mbs, args)
         gen_time = time.time() - t0
 
