@@ -275,12 +275,13 @@ def main(args: Args):
     while step < args.max_steps:
         t0 = time.time()
         # rollout: B/world groups per rank; dynamic sampling keeps groups whose rewards differ
-        keep, dropped, n_groups, n_zero = [], [], 0, 0
+        keep, dropped, sampled, n_zero = [], [], [], 0
         for _ in range(1 + (args.max_refills if args.dynamic_sampling else 0)):
             idx = torch.randint(len(pool), (per_rank,), generator=gen).tolist()
             r = rollout(model, tokenizer, [pool[i] for i in idx], args, gen, rt.autocast)
             spread = r["rewards"].view(-1, args.group_size).std(1) > 0          # (B,)
-            n_groups, n_zero = n_groups + len(spread), n_zero + int((~spread).sum())
+            sampled.append(r)          # all of it, for honest reward metrics
+            n_zero += int((~spread).sum())
             for gi in range(len(spread)):
                 sl = slice(gi * args.group_size, (gi + 1) * args.group_size)
                 group = {k: v[sl] for k, v in r.items()}
@@ -289,6 +290,7 @@ def main(args: Args):
                 break
         groups = (keep + dropped)[:per_rank]   # refills ran out: zero-spread groups fill the rest
         batch = cat_rollouts(groups)
+        lengths = batch["loss_mask"].sum(1)                                    # (B·G,)
         batch["advantages"] = group_advantages(batch["rewards"], args.group_size,
                                                None if args.scale_rewards == "none" else "std")
         if args.mask_truncated:
@@ -317,10 +319,11 @@ def main(args: Args):
             bar.update(1)
         train_time += time.time() - t0
 
-        lengths = batch["loss_mask"].sum(1).float()
+        rewards = torch.cat([r["rewards"] for r in sampled])   # every sampled completion
+        n_groups = len(rewards) // args.group_size
         m = dist.all_reduce_mean({
-            "reward/mean": batch["rewards"].mean(), "reward/std": batch["rewards"].std(),
-            "reward/sampled_accuracy": batch["correct"].mean(),
+            "reward/mean": rewards.mean(), "reward/std": rewards.std(),
+            "reward/sampled_accuracy": torch.cat([r["correct"] for r in sampled]).mean(),
             "frac_reward_zero_std": n_zero / n_groups, "groups_sampled": n_groups,
             "completions/mean_length": lengths.mean(),
             "completions/clipped_ratio": batch["truncated"].float().mean(),
