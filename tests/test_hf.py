@@ -362,3 +362,52 @@ def test_real_model_configs_map_to_transformers_parameter_count(name):
     assert {k: tuple(v.shape) for k, v in exported.items()} == {
         k: tuple(v.shape) for k, v in hf.state_dict().items()}
     assert sum(p.numel() for p in ours.parameters()) == n_params
+
+
+# ---------------------------------------------------------------- a stage script on an HF checkpoint
+
+def qwen_style_init(path):
+    """A tiny HF Qwen2 checkpoint in bf16 with a Qwen-style tokenizer config (bos null)."""
+    from minipost import tasks
+    from minipost.tokenizer import train_tokenizer
+    tok = train_tokenizer(tasks.pretrain_corpus(300), vocab_size=300)
+    cfg = hf_config("qwen2")
+    cfg.vocab_size, cfg.bos_token_id, cfg.pad_token_id = 320, None, 0   # padded vocab, as Qwen's
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(path)
+    tok.save(str(path))
+    tc = json.loads((path / "tokenizer_config.json").read_text())
+    tc.update(bos_token=None, pad_token="<|endoftext|>", tokenizer_class="Qwen2Tokenizer")
+    (path / "tokenizer_config.json").write_text(json.dumps(tc))
+    return path
+
+
+SFT_TINY = dict(max_steps=3, batch_size=4, n_train=40, eval_every=0, eval_problems=0,
+                eval_chats=4, eval_quick=0, threads=1, device="cpu", warmup_steps=1, max_length=128)
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_train_sft_post_trains_an_hf_checkpoint_that_transformers_then_loads(peft, tmp_path):
+    # docs/real_models.md: `--init DIR --dtype bfloat16`, then AutoModelForCausalLM / PeftModel
+    import train_sft
+    init = qwen_style_init(tmp_path / "init")
+    out = tmp_path / "sft"
+    train_sft.main(train_sft.Args(init=str(init), out_dir=str(out), dtype="bfloat16", peft=peft,
+                                  lr=1e-2, **SFT_TINY))
+    ours = load_model(out, dtype=torch.float32).eval()   # a LoRA output loads merged
+    if peft == "lora":
+        peft_lib = pytest.importorskip("peft")
+        base = transformers.AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+        hf = peft_lib.PeftModel.from_pretrained(base, str(out)).eval()
+    else:
+        assert transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == (
+            torch.bfloat16)                                # the dtype it was trained in
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids, mask = batch()
+    with torch.no_grad():
+        got, want = ours(ids, attention_mask=mask), hf_logits(hf, ids, mask).float()
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=0)
+    with torch.no_grad():                                # and training did change the model
+        before = load_model(init, dtype=torch.float32).eval()(ids, attention_mask=mask)
+    assert (got - before)[real].abs().max() > 1e-2
