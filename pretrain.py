@@ -24,6 +24,7 @@ from minipost.cli import (Metrics, UserError, difficulty_arg, parse_args, peak_r
 from minipost.evaluate import evaluate_base
 from minipost.model import GPT, GPTConfig
 from minipost.optim import cosine_schedule, make_optimizer
+from minipost.resume import GracefulStop, check_finite, load_checkpoint, save_checkpoint
 from minipost.tokenizer import train_tokenizer
 
 
@@ -54,11 +55,15 @@ class Args:
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     threads: int = 0                # CPU threads per process (0 = torch's default)
     compile: bool = False           # torch.compile the model
+    save_every: int = 100           # write a resume checkpoint every N steps (0 = only on stop)
+    keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
+    resume: str = ""                # resume from this run directory (or one of its checkpoints)
+    skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
 
 
 def main(args: Args):
     rt = setup(args)
-    metrics = Metrics(args.out_dir, rt.is_main)
+    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
     if args.batch_size % rt.world_size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the "
                         f"{rt.world_size} processes")
@@ -116,9 +121,27 @@ def main(args: Args):
     # ------------------------------------------------------------------------ loop
     gen = torch.Generator().manual_seed(args.seed)   # the same data order on every rank
     order = torch.randperm(len(train), generator=gen)
+    start_step, skipped = 0, 0
+    if args.resume:
+        state = load_checkpoint(args.resume, model, optimizer, scheduler)
+        start_step, skipped = state["step"], state["extra"]["skipped"]
+        gen.set_state(state["data"]["generator"])
+        order = state["data"]["order"]
+        metrics.drop_from(start_step)
+        if rt.is_main:
+            print(f"resumed from {state['path']} at step {start_step}")
+
+    def checkpoint(step):
+        if rt.is_main:
+            save_checkpoint(args.out_dir, step, model, optimizer, scheduler,
+                            {"generator": gen.get_state(), "order": order},
+                            {"skipped": skipped}, keep=args.keep)
+
     per_rank = args.batch_size // rt.world_size
+    stop = GracefulStop()
     start = time.time()
-    bar = tqdm(range(args.max_steps), disable=not rt.is_main, desc="pretrain")
+    bar = tqdm(range(start_step, args.max_steps), disable=not rt.is_main, desc="pretrain",
+               initial=start_step, total=args.max_steps)
     for step in bar:
         pos = (step * args.batch_size) % len(train)
         if pos + args.batch_size > len(train):         # a new epoch, a new order
@@ -128,17 +151,30 @@ def main(args: Args):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
-        optimizer.step()
+        if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
+            if not args.skip_nonfinite:
+                check_finite(step, loss=loss, grad_norm=gnorm)
+            skipped += 1                                # the step is dropped, weights untouched
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
         scheduler.step()
         if step % 10 == 0 or step == args.max_steps - 1:
             m = dist.all_reduce_mean({"loss": loss.item()})
             bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             metrics.log({"step": step, "loss": m["loss"], "grad_norm": float(gnorm),
-                         "lr": scheduler.get_last_lr()[0]})
+                         "lr": scheduler.get_last_lr()[0], "skipped": skipped})
         if (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             metrics.log({"step": step + 1, "eval/loss": held_out_loss()}, echo=True)
+        if (args.save_every and (step + 1) % args.save_every == 0) or stop.requested:
+            checkpoint(step + 1)
+            if stop.requested:
+                print(f"stopped at step {step + 1}; resume with --resume {args.out_dir}")
+                dist.cleanup()
+                return {"stopped_at": step + 1}
+    stop.restore()
     train_time = time.time() - start
-    tokens_per_s = args.max_steps * args.batch_size * args.seq_len / train_time
+    tokens_per_s = (args.max_steps - start_step) * args.batch_size * args.seq_len / train_time
 
     # ------------------------------------------------------------------------ eval
     final = {"step": args.max_steps, "eval/loss": held_out_loss(),

@@ -134,6 +134,13 @@ class Metrics:
             if not append and self.path.exists():
                 self.path.unlink()
 
+    def drop_from(self, step: int):
+        """On resume: drop lines of steps >= `step`, logged after the checkpoint by the killed run."""
+        if self.is_main and self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if json.loads(ln).get("step", -1) < step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+
     def log(self, record: dict, echo: bool = False):
         if not self.is_main:
             return
