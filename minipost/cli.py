@@ -123,19 +123,27 @@ def setup(args) -> Runtime:
 
 
 class Metrics:
-    """Append-only `metrics.jsonl` in the output directory (rank 0 only), plus printed lines."""
+    """Append-only `metrics.jsonl` in the output directory (rank 0 only), plus printed lines.
+
+    Nothing is touched until the first `log`: a run that stops on bad input before training
+    leaves the output directory as it was.
+    """
 
     def __init__(self, out_dir, is_main: bool = True, append: bool = False):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.is_main = is_main
         self.t0 = time.time()
-        if is_main:
+        self.fresh = not append          # the previous run's file is replaced at the first log
+
+    def _open(self):
+        if self.fresh:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if not append and self.path.exists():
-                self.path.unlink()
+            self.path.unlink(missing_ok=True)
+            self.fresh = False
 
     def drop_from(self, step: int):
         """On resume: drop lines of steps >= `step`, logged after the checkpoint by the killed run."""
+        self.fresh = False
         if self.is_main and self.path.exists():
             keep = [ln for ln in self.path.read_text().splitlines()
                     if json.loads(ln).get("step", -1) < step]
@@ -144,6 +152,7 @@ class Metrics:
     def log(self, record: dict, echo: bool = False):
         if not self.is_main:
             return
+        self._open()
         record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
         record.setdefault("time", round(time.time() - self.t0, 2))
         with open(self.path, "a") as f:
