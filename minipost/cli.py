@@ -41,10 +41,16 @@ def _field_help(cls) -> dict:
     return helps
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the flag, exit code 2 (argparse adds the usage)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(cls, argv=None, description: str | None = None):
     """Build an instance of dataclass `cls` from command-line flags."""
     helps = _field_help(cls)
-    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip(),
+    parser = _Parser(description=description or (cls.__doc__ or "").strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = {f.name: f.type for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
