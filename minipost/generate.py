@@ -86,7 +86,10 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0,
     out_logps = torch.zeros(B, max_new_tokens, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
-    logits = model(prompt_ids, attention_mask=prompt_mask, cache=cache)[:, -1]   # (B, V) prefill
+    # without left padding the model needs no mask: causal prefill, and each new token sees all
+    padded = not bool(prompt_mask.all())   # one host sync, before the loop
+    logits = model(prompt_ids, attention_mask=prompt_mask if padded else None,
+                   cache=cache)[:, -1]                                          # (B, V) prefill
     for t in range(max_new_tokens):
         if temperature == 0:
             logp = logits.float().log_softmax(-1)
@@ -105,8 +108,8 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0,
                 break
         if t + 1 < max_new_tokens:
             # finished rows keep decoding pad tokens (masked out); a batch is as slow as its longest row
-            logits = model(out_ids[:, t:t + 1], attention_mask=attention_mask[:, :P + t + 1],
-                           cache=cache)[:, -1]
+            logits = model(out_ids[:, t:t + 1], cache=cache,
+                           attention_mask=attention_mask[:, :P + t + 1] if padded else None)[:, -1]
     n = int(out_mask.sum(1).max()) if B else 0
     truncated = ~done if eos_token_id is not None else torch.ones(B, dtype=torch.bool, device=device)
     return Generation(prompt_ids, prompt_mask, out_ids[:, :n], out_mask[:, :n], out_logps[:, :n],

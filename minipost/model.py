@@ -149,9 +149,10 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                      # (B, H_kv, T_past+T, hd)
-        # is_causal is only right without a cache and without a mask (the fast path for training).
+        # No mask is the fast path: causal for a fresh sequence (training), and for one new token
+        # after a cache (decoding) nothing to hide, as it may see every cached key.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
             enable_gqa=cfg.num_key_value_heads != cfg.num_attention_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -208,7 +209,8 @@ class Decoder(nn.Module):
 
         input_ids: (B, T) new tokens. attention_mask: (B, T_past + T), 1 on real tokens, covering the
         cached tokens too when `cache` is given; a right-padded training batch may pass None, since
-        causal attention already keeps real tokens from seeing the padding after them.
+        causal attention already keeps real tokens from seeing the padding after them, and so may
+        a batch without padding (then SDPA runs its causal fast path, and decoding needs no mask).
         position_ids: (B, T), default from the mask. segment_ids: (B, T) document number within a
         packed row (pass restarting position_ids with them).
         """
@@ -220,8 +222,8 @@ class Decoder(nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
             else:  # left padding: a row's first real token is position 0
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        attn_mask = None
-        if attention_mask is not None or segment_ids is not None or past > 0:
+        attn_mask = None  # none needed without padding or packing, unless several new tokens follow a cache
+        if attention_mask is not None or segment_ids is not None or (past > 0 and T > 1):
             if attention_mask is None:
                 attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
             attn_mask = build_attn_mask(attention_mask, segment_ids, T, past + T)

@@ -81,6 +81,22 @@ def test_kv_cache_prefill_and_decode_equal_full_forward(name):
     torch.testing.assert_close(cached[1, 3:], full[1, 3:], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_kv_cache_without_mask_equals_full_forward(name):
+    # no padding: causal prefill and mask-free decode steps (the fast path generate takes)
+    model = make(name)
+    ids = torch.randint(4, 50, (2, 9))
+    full = model(ids)
+    cache = KVCache(model.config, 2, 16, torch.float64, "cpu")
+    steps = [model(ids[:, :5], cache=cache)]
+    steps += [model(ids[:, t:t + 1], cache=cache) for t in range(5, 9)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-6, rtol=0)
+    # several new tokens after a cache still get a causal mask among themselves
+    cache = KVCache(model.config, 2, 16, torch.float64, "cpu")
+    cached = torch.cat([model(ids[:, :5], cache=cache), model(ids[:, 5:], cache=cache)], dim=1)
+    torch.testing.assert_close(cached, full, atol=1e-6, rtol=0)
+
+
 def test_packed_documents_do_not_see_each_other():
     model = make("llama")
     a, b = torch.randint(4, 50, (5,)), torch.randint(4, 50, (4,))
