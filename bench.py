@@ -151,15 +151,19 @@ def train_step(model, optimizer, loss_fn, rt, clip=1.0):
     optimizer.zero_grad(set_to_none=True)
 
 
-def w0(args, cfg, rt, gen) -> list[dict]:
-    """Matmul ceiling, and a bare train loop: forward, cross-entropy on all tokens, AdamW."""
-    n = 1024
+def matmul_ceiling(args, rt, n=1024) -> dict:
+    """GFLOP/s of an n³ matmul: fp32 on the CPU, bf16 on a GPU (the dtype its workloads run in)."""
     mm_dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=rt.device, dtype=mm_dtype)
     b = torch.randn(n, n, device=rt.device, dtype=mm_dtype)
     times = time_steps(lambda: a @ b, dataclasses.replace(args, steps=max(args.steps, 20)), rt.device)
-    rows = [row(f"matmul {n}³ {str(mm_dtype)[6:]}", times, 2 * n ** 3 / 1e9, "GFLOP/s", 2 * n ** 3,
-                ceiling=True)]
+    return row(f"matmul {n}³ {str(mm_dtype)[6:]}", times, 2 * n ** 3 / 1e9, "GFLOP/s", 2 * n ** 3,
+               ceiling=True)
+
+
+def w0(args, cfg, rt, gen) -> list[dict]:
+    """Matmul ceiling, and a bare train loop: forward, cross-entropy on all tokens, AdamW."""
+    rows = [matmul_ceiling(args, rt)]
     model, optimizer = trained(GPT(cfg), args, rt)
     ids = random_ids(gen, cfg, 16, 256, device=rt.device)
 

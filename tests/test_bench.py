@@ -92,3 +92,12 @@ def test_compare_trl_without_trl_prints_how_to_install(capsys):
         pass
     assert bench.main(bench.Args(compare="trl")) == {}
     assert "pip install trl transformers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("workload", ["W0", "W1", "W4"])
+def test_trl_side_runs_tiny_when_trl_is_installed(workload):
+    pytest.importorskip("trl")
+    args = bench.Args(workload=workload, impl="trl", json=True, steps=1, warmup=0, tiny=True,
+                      threads=1)
+    result = bench.run_workload(args)
+    assert result["impl"] == "trl" and all(r["throughput"] > 0 for r in result["rows"])
