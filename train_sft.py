@@ -259,6 +259,11 @@ def main(args: Args):
                       "start/well_formed": start_eval["eval/well_formed"]})
     final["peak_rss_mb"] = peak_rss_mb()
     metrics.log(final, echo=True)
+    if rt.is_main and args.eval_problems:
+        print(f"held-out accuracy ({final['eval/n']} problems, greedy): "
+              f"{final['start/accuracy']:.3f} -> {final['eval/accuracy']:.3f} "
+              f"± {final['eval/accuracy_ci95']:.3f}; well-formed {final['start/well_formed']:.3f} "
+              f"-> {final['eval/well_formed']:.3f}; {final['train_minutes']:.1f} min of training")
 
     # ------------------------------------------------------------------------ save
     if rt.is_main:
