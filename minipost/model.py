@@ -299,12 +299,14 @@ def token_logprobs(logits, tokens):
     """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: (B, T, V), (B, T) -> (B, T-1).
 
     The log-prob of token t comes from the logits at t-1 (PITFALLS.md item 1). Computed in fp32 as
-    -cross_entropy, which never materialises the full log-softmax in the caller's dtype.
+    -cross_entropy, which never materialises the full log-softmax in the caller's dtype. The
+    targets are shifted rather than the logits: slicing `logits[:, :-1]` would copy all of them
+    (and again in the backward pass); the last column, scored against a wrapped-around token, is
+    dropped instead.
     """
-    logits = logits[:, :-1].float()                               # (B, T-1, V)
-    targets = tokens[:, 1:]                                       # (B, T-1)
-    return -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                            reduction="none").view(targets.shape)
+    targets = tokens.roll(-1, dims=1)                             # (B, T) the next token
+    logps = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return logps.view(tokens.shape)[:, :-1]                       # (B, T-1)
 
 
 def last_token_index(attention_mask):
