@@ -5,26 +5,17 @@
     python bench.py --compare trl           # the same workloads with TRL / transformers, and ratios
     python bench.py --device cuda           # on a GPU, with bf16 autocast
 
-Bench model: Llama-style, vocab 1024, hidden 256, SwiGLU 688, 6 layers, 8 heads, 4 KV heads, RoPE
-θ=10000, RMSNorm ε=1e-5, tied embeddings, fp32 weights, random init (seed 0), 2 CPU threads.
-Token ids are random (a benchmark of speed, not of learning). Warm-up steps are not timed; each row
-gives the median step time, the throughput, the peak RSS of its own process (so the imports,
-≈ the first few hundred MB, are in it) and the MFU against the W0 matmul ceiling of the same run.
-
-    W0  fp32 1024³ matmul (the ceiling) and a bare train loop (forward, cross-entropy, AdamW) 16×256
-    W1  SFT: 16 × (prompt 128 + completion 128), loss on the completion (sft.sft_loss), AdamW
-    W2  RM: 16 pairs × 128 tokens, chosen and rejected in one forward (ScoreModel.score_last, BT loss)
-    W3  DPO: 16 pairs, prompt 64 + completion 64 a side, a live reference model (no grad), or its
-        log-probs computed before timing (--precompute-ref)
-    W4  generation: 32 prompts × 32 tokens, 64 new tokens, temperature 1 and greedy, no EOS
-    W5  GRPO: 8 prompts × 8 samples, prompt 32, completion 64, one optimiser step per batch, β=0.04
-        with a reference model; the reward is a stand-in (share of even token ids)
-
-`--compare trl` needs `pip install trl transformers` (never a run-time dependency of minipost);
-its side is `bench_trl.py`.
+Bench model: Llama-style, vocab 1024, hidden 256, SwiGLU 688, 6 layers, 8 heads, 4 KV heads, tied,
+fp32, random init and random token ids (speed, not learning). Per workload (shapes in each docstring
+below; W0 ceiling + bare loop, W1 SFT, W2 RM, W3 DPO, W4 generation, W5 GRPO): the median step time
+after untimed warm-up, throughput, the peak RSS of its own process (imports included), and MFU
+against the W0 matmul ceiling of the same run. `--compare trl` (bench_trl.py) needs
+`pip install trl transformers`, never a run-time dependency of minipost.
 """
+import contextlib
 import dataclasses
 import json
+import platform
 import statistics
 import subprocess
 import sys
@@ -65,12 +56,12 @@ class Args:
 
 
 def bench_config(tiny: bool = False) -> GPTConfig:
-    if tiny:
-        return GPTConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    return GPTConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
-                     num_attention_heads=8, num_key_value_heads=4, rope_theta=10000.0,
-                     rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=512)
+    size = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2) if tiny else \
+        dict(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+             num_attention_heads=8, num_key_value_heads=4)
+    return GPTConfig(**size, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                     max_position_embeddings=512)
 
 
 # ---------------------------------------------------------------------------- FLOPs
@@ -108,9 +99,8 @@ def generation_flops(cfg: GPTConfig, B: int, P: int, new: int) -> int:
 
 
 # ---------------------------------------------------------------------------- timing
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def sync(device):  # wait for the GPU, so a step's time is its own
+    torch.cuda.synchronize(device) if device.type == "cuda" else None
 
 
 def time_steps(step, args, device) -> list[float]:
@@ -135,8 +125,7 @@ def row(name, times, work, unit, flops, **extra) -> dict:
 
 
 # ---------------------------------------------------------------------------- workloads
-def random_ids(gen, cfg, *shape, device):
-    """Random token ids, none of them special (ids below 4 are the tokenizer's specials)."""
+def random_ids(gen, cfg, *shape, device):  # ids below 4 are the tokenizer's special tokens
     return torch.randint(4, cfg.vocab_size, shape, generator=gen).to(device)
 
 
@@ -154,8 +143,7 @@ def train_step(model, optimizer, loss_fn, rt, clip=1.0):
 def matmul_ceiling(args, rt, n=1024) -> dict:
     """GFLOP/s of an n³ matmul: fp32 on the CPU, bf16 on a GPU (the dtype its workloads run in)."""
     mm_dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
-    a = torch.randn(n, n, device=rt.device, dtype=mm_dtype)
-    b = torch.randn(n, n, device=rt.device, dtype=mm_dtype)
+    a, b = torch.randn(2, n, n, device=rt.device, dtype=mm_dtype)
     times = time_steps(lambda: a @ b, dataclasses.replace(args, steps=max(args.steps, 20)), rt.device)
     return row(f"matmul {n}³ {str(mm_dtype)[6:]}", times, 2 * n ** 3 / 1e9, "GFLOP/s", 2 * n ** 3,
                ceiling=True)
@@ -237,9 +225,8 @@ def w3(args, cfg, rt, gen) -> list[dict]:
         return losses.mean()
 
     times = time_steps(lambda: train_step(model, optimizer, loss_fn, rt), args, rt.device)
-    flops = ids.numel() * flops_per_token(cfg, 128)
-    if precomputed is None:
-        flops += ids.numel() * flops_per_token(cfg, 128, train=False)
+    live_ref_flops = flops_per_token(cfg, 128, train=False) if precomputed is None else 0
+    flops = ids.numel() * (flops_per_token(cfg, 128) + live_ref_flops)
     name = "DPO 16 pairs, " + ("precomputed ref" if precomputed is not None else "live ref")
     return [row(name, times, 16, "pairs/s", flops)]
 
@@ -298,11 +285,11 @@ def w5(args, cfg, rt, gen) -> list[dict]:
             phases[k].append(dt)
 
     times = time_steps(step, args, rt.device)
-    N, T = 8 * G, P + C
-    flops = (generation_flops(cfg, N, P, C) + N * T * flops_per_token(cfg, T, train=False)
-             + N * T * flops_per_token(cfg, T))
-    split = {k: statistics.median(v[args.warmup:]) for k, v in phases.items()}
-    return [row("GRPO 8×8, 32+64", times, 1, "steps/s", flops, phases_s=split)]
+    N, T = 8 * G, P + C     # rollout, reference forward, training step
+    flops = generation_flops(cfg, N, P, C) + N * T * (flops_per_token(cfg, T, train=False)
+                                                      + flops_per_token(cfg, T))
+    return [row("GRPO 8×8, 32+64", times, 1, "steps/s", flops,
+                phases_s={k: statistics.median(v[args.warmup:]) for k, v in phases.items()})]
 
 
 # ---------------------------------------------------------------------------- run one workload
@@ -334,8 +321,8 @@ def subprocess_run(args, workload, impl, extra=()) -> dict:
 
 def table(results: dict, impls: list[str]) -> str:
     """Markdown table; `results[(job, impl)]` is a list of runs (repeats), each a workload's JSON."""
-    ceiling = [r["rows"][0]["flops_per_s"] for r in results.get((("W0",), "minipost"), [])]
-    ceiling = statistics.median(ceiling) if ceiling else None
+    w0_runs = results.get((("W0",), "minipost"), [])
+    ceiling = statistics.median(r["rows"][0]["flops_per_s"] for r in w0_runs) if w0_runs else None
     cols = ["workload", "what"] + [f"{i} {c}" for i in impls for c in ("step", "throughput",
                                                                         "MFU", "peak RSS")]
     if len(impls) == 2:
@@ -350,24 +337,22 @@ def table(results: dict, impls: list[str]) -> str:
                 f", {phase} {t:.2f} s" for phase, t in first.get("phases_s", {}).items())]
             tput = {}
             for impl in impls:
-                runs = results.get((job, impl), [])
-                rows = [r["rows"][k] for r in runs if k < len(r["rows"])]
+                runs = [r for r in results.get((job, impl), []) if k < len(r["rows"])]
+                rows = [r["rows"][k] for r in runs]
                 if not rows:
                     cells += ["—"] * 4
                     continue
                 tput[impl] = [r["throughput"] for r in rows]
-                is_ceiling = rows[0].get("ceiling")
-                cells.append(" / ".join(f"{r['step_s'] * 1e3:.1f} ms" if r['step_s'] < 1
-                                        else f"{r['step_s']:.2f} s" for r in rows))
-                cells.append(" / ".join(f"{t:,.0f}" if t >= 100 else f"{t:.3g}" for t in tput[impl])
-                             + f" {rows[0]['unit']}")
-                cells.append("—" if is_ceiling or not ceiling else
-                             " / ".join(f"{r['flops_per_s'] / ceiling:.0%}" for r in rows))
-                cells.append(" / ".join(f"{r['peak_rss_mb']:.0f} MB" for r in runs))
+                mfu = not rows[0].get("ceiling") and ceiling
+                cells += [" / ".join(f"{r['step_s'] * 1e3:.1f} ms" if r["step_s"] < 1
+                                     else f"{r['step_s']:.2f} s" for r in rows),
+                          " / ".join(f"{t:,.0f}" if t >= 100 else f"{t:.3g}" for t in tput[impl])
+                          + f" {rows[0]['unit']}",
+                          " / ".join(f"{r['flops_per_s'] / ceiling:.0%}" for r in rows) if mfu else "—",
+                          " / ".join(f"{r['peak_rss_mb']:.0f} MB" for r in runs)]
             if len(impls) == 2:
-                both = len(tput) == 2
                 cells.append(" / ".join(f"{a / b:.2f}×" for a, b in zip(tput["minipost"], tput["trl"]))
-                             if both else "—")
+                             if len(tput) == 2 else "—")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -375,7 +360,7 @@ def table(results: dict, impls: list[str]) -> str:
 def main(args: Args) -> dict:
     if args.workload != "all":
         if args.workload not in WORKLOADS:
-            raise UserError(f"--workload {args.workload}: expected one of {', '.join(WORKLOADS)} or all")
+            raise UserError(f"--workload {args.workload}: expected W0..W5 or all")
         result = run_workload(args)
         print(json.dumps(result) if args.json else json.dumps(result, indent=2))
         return result
@@ -399,6 +384,10 @@ def main(args: Args) -> dict:
                 print(f"running {job[0]} {' '.join(job[1:])} ({impl})", file=sys.stderr, flush=True)
                 results.setdefault((job, impl), []).append(subprocess_run(args, job[0], impl, job[1:]))
     device = results[(jobs[0], "minipost")][0]["device"]
+    if device == "cpu":   # the CPU's name, for the README
+        device = platform.processor() or "cpu"
+        with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+            device = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), device)
     print(f"\n`python bench.py{' --compare trl' if len(impls) == 2 else ''}` on {device}, "
           f"{args.threads} threads, torch {torch.__version__}; {args.steps} timed steps after "
           f"{args.warmup} warm-up, median; runs separated by ' / '.\n")

@@ -43,7 +43,7 @@ def test_generation_flops_is_prefill_plus_each_decode_step():
 
 def test_w0_one_step_from_the_command_line():
     out = subprocess.run([sys.executable, "bench.py", "--workload", "W0", "--steps", "1",
-                          "--warmup", "0", "--json", "--threads", "1"],
+                          "--warmup", "0", "--json", "--threads", "1", "--tiny"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
