@@ -34,7 +34,7 @@ STAGES = [
 
 # --quick: tiny settings; each stage gets the ones its Args has (scripts are written in parallel,
 # so the flag set is read from the script, not assumed)
-QUICK = dict(max_steps=2, max_minutes=0.0, eval_problems=8, eval_every=0, warmup_steps=1,
+QUICK = dict(max_steps=2, max_minutes=0.0, eval_problems=8, eval_every=1000, warmup_steps=1,
              batch_size=8, mini_batch_size=4, grad_accum=1, n_train=64, n_pairs=64, n_identity=8,
              n_prompts=64, eval_quick=0, eval_chats=8, eval_rm_problems=8, eval_pairs=8,
              max_new_tokens=16, batch_prompts=2, group_size=4, pass_k=2, ppo_epochs=1)
@@ -85,7 +85,7 @@ def headline(results: dict) -> dict:
     before = results.get("before") if isinstance(results.get("before"), dict) else {}
     row = {
         "before": _pick(before, "accuracy") if before else _pick(
-            results, "accuracy_before", "eval/accuracy_before", "start/accuracy"),
+            results, "accuracy_before", "eval/accuracy_before", "before/accuracy", "start/accuracy"),
         "after": _pick(after, "accuracy", "eval/accuracy"),
         "ci95": _pick(after, "accuracy_ci95", "eval/accuracy_ci95"),
         "well_formed": _pick(after, "well_formed", "eval/well_formed"),
