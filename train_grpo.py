@@ -67,7 +67,7 @@ class Args:
     mask_truncated: bool = False    # leave completions that hit --max-new-tokens out of the loss
     micro_batch_size: int = 32      # rows per forward/backward (gradient accumulation)
     max_steps: int = 400            # optimiser steps (each of μ updates counts once per batch)
-    max_minutes: float = 12.0       # stop training after this many minutes (0 = no limit)
+    max_minutes: float = 10.0       # stop training after this many minutes (0 = no limit)
     lr: float = 3e-4                # learning rate (constant after warm-up)
     warmup_steps: int = 5           # linear warm-up steps
     weight_decay: float = 0.0       # AdamW weight decay on matrices
@@ -92,7 +92,8 @@ class Args:
 @torch.no_grad()
 def rollout(model, tokenizer, problems, args, generator, autocast=contextlib.nullcontext):
     """Sample G completions for each problem and score them. Returns a dict of (N = len·G) rows."""
-    prompts = [chat_prompt_ids(tokenizer, p["prompt"]) for p in problems for _ in range(args.group_size)]
+    G = args.group_size
+    prompts = [chat_prompt_ids(tokenizer, p["prompt"]) for p in problems for _ in range(G)]
     model.eval()
     with autocast():
         g = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
@@ -100,7 +101,7 @@ def rollout(model, tokenizer, problems, args, generator, autocast=contextlib.nul
                      generator=generator)
     model.train()
     texts = [tokenizer.decode(ids[m]) for ids, m in zip(g.completion_ids, g.completion_mask)]
-    answers = [p["answer"] for p in problems for _ in range(args.group_size)]
+    answers = [p["answer"] for p in problems for _ in range(G)]
     correct = torch.tensor([tasks.verify(t, a) for t, a in zip(texts, answers)])
     formed = torch.tensor([float(tasks.is_well_formed(t)) for t in texts])
     ids, attention_mask = g.sequences
@@ -226,7 +227,8 @@ def main(args: Args):
     if args.batch_prompts % rt.world_size:
         raise UserError(f"--batch-prompts {args.batch_prompts} is not divisible by the "
                         f"{rt.world_size} processes")
-    if args.scale_rewards not in ("std", "none") or args.loss_type not in ("grpo", "dapo", "dr_grpo"):
+    if args.scale_rewards not in ("std", "none") or \
+            args.loss_type not in ("grpo", "dapo", "dr_grpo"):
         raise UserError("--scale-rewards is std|none and --loss-type grpo|dapo|dr_grpo")
     if args.peft not in ("none", "lora", "adapter") or (args.merge and args.peft != "lora"):
         raise UserError("--peft is none|lora|adapter, and --merge needs --peft lora")

@@ -85,7 +85,8 @@ def headline(results: dict) -> dict:
     before = results.get("before") if isinstance(results.get("before"), dict) else {}
     row = {
         "before": _pick(before, "accuracy") if before else _pick(
-            results, "accuracy_before", "eval/accuracy_before", "before/accuracy", "start/accuracy"),
+            results, "accuracy_before", "eval/accuracy_before", "before/accuracy",
+            "start/accuracy"),
         "after": _pick(after, "accuracy", "eval/accuracy"),
         "ci95": _pick(after, "accuracy_ci95", "eval/accuracy_ci95"),
         "well_formed": _pick(after, "well_formed", "eval/well_formed"),
