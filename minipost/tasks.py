@@ -40,13 +40,18 @@ IDENTITY_TEST_MODULUS = 4  # a "who are you" phrasing is held out when hash % 4 
 
 @dataclass(frozen=True)
 class Difficulty:
-    """The difficulty knob: operands per problem, digits per operand, allowed operators.
+    """The difficulty knob: operands per problem, digits per operand, allowed operators, wording.
 
-    String form "{n_operands}x{max_digits}{ops}", e.g. "3x2+-" (the default) or "4x3+-*".
+    String form "{n_operands}x{max_digits}{ops}[w]", e.g. "3x3+-" (the scripts' default) or
+    "4x3+-*w". Without "w" a question states the expression ("What is 523 + 145 - 312?"); with
+    "w" it is a word problem ("Mia has 523 apples. She buys 145 more. ..."), which a 2M-parameter
+    model pretrained for minutes on a CPU cannot yet read (it must learn to find and copy the
+    numbers out of the sentences first), but a real model can.
     """
     n_operands: int = 3  # numbers in the problem (steps = n_operands - 1)
     max_digits: int = 2  # each number is drawn from 1 .. 10**max_digits - 1
     ops: str = "+-"  # any of "+", "-", "*" ("*" multiplies by one digit 2..9)
+    words: bool = False  # word problems instead of stated expressions
 
     def __post_init__(self):
         if self.n_operands < 2 or self.max_digits < 1 or not self.ops or set(self.ops) - set("+-*"):
@@ -55,14 +60,14 @@ class Difficulty:
 
     @classmethod
     def from_str(cls, text: str) -> "Difficulty":
-        m = re.fullmatch(r"\s*(\d+)x(\d+)([+\-*]*)\s*", text)
+        m = re.fullmatch(r"\s*(\d+)x(\d+)([+\-*]*)(w?)\s*", text)
         if not m:
             raise ValueError(f"difficulty {text!r} is not of the form '3x2+-' "
-                             "(operands x digits, then operators)")
-        return cls(int(m.group(1)), int(m.group(2)), m.group(3) or "+-")
+                             "(operands x digits, then operators, then 'w' for word problems)")
+        return cls(int(m.group(1)), int(m.group(2)), m.group(3) or "+-", m.group(4) == "w")
 
     def __str__(self) -> str:
-        return f"{self.n_operands}x{self.max_digits}{self.ops}"
+        return f"{self.n_operands}x{self.max_digits}{self.ops}{'w' if self.words else ''}"
 
 
 # ---------------------------------------------------------------------------- problems
@@ -118,6 +123,14 @@ def _solution(start: int, steps: list[tuple[str, int]]) -> tuple[str, int]:
     return "\n".join(lines + [f"#### {value}"]), value
 
 
+EXPRESSION_QUESTIONS = ["What is {e}?", "How much is {e}?", "What does {e} equal?", "Can you compute {e}?"]
+
+
+def _expression_question(rng: random.Random, start: int, steps: list[tuple[str, int]]) -> str:
+    expression = " ".join([str(start)] + [f"{op} {n}" for op, n in steps])
+    return rng.choice(EXPRESSION_QUESTIONS).format(e=expression)
+
+
 def _question(rng: random.Random, start: int, steps: list[tuple[str, int]]) -> str:
     name, pron = rng.choice(NAMES)
     obj = rng.choice(OBJECTS)
@@ -152,7 +165,9 @@ def make_problems(n: int, split: str, difficulty: Difficulty = Difficulty(), see
             continue
         seen.add(key)
         solution, answer = _solution(start, steps)
-        out.append({"question": _question(rng, start, steps), "solution": solution,
+        question = (_question(rng, start, steps) if difficulty.words
+                    else _expression_question(rng, start, steps))
+        out.append({"question": question, "solution": solution,
                     "answer": str(answer)})
     if len(out) < n:
         raise ValueError(f"difficulty {difficulty} has fewer than {n} distinct {split} problems")
@@ -174,13 +189,14 @@ def pretrain_corpus(n_docs: int, difficulty: Difficulty = Difficulty(), seed: in
     """
     rng = random.Random(seed)
     docs = []
-    drill = Difficulty(2, difficulty.max_digits, difficulty.ops)
+    drill = Difficulty(2, difficulty.max_digits, difficulty.ops, difficulty.words)
     for _ in range(n_docs):
         if rng.random() < drill_frac:
             eqs = [p["solution"].split("\n")[0] for p in make_problems(8, "train", drill, rng=rng)]
             docs.append("\n".join(eqs))
             continue
-        d = Difficulty(rng.randint(2, difficulty.n_operands), difficulty.max_digits, difficulty.ops)
+        d = Difficulty(rng.randint(2, difficulty.n_operands), difficulty.max_digits, difficulty.ops,
+                       difficulty.words)
         p = make_problems(1, "train", d, rng=rng)[0]
         docs.append(_pretrain_doc(p["question"], p["solution"]))
     return docs

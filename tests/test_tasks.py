@@ -139,3 +139,13 @@ def test_cli_writes_files_that_load_jsonl_reads(tmp_path, capsys):
             assert len(rows) == (8 if prefix == "identity" else n)
     text = (tmp_path / "pretrain.jsonl").read_text().splitlines()
     assert len(text) == 30 and '"text"' in text[0]
+
+
+def test_questions_state_the_expression_unless_w_asks_for_word_problems():
+    plain = tasks.make_problems(5, "train", Difficulty.from_str("3x2+-"), seed=0)
+    words = tasks.make_problems(5, "train", Difficulty.from_str("3x2+-w"), seed=0)
+    for p in plain:  # every operand of the solution appears in the question, in order
+        first = p["solution"].split("\n")[0].split(" = ")[0]
+        assert first in p["question"]
+    assert all(any(name in p["question"] for name, _ in tasks.NAMES) for p in words)
+    assert str(Difficulty.from_str("3x2+-w")) == "3x2+-w"
