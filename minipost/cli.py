@@ -140,6 +140,7 @@ class Metrics:
         self.is_main = is_main
         self.t0 = time.time()
         self.fresh = not append          # the previous run's file is replaced at the first log
+        self.n_lines = 0                 # lines this run's file holds (rank 0); a resume point
 
     def _open(self):
         if self.fresh:
@@ -155,6 +156,15 @@ class Metrics:
                     if json.loads(ln).get("step", -1) < step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
 
+    def keep_lines(self, n: int):
+        """On resume: keep the first `n` lines (those written before the checkpoint that said
+        `n`), whatever step numbers they carry; later lines came from the killed run."""
+        self.fresh = False
+        self.n_lines = n
+        if self.is_main and self.path.exists():
+            keep = self.path.read_text().splitlines()[:n]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+
     def log(self, record: dict, echo: bool = False):
         if not self.is_main:
             return
@@ -163,6 +173,7 @@ class Metrics:
         record.setdefault("time", round(time.time() - self.t0, 2))
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.n_lines += 1
         if echo:
             from tqdm import tqdm
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -190,3 +201,53 @@ def write_results(out_dir, stage: str, results: dict):
     path = Path(out_dir)
     path.mkdir(parents=True, exist_ok=True)
     (path / "results.json").write_text(json.dumps({"stage": stage, **results}, indent=2))
+
+
+def load_script_tokenizer(path, chat_template: str = ""):
+    """The tokenizer of checkpoint `path` for a train_*.py, or a one-line UserError.
+
+    chat_template: "" (the directory's own template) or "chatml" (`--chat-template`). A tokenizer
+    without a pad token (Llama-style) pads with EOS: padded positions are masked out anyway.
+    """
+    from .tokenizer import load_tokenizer
+    if chat_template not in ("", "chatml"):
+        raise UserError(f"--chat-template {chat_template!r}: expected '' (the tokenizer's own) "
+                        "or 'chatml'")
+    if not (Path(path) / "tokenizer.json").exists():
+        raise UserError(f"{path}: no tokenizer.json (is this a checkpoint directory?)")
+    try:
+        tokenizer = load_tokenizer(str(path), chat_template or None)
+    except Exception as e:  # tokenizers' and json's own error types
+        raise UserError(f"{path}: the tokenizer cannot be loaded ({str(e).splitlines()[0]})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id
+    return tokenizer
+
+
+def check_vocab(tokenizer, model, path):
+    """Stop when the tokenizer can produce ids the model has no embedding for."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+                        f"only {model.config.vocab_size} embeddings; they do not belong together")
+
+
+def check_common_flags(args):
+    """The flags every train_*.py shares, checked before anything is loaded or written."""
+    choices = {"dtype": ("float32", "bfloat16"), "peft": ("none", "lora", "adapter"),
+               "chat_template": ("", "chatml")}
+    for name, allowed in choices.items():
+        value = getattr(args, name, allowed[0])
+        if value not in allowed:
+            raise UserError(f"--{name.replace('_', '-')} {value!r}: expected one of "
+                            f"{', '.join(repr(a) if not a else a for a in allowed)}")
+    if getattr(args, "merge", False) and args.peft != "lora":
+        raise UserError("--merge needs --peft lora (adapters cannot be merged into the weights)")
+    for name in ("max_steps", "save_every", "eval_every", "eval_problems"):
+        if getattr(args, name, 0) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if getattr(args, "keep", 1) < 1:
+        raise UserError(f"--keep must be >= 1 (resume checkpoints kept), got {args.keep}")
+    if getattr(args, "lr", 1.0) <= 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
+    if getattr(args, "resume", "") and not Path(args.resume).exists():
+        raise UserError(f"--resume {args.resume}: no such run directory")
