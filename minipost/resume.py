@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import dist
 from .checkpoint import atomic_dir, load_state, rng_state, save_state, set_rng_state
 from .cli import UserError
 
@@ -74,12 +75,18 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler=None, data_s
     path = root / f"step-{step:08d}"
     with atomic_dir(path) as tmp:
         save_file(_model_tensors(model), str(tmp / "model.safetensors"))
-        save_state(tmp, {"step": step, "optimizer": optimizer.state_dict(),
+        save_state(tmp, {"step": step, "optimizer": _optimizer_state(optimizer),
                          "scheduler": scheduler.state_dict() if scheduler is not None else None,
                          "rng": rng_state(), "data": data_state or {}, "extra": extra or {}})
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _optimizer_state(optimizer):
+    if isinstance(optimizer, dict):
+        return {name: opt.state_dict() for name, opt in optimizer.items()}
+    return optimizer.state_dict()
 
 
 def latest_checkpoint(out_dir) -> Path | None:
@@ -105,7 +112,11 @@ def load_checkpoint(path, model, optimizer, scheduler=None) -> dict:
                         f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}); "
                         "resume with the same flags as the original run")
     state = load_state(ckpt)
-    optimizer.load_state_dict(state["optimizer"])
+    if isinstance(optimizer, dict):   # several models, several optimizers (PPO: policy, value)
+        for name, opt in optimizer.items():
+            opt.load_state_dict(state["optimizer"][name])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
@@ -117,3 +128,108 @@ def grads_finite(model) -> bool:
     """True when every gradient is finite (one reduction, one host sync)."""
     norms = [p.grad.detach().abs().max() for p in model.parameters() if p.grad is not None]
     return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
+
+
+def _rank_states(t: torch.Tensor) -> list:
+    """Every rank's copy of a same-shaped tensor (an RNG state), on every rank."""
+    if not dist.is_initialized():
+        return [t]
+    out = [torch.empty_like(t) for _ in range(dist.world_size())]
+    torch.distributed.all_gather(out, t)
+    return out
+
+
+class Run:
+    """The resume glue every train_*.py shares, so each script adds four calls:
+
+        run = Run(args, rt, metrics, model, optimizer, scheduler)
+        state = run.restore()          # None on a fresh run, else {"step", "data", "extra"}
+        ... in the loop, after backward + clipping:
+        if run.finite(step, loss, gnorm): optimizer.step()
+        ... at the END of the loop body (after its metrics and eval lines):
+        if run.end_of_step(step + 1, lambda: data_state, lambda: extra): return  (stopped)
+
+    `args` needs --save-every, --keep, --resume, --skip-nonfinite and --out-dir. A checkpoint is
+    written every `save_every` steps and when SIGINT/SIGTERM arrives (then the run stops). It also
+    records how many metrics lines were written, so a resumed run cuts the file back to exactly
+    them. Under torchrun every rank joins (per-rank RNG states and `per_rank` tensors are gathered)
+    and rank 0 writes; the stop decision is all-reduced, so no rank waits alone in a collective.
+    """
+
+    def __init__(self, args, rt, metrics, model, optimizer, scheduler=None):
+        self.args, self.rt, self.metrics = args, rt, metrics
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.skipped = 0
+        self.start_step = self.last_saved = 0
+        self.stop = None
+
+    def restore(self) -> dict | None:
+        """--resume: model, optimizer, scheduler, RNG states and the metrics file as they were at
+        the checkpoint. Call it last before the loop (after anything that draws random numbers)."""
+        self.stop = GracefulStop()
+        if not self.args.resume:
+            return None
+        state = load_checkpoint(self.args.resume, self.model, self.optimizer, self.scheduler)
+        extra = state["extra"]
+        if extra.get("world_size", 1) != self.rt.world_size:
+            raise UserError(f"--resume {state['path']}: saved by {extra.get('world_size', 1)} "
+                            f"processes, resumed with {self.rt.world_size}; use the same number")
+        if "torch_rng" in extra:            # this rank's own stream (sampling differs per rank)
+            torch.set_rng_state(extra["torch_rng"][self.rt.rank])
+        self.start_step = self.last_saved = state["step"]
+        self.skipped = extra.get("skipped", 0)
+        self.metrics.keep_lines(extra.get("metrics_lines", 0))
+        if self.rt.is_main:
+            print(f"resumed from {state['path']} at step {state['step']}")
+        return state
+
+    def finite(self, step: int, loss, grad_norm) -> bool:
+        """True: take the optimiser step. A NaN/inf loss or gradient norm raises NonFiniteError
+        (one line naming the step and the quantity), or with --skip-nonfinite returns False and
+        counts the skip (the caller leaves the weights untouched)."""
+        if bool(torch.isfinite(torch.as_tensor(loss)).all()) and \
+                bool(torch.isfinite(torch.as_tensor(grad_norm))):
+            return True
+        if not self.args.skip_nonfinite:
+            self.close()
+            check_finite(step, loss=torch.as_tensor(loss).sum(), grad_norm=grad_norm)
+        self.skipped += 1
+        return False
+
+    def save(self, step: int, data_state=None, extra=None):
+        extra = {**(extra or {}), "skipped": self.skipped, "world_size": self.rt.world_size,
+                 "metrics_lines": self.metrics.n_lines,
+                 "torch_rng": _rank_states(torch.get_rng_state())}
+        if data_state and "per_rank" in data_state:   # e.g. each rank's sampling generator
+            data_state = {**data_state, "per_rank": [_rank_states(t) for t in
+                                                     data_state["per_rank"]]}
+        if self.rt.is_main:
+            save_checkpoint(self.args.out_dir, step, self.model, self.optimizer, self.scheduler,
+                            data_state, extra, keep=self.args.keep)
+        self.last_saved = step
+
+    def end_of_step(self, step: int, data_state=dict, extra=dict) -> bool:
+        """After `step` completed steps: checkpoint when due or when a stop was asked for.
+        `data_state` and `extra` are callables (only called when saving). True = stop now."""
+        stop = self.stop is not None and self.stop.requested
+        if self.rt.world_size > 1:
+            stop = bool(dist.all_reduce_sum(torch.tensor([float(stop)])) > 0)
+        every = self.args.save_every
+        if stop or (every and step // every > self.last_saved // every):
+            self.save(step, data_state(), extra())
+        if stop:
+            self.close()
+            if self.rt.is_main:
+                print(f"stopped at step {step}; resume with --resume {self.args.out_dir}")
+        return stop
+
+    def close(self):
+        """Give SIGINT/SIGTERM back to their previous handlers."""
+        if self.stop is not None:
+            self.stop.restore()
+            self.stop = None
+
+
+def per_rank_state(data: dict, rank: int) -> dict:
+    """The `per_rank` entries of a restored data state, for this rank (see Run.save)."""
+    return [states[rank] for states in data.get("per_rank", [])]
