@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import load_model
-from minipost.cli import (Metrics, UserError, parse_args, peak_rss_mb, require_checkpoint, setup,
+from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg,
+                          load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
                           user_errors, write_results)
 from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.dpo import dpo_loss, sequence_logps
@@ -42,7 +43,7 @@ from minipost.evaluate import chat_prompt_ids, complete, evaluate_task, heldout_
 from minipost.model import token_logprobs
 from minipost.optim import cosine_schedule, make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
-from minipost.tokenizer import load_tokenizer
+from minipost.resume import Run
 
 
 # ---------------------------------------------------------------------------- Args
@@ -82,6 +83,11 @@ class Args:
     lora_dropout: float = 0.0       # dropout on the LoRA input (0 keeps step 0 at exactly ln 2)
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
     adapter_dim: int = 16           # bottleneck width of --peft adapter
+    chat_template: str = ""         # "" = the tokenizer's own | chatml: force ChatML (its tokens)
+    save_every: int = 100           # write a resume checkpoint every N steps (0 = only on stop)
+    keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
+    resume: str = ""                # resume from this run directory (or one of its checkpoints)
+    skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
 
 
 # ---------------------------------------------------------------------------- loss
@@ -99,17 +105,20 @@ def pair_logps(model, batch, autocast=None):
 
 def main(args: Args):
     rt = setup(args)
-    metrics = Metrics(args.out_dir, rt.is_main)
+    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
+    check_common_flags(args)
     require_checkpoint(args.init, "python train_sft.py")
-    if args.batch_size % rt.world_size:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the "
+    if args.batch_size <= 0 or args.batch_size % rt.world_size:
+        raise UserError(f"--batch-size {args.batch_size} is not a positive multiple of the "
                         f"{rt.world_size} processes")
     if args.loss_type not in ("sigmoid", "ipo", "hinge"):
         raise UserError(f"--loss-type {args.loss_type!r}: expected sigmoid, ipo or hinge")
-    tokenizer = load_tokenizer(args.init)
+    if args.beta <= 0:
+        raise UserError(f"--beta must be > 0, got {args.beta}")
+    difficulty = difficulty_arg(args.difficulty)
+    tokenizer = load_script_tokenizer(args.init, args.chat_template)
 
     # ------------------------------------------------------------------------ data
-    difficulty = tasks.Difficulty.from_str(args.difficulty)
     if args.data:
         train_rows = load_jsonl(args.data, "preference")
         if args.eval_data:
@@ -137,6 +146,7 @@ def main(args: Args):
     # ------------------------------------------------------------------------ models
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = load_model(args.init, dtype=dtype, device=rt.device)
+    check_vocab(tokenizer, model, args.init)
     ref_model = None
 
     @torch.no_grad()
@@ -205,18 +215,25 @@ def main(args: Args):
             res["eval/identity_example"] = f"{identity_prompts[0]!r} -> {answers[0]!r}"
         return (chosen, rejected), res
 
-    t0 = time.time()
-    ref_held_out, before = evaluate()                 # policy = reference: its log-probs ARE π_ref's
-    before = {k.replace("eval/", "before/"): v for k, v in before.items()}
-    metrics.log({"step": 0, **before, "eval_seconds": time.time() - t0}, echo=True)
-
     # ------------------------------------------------------------------------ loop
     gen = torch.Generator().manual_seed(args.seed)   # the same data order on every rank
     order = torch.randperm(len(train), generator=gen)
+    run = Run(args, rt, metrics, model, optimizer, scheduler)
+    state = run.restore()                             # --resume: everything as it was
+    if state is None:
+        t0 = time.time()
+        ref_held_out, before = evaluate()             # policy = reference: its log-probs ARE π_ref's
+        before = {k.replace("eval/", "before/"): v for k, v in before.items()}
+        metrics.log({"step": 0, **before, "eval_seconds": time.time() - t0}, echo=True)
+        first = None
+    else:
+        ref_held_out, before, first = (state["extra"][k] for k in ("ref_held_out", "before", "first"))
+        order = state["data"]["order"]
+        gen.set_state(state["data"]["generator"])
     per_rank = args.batch_size // rt.world_size
-    first = None
     start = time.time()
-    bar = tqdm(range(args.max_steps), disable=not rt.is_main, desc="dpo")
+    bar = tqdm(range(run.start_step, args.max_steps), disable=not rt.is_main, desc="dpo",
+               initial=run.start_step, total=args.max_steps)
     for step in bar:
         pos = (step * args.batch_size) % len(train)
         if pos + args.batch_size > len(train):         # a new epoch, a new order
@@ -232,7 +249,8 @@ def main(args: Args):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
-        optimizer.step()
+        if run.finite(step, losses, gnorm):             # else --skip-nonfinite: a skipped step
+            optimizer.step()
         scheduler.step()
         if step % 10 == 0 or step == args.max_steps - 1:
             m = dist.all_reduce_mean({
@@ -248,16 +266,22 @@ def main(args: Args):
             bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}",
                             margin=f"{m['rewards/margins']:.2f}")
             metrics.log({"step": step, **m, "grad_norm": float(gnorm),
-                         "lr": scheduler.get_last_lr()[0]})
+                         "lr": scheduler.get_last_lr()[0], "skipped": run.skipped})
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             metrics.log({"step": step + 1, **evaluate(ref_held_out, tasks_too=False)[1]}, echo=True)
+        if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order},
+                           lambda: {"ref_held_out": ref_held_out, "before": before, "first": first}):
+            dist.cleanup()
+            return {"stopped_at": step + 1}
+    run.close()
     train_time = time.time() - start
 
     # ------------------------------------------------------------------------ eval
     final = {"step": args.max_steps, **before, **evaluate(ref_held_out)[1],
              "loss_step0": first["loss"], "rewards/margins_step0": first["rewards/margins"],
              "train_minutes": train_time / 60,
-             "pairs_per_s": args.max_steps * args.batch_size / train_time,
+             "pairs_per_s": (args.max_steps - run.start_step) * args.batch_size
+             / max(train_time, 1e-9),
              "reference": "precomputed" if args.precompute_ref else
                           "adapters_off" if args.peft != "none" else "copy",
              "peak_rss_mb": peak_rss_mb()}

@@ -28,13 +28,14 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import load_model
-from minipost.cli import (Metrics, UserError, parse_args, peak_rss_mb, require_checkpoint, setup,
+from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg,
+                          load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
                           user_errors, write_results)
 from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.optim import cosine_schedule, make_optimizer
 from minipost.peft import add_peft, save_peft, trainable_summary
+from minipost.resume import Run
 from minipost.reward import bradley_terry_loss, pair_rewards, reward_metrics
-from minipost.tokenizer import load_tokenizer
 
 
 # ---------------------------------------------------------------------------- Args
@@ -68,16 +69,23 @@ class Args:
     lora_dropout: float = 0.0       # dropout on the LoRA input
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
     adapter_dim: int = 16           # bottleneck width of --peft adapter
+    chat_template: str = ""         # "" = the tokenizer's own | chatml: force ChatML (its tokens)
+    save_every: int = 100           # write a resume checkpoint every N steps (0 = only on stop)
+    keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
+    resume: str = ""                # resume from this run directory (or one of its checkpoints)
+    skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
 
 
 def main(args: Args):
     rt = setup(args)
-    metrics = Metrics(args.out_dir, rt.is_main)
+    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
+    check_common_flags(args)
     require_checkpoint(args.init, "python train_sft.py")
-    if args.batch_size % rt.world_size:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the "
+    if args.batch_size <= 0 or args.batch_size % rt.world_size:
+        raise UserError(f"--batch-size {args.batch_size} is not a positive multiple of the "
                         f"{rt.world_size} processes")
-    tokenizer = load_tokenizer(args.init)
+    difficulty = difficulty_arg(args.difficulty)
+    tokenizer = load_script_tokenizer(args.init, args.chat_template)
 
     # ------------------------------------------------------------------------ data
     if args.data:
@@ -89,7 +97,6 @@ def main(args: Args):
             train_rows, eval_rows = train_rows[:-n_eval], train_rows[-n_eval:]
         id_eval_rows = []
     else:
-        difficulty = tasks.Difficulty.from_str(args.difficulty)
         train_rows = (tasks.preference_pairs(args.n_pairs, "train", difficulty, seed=args.seed + 1)
                       + tasks.identity_pairs(args.n_identity, "train", seed=args.seed))
         # seed 0: the very problems of evaluate.heldout_problems, each with a flawed twin
@@ -112,6 +119,7 @@ def main(args: Args):
     # ------------------------------------------------------------------------ model
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = load_model(args.init, dtype=dtype, device=rt.device, head="score")  # zero head on an LM
+    check_vocab(tokenizer, model, args.init)
     model.config.pad_token_id = tokenizer.pad_token_id  # HF reads the score before the first pad
     model = add_peft(model, args, modules_to_save=("score",))
     if rt.is_main:
@@ -159,13 +167,20 @@ def main(args: Args):
                 f"{prefix}/n": int(totals[4].item())}
 
     # ------------------------------------------------------------------------ loop
-    before = held_out_eval(held_out)
-    metrics.log({"step": 0, **before}, echo=True)
     gen = torch.Generator().manual_seed(args.seed)   # the same data order on every rank
     order = torch.randperm(len(train), generator=gen)
+    run = Run(args, rt, metrics, model, optimizer, scheduler)
+    state = run.restore()                             # --resume: everything as it was
+    if state is None:
+        before = held_out_eval(held_out)
+        metrics.log({"step": 0, **before}, echo=True)
+    else:
+        before, order = state["extra"]["before"], state["data"]["order"]
+        gen.set_state(state["data"]["generator"])
     per_rank = args.batch_size // rt.world_size
     start = time.time()
-    bar = tqdm(range(args.max_steps), disable=not rt.is_main, desc="rm")
+    bar = tqdm(range(run.start_step, args.max_steps), disable=not rt.is_main, desc="rm",
+               initial=run.start_step, total=args.max_steps)
     for step in bar:
         pos = (step * args.batch_size) % len(train)
         if pos + args.batch_size > len(train):          # a new epoch, a new order
@@ -175,16 +190,22 @@ def main(args: Args):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
-        optimizer.step()
+        if run.finite(step, loss, gnorm):               # else --skip-nonfinite: a skipped step
+            optimizer.step()
         scheduler.step()
         if step % 10 == 0 or step == args.max_steps - 1:
             m = dist.all_reduce_mean({"loss": loss.item(), **{k: v.item() for k, v in stats.items()}})
             bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}",
                             margin=f"{m['rewards/margins']:.2f}")
             metrics.log({"step": step, **m, "grad_norm": float(gnorm),
-                         "lr": scheduler.get_last_lr()[0]})
-        if (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
+                         "lr": scheduler.get_last_lr()[0], "skipped": run.skipped})
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             metrics.log({"step": step + 1, **held_out_eval(held_out)}, echo=True)
+        if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order},
+                           lambda: {"before": before}):
+            dist.cleanup()
+            return {"stopped_at": step + 1}
+    run.close()
     train_time = time.time() - start
 
     # ------------------------------------------------------------------------ eval
@@ -193,7 +214,8 @@ def main(args: Args):
     if id_held_out:
         final.update(held_out_eval(id_held_out, "eval_identity"))
     final.update({"train_minutes": train_time / 60,
-                  "pairs_per_s": args.max_steps * args.batch_size / train_time,
+                  "pairs_per_s": (args.max_steps - run.start_step) * args.batch_size
+                  / max(train_time, 1e-9),
                   "peak_rss_mb": peak_rss_mb()})
     metrics.log(final, echo=True)
 
