@@ -25,6 +25,7 @@ import torch
 
 ROLES = ("system", "user", "assistant")
 SCHEMAS = ("sft", "preference", "rl")
+MAX_LINE_BYTES = 1 << 20   # one record; far beyond any --max-length of tokens
 
 
 class DataError(Exception):
@@ -137,6 +138,9 @@ def load_jsonl(path, schema: str) -> list[dict]:
         raw_lines = f.read().split(b"\n")
     rows = []
     for lineno, raw in enumerate(raw_lines, start=1):
+        if len(raw) > MAX_LINE_BYTES:   # a whole file on one line, a base64 blob, a runaway dump
+            raise DataError(path, lineno, f"line is {len(raw):,} bytes, over the {MAX_LINE_BYTES:,}"
+                            "-byte limit for one record (is the file one JSON document?)")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -159,6 +163,13 @@ def load_jsonl(path, schema: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- collation
+def record_lines(path) -> list[int]:
+    """The 1-based line numbers of a JSONL file's records (its non-blank lines), in order, so an
+    error found after `load_jsonl` can still name file:line."""
+    with open(path, "rb") as f:
+        return [i for i, raw in enumerate(f.read().split(b"\n"), start=1) if raw.strip()]
+
+
 def truncate(ids: list[int], mask: list[int] | None, max_length: int, side: str = "right"
              ) -> tuple[list[int], list[int] | None, bool]:
     """Keep `max_length` tokens: the first ones (side="right") or the last ones ("left")."""
