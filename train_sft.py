@@ -29,15 +29,17 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import load_model
-from minipost.cli import (Metrics, UserError, parse_args, peak_rss_mb, require_checkpoint, setup,
+from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg,
+                          load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
                           user_errors, write_results)
-from minipost.data import collate_packed, load_jsonl, pack_sequences, pad_batch, truncate
+from minipost.data import (collate_packed, load_jsonl, pack_sequences, pad_batch, record_lines,
+                           truncate)
 from minipost.evaluate import evaluate_task, heldout_problems
 from minipost.lora import count_trainable
 from minipost.optim import cosine_schedule, make_optimizer
 from minipost.peft import add_peft, peft_options, save_peft, trainable_summary
+from minipost.resume import Run
 from minipost.sft import sft_loss_sum
-from minipost.tokenizer import load_tokenizer
 
 
 # ---------------------------------------------------------------------------- Args
@@ -50,6 +52,7 @@ class Args:
     n_train: int = 20000            # built-in training chats
     loss_on: str = "assistant"      # assistant (assistant tokens + <|im_end|>) | all (every token)
     max_length: int = 256           # tokens per chat; longer chats are truncated (and counted)
+    truncation: bool = True         # cut longer chats (--no-truncation: stop, naming file:line)
     packing: bool = False           # pack chats into --max-length rows (no attention across chats)
     batch_size: int = 32            # sequences (rows, with --packing) per optimiser step, all ranks
     grad_accum: int = 1             # micro-batches per step (token-weighted: same gradient)
@@ -75,6 +78,11 @@ class Args:
     seed: int = 0                   # seed for data order, init and sampling
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     threads: int = 0                # CPU threads per process (0 = torch's default)
+    chat_template: str = ""         # "" = the tokenizer's own | chatml: force ChatML (its tokens)
+    save_every: int = 100           # write a resume checkpoint every N steps (0 = only on stop)
+    keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
+    resume: str = ""                # resume from this run directory (or one of its checkpoints)
+    skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
 
 
 def tokenize(tokenizer, messages, loss_on: str, max_length: int):
@@ -130,18 +138,14 @@ def accumulate(net, micro_batches: list[dict], autocast=nullcontext) -> torch.Te
 
 def main(args: Args):
     rt = setup(args)
+    check_common_flags(args)
     if args.loss_on not in ("assistant", "all"):
         raise UserError(f"--loss-on must be 'assistant' or 'all', got {args.loss_on!r}")
-    if args.merge and args.peft != "lora":
-        raise UserError("--merge needs --peft lora (adapters cannot be merged into the weights)")
-    micro = args.batch_size // (rt.world_size * args.grad_accum)
-    if micro * rt.world_size * args.grad_accum != args.batch_size:
+    micro = args.batch_size // (rt.world_size * max(args.grad_accum, 1))
+    if micro < 1 or micro * rt.world_size * args.grad_accum != args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by {rt.world_size} "
                         f"processes x --grad-accum {args.grad_accum}")
-    try:
-        difficulty = tasks.Difficulty.from_str(args.difficulty)
-    except ValueError as e:
-        raise UserError(f"--difficulty: {e}") from None
+    difficulty = difficulty_arg(args.difficulty)
     require_checkpoint(args.init, "python pretrain.py")
 
     # ------------------------------------------------------------------------ data
@@ -152,9 +156,14 @@ def main(args: Args):
     else:
         chats = tasks.sft_chats(args.n_train, "train", difficulty, seed=args.seed)
         held_chats = tasks.sft_chats(args.eval_chats, "test", difficulty, seed=args.seed)
-    tokenizer = load_tokenizer(args.init)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokenizer = load_script_tokenizer(args.init, args.chat_template)   # pads with EOS if no pad
+    pad_id = tokenizer.pad_token_id
     train = [tokenize(tokenizer, c["messages"], args.loss_on, args.max_length) for c in chats]
+    if not args.truncation and any(t[2] for t in train):
+        i = next(i for i, t in enumerate(train) if t[2])
+        where = f"{args.data}:{record_lines(args.data)[i]}" if args.data else f"built-in chat {i}"
+        raise UserError(f"{where}: the chat is {len(tokenizer.format_chat(chats[i]['messages'])[0])}"
+                        f" tokens, longer than --max-length {args.max_length} (--no-truncation)")
     held = [tokenize(tokenizer, c["messages"], args.loss_on, args.max_length)[:2]
             for c in held_chats]
     n_truncated = sum(t[2] for t in train)
@@ -182,6 +191,7 @@ def main(args: Args):
     if dtype is None:
         raise UserError(f"--dtype must be float32 or bfloat16, got {args.dtype!r}")
     model = load_model(args.init, dtype=dtype, device=rt.device)
+    check_vocab(tokenizer, model, args.init)
     model = add_peft(model, **peft_options(args))
     trainable, total = count_trainable(model)
     if rt.is_main:
@@ -211,18 +221,25 @@ def main(args: Args):
         return {"eval/accuracy": res["accuracy"], "eval/accuracy_ci95": res["accuracy_ci95"],
                 "eval/well_formed": res["well_formed"], "eval/n": res["n"]}
 
-    start_eval = {"step": 0, "eval/loss": held_out_loss()}
-    if args.eval_problems:
-        start_eval.update(task_eval(args.eval_problems))
-    metrics = Metrics(args.out_dir, rt.is_main)
-    metrics.log(start_eval, echo=True)
-
     # ------------------------------------------------------------------------ loop
+    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
     gen = torch.Generator().manual_seed(args.seed)   # the same data order on every rank
     order = torch.randperm(len(units), generator=gen)
     pos, tokens_seen = 0, 0
+    run = Run(args, rt, metrics, model, optimizer, scheduler)
+    state = run.restore()                             # --resume: everything as it was
+    if state is None:
+        start_eval = {"step": 0, "eval/loss": held_out_loss()}
+        if args.eval_problems:
+            start_eval.update(task_eval(args.eval_problems))
+        metrics.log(start_eval, echo=True)
+    else:
+        start_eval, order, pos = state["extra"]["start_eval"], state["data"]["order"], \
+            state["data"]["pos"]
+        gen.set_state(state["data"]["generator"])
     start = time.time()
-    bar = tqdm(range(steps), disable=not rt.is_main, desc=f"sft ({args.peft})")
+    bar = tqdm(range(run.start_step, steps), disable=not rt.is_main, desc=f"sft ({args.peft})",
+               initial=run.start_step, total=steps)
     for step in bar:
         if pos + args.batch_size > len(units):            # a new epoch, a new order
             order, pos = torch.randperm(len(units), generator=gen), 0
@@ -236,18 +253,24 @@ def main(args: Args):
         loss = accumulate(train_model, micro_batches, rt.autocast)
         gnorm = torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad], args.grad_clip or math.inf)
-        optimizer.step()
+        if run.finite(step, loss, gnorm):               # else --skip-nonfinite: a skipped step
+            optimizer.step()
         scheduler.step()
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             metrics.log({"step": step + 1, "loss": loss.item(), "grad_norm": float(gnorm),
-                          "learning_rate": scheduler.get_last_lr()[0]})
+                          "learning_rate": scheduler.get_last_lr()[0], "skipped": run.skipped})
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps:
             record = {"step": step + 1, "eval/loss": held_out_loss()}
             if args.eval_quick:
                 record.update({k: v for k, v in task_eval(args.eval_quick).items()
                                if k in ("eval/accuracy", "eval/well_formed")})
             metrics.log(record, echo=True)
+        if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order,
+                                              "pos": pos}, lambda: {"start_eval": start_eval}):
+            dist.cleanup()
+            return {"stopped_at": step + 1}
+    run.close()
     train_time = time.time() - start
 
     final = {"step": steps, "eval/loss": held_out_loss(), "train_minutes": train_time / 60,
