@@ -32,15 +32,16 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import load_model, save_model
-from minipost.cli import (Metrics, UserError, parse_args, peak_rss_mb, require_checkpoint, setup,
+from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg,
+                          load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
                           user_errors, write_results)
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
 from minipost.generate import generate
 from minipost.grpo import group_advantages, grpo_loss
 from minipost.optim import make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
+from minipost.resume import Run, per_rank_state
 from minipost.rollout import completion_logps
-from minipost.tokenizer import load_tokenizer
 
 
 # ---------------------------------------------------------------------------- Args
@@ -86,6 +87,11 @@ class Args:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
     adapter_dim: int = 16           # bottleneck width of --peft adapter
     merge: bool = False             # --peft lora: also save the merged model to out_dir/merged
+    chat_template: str = ""         # "" = the tokenizer's own | chatml: force ChatML (its tokens)
+    save_every: int = 50            # write a resume checkpoint every N steps (0 = only on stop)
+    keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
+    resume: str = ""                # resume from this run directory (or one of its checkpoints)
+    skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
 
 
 # ---------------------------------------------------------------------------- rollout
@@ -222,21 +228,23 @@ def reference_logps(ref_model, model, mbs, args):
 
 def main(args: Args):
     rt = setup(args)
-    metrics = Metrics(args.out_dir, rt.is_main)
+    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
+    check_common_flags(args)
     require_checkpoint(args.init, "python train_sft.py")
-    if args.batch_prompts % rt.world_size:
+    if args.batch_prompts <= 0 or args.batch_prompts % rt.world_size:
         raise UserError(f"--batch-prompts {args.batch_prompts} is not divisible by the "
                         f"{rt.world_size} processes")
     if args.scale_rewards not in ("std", "none") or \
             args.loss_type not in ("grpo", "dapo", "dr_grpo"):
         raise UserError("--scale-rewards is std|none and --loss-type grpo|dapo|dr_grpo")
-    if args.peft not in ("none", "lora", "adapter") or (args.merge and args.peft != "lora"):
-        raise UserError("--peft is none|lora|adapter, and --merge needs --peft lora")
     if args.temperature <= 0 or args.group_size < 2:
         raise UserError("GRPO needs --temperature > 0 and --group-size >= 2")
+    if args.micro_batch_size <= 0 or args.mu < 1:
+        raise UserError("--micro-batch-size and --mu must be >= 1")
+    difficulty_arg(args.difficulty)
+    train_difficulty = difficulty_arg(args.train_difficulty or args.difficulty)
 
     # ------------------------------------------------------------------------ data
-    train_difficulty = tasks.Difficulty.from_str(args.train_difficulty or args.difficulty)
     pool = tasks.rl_prompts(args.n_prompts, "train", train_difficulty, seed=args.seed)
     held_out = heldout_problems(args.difficulty, args.eval_problems)
     gen = torch.Generator().manual_seed(args.seed + rt.rank)   # each rank its own prompts/samples
@@ -244,8 +252,10 @@ def main(args: Args):
 
     # ------------------------------------------------------------------------ models
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    tokenizer = load_tokenizer(args.init)
-    model = add_peft(load_model(args.init, dtype=dtype, device=rt.device), args)
+    tokenizer = load_script_tokenizer(args.init, args.chat_template)   # pads with EOS if no pad
+    model = load_model(args.init, dtype=dtype, device=rt.device)
+    check_vocab(tokenizer, model, args.init)
+    model = add_peft(model, args)
     ref_model = make_reference(model, args)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -268,12 +278,18 @@ def main(args: Args):
             out["sampled_accuracy"] = res_k["accuracy"]
         return out
 
-    before = evaluate("before") if args.eval_problems else {}
-    metrics.log({"step": 0, **{f"eval/{k}": v for k, v in before.items()}}, echo=True)
+    run = Run(args, rt, metrics, model, optimizer, scheduler)
+    state = run.restore()                             # --resume: everything as it was
+    if state is None:
+        before = evaluate("before") if args.eval_problems else {}
+        metrics.log({"step": 0, **{f"eval/{k}": v for k, v in before.items()}}, echo=True)
+    else:
+        before = state["extra"]["before"]
+        gen.set_state(per_rank_state(state["data"], rt.rank)[0])   # this rank's prompts/samples
 
     # ------------------------------------------------------------------------ loop
-    start, step, train_time = time.time(), 0, 0.0
-    bar = tqdm(total=args.max_steps, disable=not rt.is_main, desc="grpo")
+    start, step, train_time = time.time(), run.start_step, 0.0
+    bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, desc="grpo")
     while step < args.max_steps:
         t0 = time.time()
         # rollout: B/world groups per rank; dynamic sampling keeps groups whose rewards differ
@@ -315,7 +331,8 @@ def main(args: Args):
             if it == 0 and stats["policy/ratio_max_dev"] > 1e-5:   # PITFALLS 16
                 raise RuntimeError(f"first-update ratio is not 1: {stats['policy/ratio_max_dev']}")
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
-            optimizer.step()
+            if run.finite(step, stats["loss"], gnorm):  # else --skip-nonfinite: a skipped step
+                optimizer.step()
             scheduler.step()
             step += 1
             bar.update(1)
@@ -330,18 +347,23 @@ def main(args: Args):
             "completions/mean_length": lengths.mean(),
             "completions/clipped_ratio": batch["truncated"].float().mean(),
             "grad_norm": float(gnorm), **stats})
-        rec = {"step": step, **m, "lr": scheduler.get_last_lr()[0], "gen_seconds": gen_time,
-               "step_seconds": time.time() - t0}
+        rec = {"step": step, **m, "lr": scheduler.get_last_lr()[0], "skipped": run.skipped,
+               "gen_seconds": gen_time, "step_seconds": time.time() - t0}
         metrics.log(rec)
         bar.set_postfix(reward=f"{m['reward/mean']:.2f}", acc=f"{m['reward/sampled_accuracy']:.2f}",
                         zero_std=f"{m['frac_reward_zero_std']:.2f}", len=f"{lengths.mean():.0f}")
         if args.eval_every and step % args.eval_every < args.mu and step < args.max_steps:
             metrics.log({"step": step, **{f"eval/{k}": v for k, v in evaluate("mid").items()}},
                         echo=True)
+        if run.end_of_step(step, lambda: {"per_rank": [gen.get_state()]},
+                           lambda: {"before": before}):
+            dist.cleanup()
+            return {"stopped_at": step}
         out_of_time = args.max_minutes and (time.time() - start) / 60 > args.max_minutes
         if dist.all_reduce_mean({"stop": float(bool(out_of_time))})["stop"] > 0:
             break
     bar.close()
+    run.close()
 
     # ------------------------------------------------------------------------ eval
     after = evaluate("after") if args.eval_problems else {}
