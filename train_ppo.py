@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import load_model
-from minipost.cli import (Metrics, UserError, parse_args, peak_rss_mb, require_checkpoint, setup,
+from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg,
+                          load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
                           user_errors, write_results)
 from minipost.data import load_jsonl
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
@@ -46,8 +47,8 @@ from minipost.optim import make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped_rewards,
                           masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
+from minipost.resume import Run
 from minipost.rollout import completion_logps, completion_values, gold_rewards, sequence_scores
-from minipost.tokenizer import load_tokenizer
 
 
 # ---------------------------------------------------------------------------- Args
@@ -95,29 +96,34 @@ class Args:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
     adapter_dim: int = 16           # bottleneck width of --peft adapter
     merge: bool = False             # --peft lora: also save the merged model to out_dir/merged
+    chat_template: str = ""         # "" = the tokenizer's own | chatml: force ChatML (its tokens)
+    save_every: int = 50            # write a resume checkpoint every N iterations (0 = only on stop)
+    keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
+    resume: str = ""                # resume from this run directory (or one of its checkpoints)
+    skip_nonfinite: bool = False    # skip a minibatch whose loss or gradient is NaN/inf (else stop)
 
 
 def main(args: Args):
     rt = setup(args)
-    metrics = Metrics(args.out_dir, rt.is_main)
+    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
+    check_common_flags(args)
     for name, value, choices in [("reward", args.reward, ("model", "gold")),
-                                 ("value-init", args.value_init, ("reward", "policy")),
-                                 ("peft", args.peft, ("none", "lora", "adapter")),
-                                 ("dtype", args.dtype, ("float32", "bfloat16"))]:
+                                 ("value-init", args.value_init, ("reward", "policy"))]:
         if value not in choices:
             raise UserError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
     W = rt.world_size
-    if args.batch_size % args.mini_batch_size or args.mini_batch_size % W:
+    if args.mini_batch_size <= 0 or args.batch_size % args.mini_batch_size or \
+            args.mini_batch_size % W:
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of --mini-batch-size "
                         f"{args.mini_batch_size}, itself a multiple of the {W} processes")
     B, mb = args.batch_size // W, args.mini_batch_size // W     # this rank's share
 
     # ------------------------------------------------------------------------ data
+    difficulty = difficulty_arg(args.difficulty)
     require_checkpoint(args.init, "python train_sft.py")
-    tokenizer = load_tokenizer(args.init)
+    tokenizer = load_script_tokenizer(args.init, args.chat_template)   # pads with EOS if no pad
     rows = (load_jsonl(args.data, "rl") if args.data else
-            tasks.rl_prompts(args.n_prompts, "train", tasks.Difficulty.from_str(args.difficulty),
-                             seed=args.seed))
+            tasks.rl_prompts(args.n_prompts, "train", difficulty, seed=args.seed))
     prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in rows]
     answers = [r["answer"] for r in rows]
     heldout = heldout_problems(args.difficulty, args.eval_problems)
@@ -125,6 +131,7 @@ def main(args: Args):
     # ------------------------------------------------------------------------ models
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
     policy = load_model(args.init, dtype, rt.device).eval()
+    check_vocab(tokenizer, policy, args.init)
     need_rm = args.reward == "model" or args.value_init == "reward"
     if need_rm:
         require_checkpoint(args.reward_model, "python train_rm.py")
@@ -189,7 +196,7 @@ def main(args: Args):
         return batch, P, stats
 
     # ------------------------------------------------------------------------ loss
-    def ppo_step(batch, j, P):
+    def ppo_step(batch, j, P, step):
         """Clipped policy + value loss on the rows `j` of a rollout batch; one optimiser step."""
         with rt.autocast():
             logps = completion_logps(train_policy, batch["seq"][j], batch["attention_mask"][j], P,
@@ -203,9 +210,11 @@ def main(args: Args):
         opt_policy.zero_grad(set_to_none=True)
         opt_value.zero_grad(set_to_none=True)
         (pg_loss + vf_loss).backward()   # two separate models: each loss reaches only its own
-        for model, opt in ((policy, opt_policy), (value_model, opt_value)):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
-            opt.step()
+        gnorms = [torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+                  for model in (policy, value_model)]
+        if run.finite(step, pg_loss + vf_loss, sum(gnorms)):   # else --skip-nonfinite: skipped
+            opt_policy.step()
+            opt_value.step()
         return {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), **pg_stats,
                 **vf_stats}
 
@@ -236,11 +245,20 @@ def main(args: Args):
         return out
 
     # ------------------------------------------------------------------------ loop
-    before = evaluate(0)
     gen = torch.Generator().manual_seed(args.seed)    # the same prompt order on every rank
     order, pos = torch.randperm(len(prompts), generator=gen), 0
     kl_coef, start, step = args.kl_coef, time.time(), 0
-    bar = tqdm(range(args.max_steps), disable=not rt.is_main, desc="ppo")
+    run = Run(args, rt, metrics, torch.nn.ModuleDict({"policy": policy, "value": value_model}),
+              {"policy": opt_policy, "value": opt_value})
+    state = run.restore()                             # --resume: everything as it was
+    if state is None:
+        before = evaluate(0)
+    else:                                             # the prompt sampler and the adaptive β too
+        before, kl_coef = state["extra"]["before"], state["extra"]["kl_coef"]
+        order, pos = state["data"]["order"], state["data"]["pos"]
+        gen.set_state(state["data"]["generator"])
+    bar = tqdm(range(run.start_step, args.max_steps), disable=not rt.is_main, desc="ppo",
+               initial=run.start_step, total=args.max_steps)
     for step in bar:
         if pos + args.batch_size > len(order):
             order, pos = torch.randperm(len(prompts), generator=gen), 0
@@ -251,7 +269,7 @@ def main(args: Args):
         for epoch in range(args.ppo_epochs):
             perm = torch.randperm(B, device=rt.device)
             for s in range(0, B, mb):
-                upd.append(ppo_step(batch, perm[s:s + mb], P))
+                upd.append(ppo_step(batch, perm[s:s + mb], P, step))
                 if epoch == 0 and s == 0:
                     check_first_ratio(upd[0])
         upd_stats = {k: torch.stack([u[k] for u in upd]).mean() for k in upd[0]}
@@ -261,7 +279,7 @@ def main(args: Args):
         if args.target_kl > 0:
             kl_coef = adaptive_kl_update(kl_coef, m["kl"], args.target_kl, args.batch_size,
                                          args.kl_horizon)
-        metrics.log({"step": step + 1, **m, "kl_coef": kl_coef})
+        metrics.log({"step": step + 1, **m, "kl_coef": kl_coef, "skipped": run.skipped})
         bar.set_postfix(rm=f"{m['reward/mean']:.2f}", gold=f"{m['gold/mean']:.2f}",
                         kl=f"{m['kl']:.2f}", clip=f"{m['policy/clipfrac']:.2f}",
                         ev=f"{m['value/explained_variance']:.2f}")
@@ -270,6 +288,12 @@ def main(args: Args):
             break
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             evaluate(step + 1)
+        if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order,
+                                              "pos": pos},
+                           lambda: {"before": before, "kl_coef": kl_coef}):
+            dist.cleanup()
+            return {"stopped_at": step + 1}
+    run.close()
     train_time = time.time() - start
     iterations = step + 1 if args.max_steps else 0
 

@@ -28,6 +28,11 @@ SCRIPTS = {
     "train_grpo.py": dict(n_prompts=64, batch_prompts=2, group_size=4, max_new_tokens=12,
                           max_steps=16, save_every=4, eval_every=6, pass_k=0, max_minutes=0,
                           micro_batch_size=8, beta=0.04),
+    "train_ppo.py": dict(n_prompts=64, batch_size=4, mini_batch_size=2, ppo_epochs=2,
+                         max_new_tokens=12, max_steps=12, save_every=3, eval_every=5,
+                         max_minutes=0, reward="gold", value_init="policy", target_kl=0.5),
+    "train_rm.py": dict(n_pairs=200, n_identity=20, batch_size=8, max_steps=40, save_every=10,
+                        eval_every=15, max_length=128, warmup_steps=2),
 }
 
 
