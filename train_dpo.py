@@ -135,6 +135,8 @@ def main(args: Args):
         raise UserError("no training pairs (--n-pairs and --n-identity are both 0)")
     train = [encode_preference(tokenizer, r, args.max_length) for r in train_rows]
     held_out = [encode_preference(tokenizer, r, args.max_length) for r in eval_rows]
+    if not held_out:
+        raise UserError("no held-out pairs: --eval-pairs must be >= 1")
     if rt.is_main:
         print(f"data: {len(train)} training pairs ({sum(e[4] for e in train)} truncated to "
               f"{args.max_length} tokens), {len(held_out)} held-out pairs")

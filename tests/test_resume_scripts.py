@@ -79,3 +79,40 @@ def test_killed_and_resumed_run_is_bit_identical_to_a_straight_run(script, tiny_
     a, b = final_weights(straight), final_weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert metric_lines(straight) == metric_lines(killed)
+
+
+@pytest.mark.parametrize("script", ["train_dpo", "train_sft"])
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(script, tiny_sft_dir,
+                                                                     tmp_path, monkeypatch):
+    module = __import__(script)
+    name = "dpo_loss" if script == "train_dpo" else "sft_loss_sum"
+    real, calls = getattr(module, name), {"n": 0}
+
+    def poisoned(*a, **k):            # the 4th training step's loss is NaN
+        out = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] != 4:
+            return out
+        return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
+
+    monkeypatch.setattr(module, name, poisoned)
+    flags = {**COMMON, **SCRIPTS[script + ".py"], "max_steps": 6, "save_every": 2,
+             "eval_every": 0, "init": tiny_sft_dir}
+    if script == "train_sft":
+        flags["eval_chats"] = 0       # no held-out loss before training: step 1 is the 1st call
+    else:
+        flags["eval_pairs"] = 4       # scored by pair_logps, not dpo_loss
+    out = tmp_path / "nan"
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(NonFiniteError, match="step 3: loss is nan"):
+            module.main(module.Args(out_dir=str(out), **flags))
+        assert latest_checkpoint(out).name == "step-00000002"
+        assert not (out / "model.safetensors").exists()
+        calls["n"] = 0
+        module.main(module.Args(out_dir=str(tmp_path / "skip"), skip_nonfinite=True, **flags))
+    finally:
+        torch.set_num_threads(threads)
+    lines = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert max(x.get("skipped", 0) for x in lines) == 1
+    assert (tmp_path / "skip" / "model.safetensors").exists()
