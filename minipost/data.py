@@ -134,8 +134,11 @@ def load_jsonl(path, schema: str) -> list[dict]:
     """
     if schema not in SCHEMAS:
         raise ValueError(f"unknown schema {schema!r}; expected one of {SCHEMAS}")
-    with open(path, "rb") as f:
-        raw_lines = f.read().split(b"\n")
+    try:
+        with open(path, "rb") as f:
+            raw_lines = f.read().split(b"\n")
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"{path}: no such data file") from None
     rows = []
     for lineno, raw in enumerate(raw_lines, start=1):
         if len(raw) > MAX_LINE_BYTES:   # a whole file on one line, a base64 blob, a runaway dump
