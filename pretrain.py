@@ -127,7 +127,10 @@ def main(args: Args):
         start_step, skipped = state["step"], state["extra"]["skipped"]
         gen.set_state(state["data"]["generator"])
         order = state["data"]["order"]
-        metrics.drop_from(start_step)
+        if "metrics_lines" in state["extra"]:    # exact, even for an eval line at the same step
+            metrics.keep_lines(state["extra"]["metrics_lines"])
+        else:
+            metrics.drop_from(start_step)
         if rt.is_main:
             print(f"resumed from {state['path']} at step {start_step}")
 
@@ -135,7 +138,7 @@ def main(args: Args):
         if rt.is_main:
             save_checkpoint(args.out_dir, step, model, optimizer, scheduler,
                             {"generator": gen.get_state(), "order": order},
-                            {"skipped": skipped}, keep=args.keep)
+                            {"skipped": skipped, "metrics_lines": metrics.n_lines}, keep=args.keep)
 
     per_rank = args.batch_size // rt.world_size
     stop = GracefulStop()
