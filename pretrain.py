@@ -41,9 +41,9 @@ class Args:
     num_kv_heads: int = 6           # key/value heads (fewer than num_heads = grouped-query attention)
     intermediate_size: int = 512    # SwiGLU hidden width
     seq_len: int = 256              # tokens per training window
-    batch_size: int = 32            # windows per optimiser step (global, over all ranks)
-    max_steps: int = 450            # optimiser steps
-    lr: float = 3e-3                # peak learning rate
+    batch_size: int = 16            # windows per optimiser step (global, over all ranks)
+    max_steps: int = 900            # optimiser steps
+    lr: float = 2e-3                # peak learning rate (3e-3 stalls: no copying of operands)
     min_lr_ratio: float = 0.1       # final LR as a fraction of the peak (cosine decay)
     warmup_steps: int = 30          # linear warm-up steps
     weight_decay: float = 0.1       # AdamW weight decay on matrices

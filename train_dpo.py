@@ -59,6 +59,7 @@ class Args:
     loss_type: str = "sigmoid"      # sigmoid (DPO; cDPO with --label-smoothing) | ipo | hinge
     beta: float = 0.1               # β: strength of the implicit KL anchor to the reference
     label_smoothing: float = 0.0    # ε: assumed label-flip rate (cDPO, sigmoid loss only)
+    rpo_alpha: float = 0.0          # α: + α·NLL per token of the chosen completion (RPO); 0 = off
     precompute_ref: bool = False    # reference log-probs once before training; no reference after
     max_length: int = 256           # tokens per sequence (longer ones lose prompt tokens first)
     batch_size: int = 16            # pairs per optimiser step (global, over all ranks)
@@ -248,6 +249,9 @@ def main(args: Args):
             chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
             beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss_type)
         loss = losses.mean()
+        if args.rpo_alpha:  # RPO (Pang et al. 2024, arXiv 2404.19733): L_DPO + α·NLL(chosen)/|y_w|
+            n_chosen = batch["loss_mask"][:, 1:].sum(1).chunk(2)[0].clamp(min=1)     # (B,)
+            loss = loss + args.rpo_alpha * (-chosen_logps / n_chosen).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
