@@ -63,8 +63,8 @@ class Args:
     reward: str = "model"           # model: the reward model's score | gold: the verifier's 0/1
     value_init: str = "reward"      # reward: value model = the reward model | policy: zero head
     batch_size: int = 32            # B: prompts (one completion each) per iteration, all ranks
-    mini_batch_size: int = 8        # completions per optimiser step (all ranks)
-    ppo_epochs: int = 4             # K: passes over each rollout batch
+    mini_batch_size: int = 16       # completions per optimiser step (all ranks)
+    ppo_epochs: int = 2             # K: passes over each rollout batch
     temperature: float = 0.7        # rollout sampling temperature (log-probs use logits / T)
     max_new_tokens: int = 64        # completion budget; no EOS by then = truncated
     missing_eos_penalty: float = 1.0  # subtracted from the score of a completion without EOS
@@ -78,7 +78,7 @@ class Args:
     clip_eps_value: float = 0.2     # value predictions clipped to V_old ± ε
     max_steps: int = 150            # iterations (rollout + K epochs of updates)
     max_minutes: float = 13.0       # stop training after this many minutes (0 = no limit)
-    lr: float = 3e-5                # policy learning rate (constant)
+    lr: float = 1e-4                # policy learning rate (constant)
     value_lr: float = 1e-4          # value model learning rate (constant)
     weight_decay: float = 0.0       # AdamW weight decay on matrices
     grad_clip: float = 1.0          # max gradient norm, per model (0 = off)
