@@ -24,7 +24,7 @@ from minipost.cli import (Metrics, UserError, difficulty_arg, parse_args, peak_r
 from minipost.evaluate import evaluate_base
 from minipost.model import GPT, GPTConfig
 from minipost.optim import cosine_schedule, make_optimizer
-from minipost.resume import GracefulStop, check_finite, load_checkpoint, save_checkpoint
+from minipost.resume import Run
 from minipost.tokenizer import train_tokenizer
 
 
@@ -121,30 +121,15 @@ def main(args: Args):
     # ------------------------------------------------------------------------ loop
     gen = torch.Generator().manual_seed(args.seed)   # the same data order on every rank
     order = torch.randperm(len(train), generator=gen)
-    start_step, skipped = 0, 0
-    if args.resume:
-        state = load_checkpoint(args.resume, model, optimizer, scheduler)
-        start_step, skipped = state["step"], state["extra"]["skipped"]
+    run = Run(args, rt, metrics, model, optimizer, scheduler)
+    state = run.restore()                             # --resume: everything as it was
+    if state is not None:
         gen.set_state(state["data"]["generator"])
         order = state["data"]["order"]
-        if "metrics_lines" in state["extra"]:    # exact, even for an eval line at the same step
-            metrics.keep_lines(state["extra"]["metrics_lines"])
-        else:
-            metrics.drop_from(start_step)
-        if rt.is_main:
-            print(f"resumed from {state['path']} at step {start_step}")
-
-    def checkpoint(step):
-        if rt.is_main:
-            save_checkpoint(args.out_dir, step, model, optimizer, scheduler,
-                            {"generator": gen.get_state(), "order": order},
-                            {"skipped": skipped, "metrics_lines": metrics.n_lines}, keep=args.keep)
-
     per_rank = args.batch_size // rt.world_size
-    stop = GracefulStop()
     start = time.time()
-    bar = tqdm(range(start_step, args.max_steps), disable=not rt.is_main, desc="pretrain",
-               initial=start_step, total=args.max_steps)
+    bar = tqdm(range(run.start_step, args.max_steps), disable=not rt.is_main, desc="pretrain",
+               initial=run.start_step, total=args.max_steps)
     for step in bar:
         pos = (step * args.batch_size) % len(train)
         if pos + args.batch_size > len(train):         # a new epoch, a new order
@@ -154,30 +139,22 @@ def main(args: Args):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
-        if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
-            if not args.skip_nonfinite:
-                check_finite(step, loss=loss, grad_norm=gnorm)
-            skipped += 1                                # the step is dropped, weights untouched
-            optimizer.zero_grad(set_to_none=True)
-        else:
+        if run.finite(step, loss, gnorm):               # else --skip-nonfinite: a skipped step
             optimizer.step()
         scheduler.step()
         if step % 10 == 0 or step == args.max_steps - 1:
             m = dist.all_reduce_mean({"loss": loss.item()})
             bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             metrics.log({"step": step, "loss": m["loss"], "grad_norm": float(gnorm),
-                         "lr": scheduler.get_last_lr()[0], "skipped": skipped})
+                         "lr": scheduler.get_last_lr()[0], "skipped": run.skipped})
         if (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             metrics.log({"step": step + 1, "eval/loss": held_out_loss()}, echo=True)
-        if (args.save_every and (step + 1) % args.save_every == 0) or stop.requested:
-            checkpoint(step + 1)
-            if stop.requested:
-                print(f"stopped at step {step + 1}; resume with --resume {args.out_dir}")
-                dist.cleanup()
-                return {"stopped_at": step + 1}
-    stop.restore()
+        if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order}):
+            dist.cleanup()
+            return {"stopped_at": step + 1}
+    run.close()
     train_time = time.time() - start
-    tokens_per_s = (args.max_steps - start_step) * args.batch_size * args.seq_len / train_time
+    tokens_per_s = (args.max_steps - run.start_step) * args.batch_size * args.seq_len / train_time
 
     # ------------------------------------------------------------------------ eval
     final = {"step": args.max_steps, "eval/loss": held_out_loss(),

@@ -148,14 +148,6 @@ class Metrics:
             self.path.unlink(missing_ok=True)
             self.fresh = False
 
-    def drop_from(self, step: int):
-        """On resume: drop lines of steps >= `step`, logged after the checkpoint by the killed run."""
-        self.fresh = False
-        if self.is_main and self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if json.loads(ln).get("step", -1) < step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
-
     def keep_lines(self, n: int):
         """On resume: keep the first `n` lines (those written before the checkpoint that said
         `n`), whatever step numbers they carry; later lines came from the killed run."""
