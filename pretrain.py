@@ -8,13 +8,11 @@ by <|endoftext|>, cut into fixed windows. The byte-level BPE tokenizer is traine
 first. At the end it reports the held-out loss and the greedy accuracy of completing held-out
 problems in the corpus format: the starting line every post-training stage is measured from.
 """
-import math
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minipost import dist, tasks
@@ -23,7 +21,7 @@ from minipost.cli import (Metrics, UserError, difficulty_arg, parse_args, peak_r
                           user_errors, write_results)
 from minipost.evaluate import evaluate_base
 from minipost.model import GPT, GPTConfig
-from minipost.optim import cosine_schedule, make_optimizer
+from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
 from minipost.resume import Run
 from minipost.tokenizer import train_tokenizer
 
@@ -53,6 +51,7 @@ class Args:
     eval_problems: int = 500        # held-out problems for the final greedy accuracy
     seed: int = 0                   # seed for data, init and sampling
     device: str = "auto"            # auto | cpu | cuda | cuda:N
+    fsdp: bool = False              # torchrun: shard parameters, gradients and optimizer state over ranks (FSDP2) instead of replicating them (DDP)
     threads: int = 0                # CPU threads per process (0 = torch's default)
     compile: bool = False           # torch.compile the model
     save_every: int = 100           # write a resume checkpoint every N steps (0 = only on stop)
@@ -98,9 +97,9 @@ def main(args: Args):
     if rt.is_main:
         print(f"model: {model.num_params(non_embedding=False):,} parameters "
               f"({model.num_params():,} non-embedding)")
+    train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scheduler = cosine_schedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
-    train_model = DDP(model) if rt.world_size > 1 else model
     if args.compile:
         train_model = torch.compile(train_model)
 
@@ -114,7 +113,8 @@ def main(args: Args):
     @torch.no_grad()
     def held_out_loss():
         model.eval()
-        losses = [lm_loss(model, held_out[i:i + 16]) for i in range(0, len(held_out), 16)]
+        with dist.gathered(model):                       # FSDP: one all-gather, not one a batch
+            losses = [lm_loss(model, held_out[i:i + 16]) for i in range(0, len(held_out), 16)]
         model.train()
         return torch.stack(losses).mean().item()
 
@@ -138,7 +138,7 @@ def main(args: Args):
         loss = lm_loss(train_model, train[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+        gnorm = clip_gradients(model, args.grad_clip)
         if run.finite(step, loss, gnorm):               # else --skip-nonfinite: a skipped step
             optimizer.step()
         scheduler.step()
@@ -168,9 +168,10 @@ def main(args: Args):
     metrics.log(final, echo=True)
 
     # ------------------------------------------------------------------------ save
+    to_save = dist.full_model(model)                     # FSDP: gathered on rank 0
     if rt.is_main:
         write_results(args.out_dir, "base", final)
-        save_model(model, args.out_dir, tokenizer,
+        save_model(to_save, args.out_dir, tokenizer,
                    extra_config={"minipost": {"stage": "base", "args": asdict(args),
                                               "results": final}})
         print(f"saved the base model to {args.out_dir}")

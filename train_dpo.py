@@ -24,12 +24,10 @@ chosen completion the policy gives the higher log-prob), held-out task accuracy 
 (greedy, evaluate.heldout_problems) and the identity demo (share of the held-out "who are you?"
 phrasings, `tasks.identity_prompts("test")`, answered with the name, greedy).
 """
-import math
 import time
 from dataclasses import asdict, dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minipost import dist, tasks
@@ -41,7 +39,7 @@ from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.dpo import dpo_loss, sequence_logps
 from minipost.evaluate import chat_prompt_ids, complete, evaluate_task, heldout_problems
 from minipost.model import token_logprobs
-from minipost.optim import cosine_schedule, make_optimizer
+from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.resume import Run
 
@@ -75,6 +73,7 @@ class Args:
     max_new_tokens: int = 64        # generation budget of the task and identity evaluations
     seed: int = 0                   # seed for data and shuffling
     device: str = "auto"            # auto | cpu | cuda | cuda:N
+    fsdp: bool = False              # torchrun: shard parameters, gradients and optimizer state over ranks (FSDP2) instead of replicating them (DDP)
     threads: int = 0                # CPU threads per process (0 = torch's default)
     dtype: str = "float32"          # float32 | bfloat16: dtype the policy is loaded in
     peft: str = "none"              # none | lora | adapter: train only a PEFT module
@@ -157,8 +156,9 @@ def main(args: Args):
         """(chosen, rejected) summed log-probs of every pair of `encoded` (each rank computes all)."""
         was_training = net.training
         net.eval()
-        out = [pair_logps(net, batch_of(encoded, range(s, min(s + batch_size, len(encoded)))),
-                          rt.autocast) for s in range(0, len(encoded), batch_size)]
+        with dist.gathered(net):                         # FSDP: one all-gather, not one a batch
+            out = [pair_logps(net, batch_of(encoded, range(s, min(s + batch_size, len(encoded)))),
+                              rt.autocast) for s in range(0, len(encoded), batch_size)]
         net.train(was_training)
         return torch.cat([c for c, _ in out]), torch.cat([r for _, r in out])
 
@@ -176,9 +176,9 @@ def main(args: Args):
         ref = ("precomputed" if precomputed is not None else
                "a frozen copy" if ref_model is not None else "the policy with its adapters off")
         print(f"policy from {args.init}: {trainable_summary(model)}; reference: {ref}")
+    train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scheduler = cosine_schedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
-    train_model = DDP(model) if rt.world_size > 1 else model
 
     @torch.no_grad()
     def reference_logps(idx, batch):
@@ -254,7 +254,7 @@ def main(args: Args):
             loss = loss + args.rpo_alpha * (-chosen_logps / n_chosen).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+        gnorm = clip_gradients(model, args.grad_clip)
         if run.finite(step, losses, gnorm):             # else --skip-nonfinite: a skipped step
             optimizer.step()
         scheduler.step()
@@ -294,9 +294,10 @@ def main(args: Args):
     metrics.log(final, echo=True)
 
     # ------------------------------------------------------------------------ save
+    to_save = dist.full_model(model)                     # FSDP: gathered on rank 0
     if rt.is_main:
         write_results(args.out_dir, "dpo", final)
-        save_peft(model, args.out_dir, args.peft, args.merge, tokenizer,
+        save_peft(to_save, args.out_dir, args.peft, args.merge, tokenizer,
                   base_model_name_or_path=args.init,
                   extra_config={"minipost": {"stage": "dpo", "args": asdict(args),
                                              "results": final}})

@@ -21,24 +21,22 @@ group disagrees (reward spread > 0).
 """
 import contextlib
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.checkpoint import load_model, save_model
+from minipost.checkpoint import load_model
 from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg,
                           load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
                           user_errors, write_results)
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
 from minipost.generate import generate
 from minipost.grpo import group_advantages, grpo_loss
-from minipost.optim import make_optimizer
+from minipost.optim import clip_gradients, make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.resume import Run, per_rank_state
 from minipost.rollout import completion_logps
@@ -78,6 +76,7 @@ class Args:
     pass_k: int = 8                 # k of held-out pass@k, sampled at --temperature (0 = skip)
     seed: int = 0                   # seed for prompts and sampling
     device: str = "auto"            # auto | cpu | cuda | cuda:N
+    fsdp: bool = False              # torchrun: shard parameters, gradients and optimizer state over ranks (FSDP2) instead of replicating them (DDP)
     threads: int = 0                # CPU threads per process (0 = torch's default)
     dtype: str = "float32"          # float32 | bfloat16: dtype the policy is loaded in
     peft: str = "none"              # none | lora | adapter: train only a PEFT module
@@ -257,10 +256,10 @@ def main(args: Args):
     check_vocab(tokenizer, model, args.init)
     model = add_peft(model, args)
     ref_model = make_reference(model, args)
+    train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)))
-    train_model = DDP(model) if rt.world_size > 1 else model
     if rt.is_main:
         print(f"policy {args.init} (peft={args.peft}, {trainable_summary(model)}); reference: "
               f"{'none (beta=0)' if ref_model is None else 'frozen'}; {len(pool)} train prompts")
@@ -294,18 +293,19 @@ def main(args: Args):
         t0 = time.time()
         # rollout: B/world groups per rank; dynamic sampling keeps groups whose rewards differ
         keep, dropped, sampled, n_zero = [], [], [], 0
-        for _ in range(1 + (args.max_refills if args.dynamic_sampling else 0)):
-            idx = torch.randint(len(pool), (per_rank,), generator=gen).tolist()
-            r = rollout(model, tokenizer, [pool[i] for i in idx], args, gen, rt.autocast)
-            spread = r["rewards"].view(-1, args.group_size).std(1) > 0          # (B,)
-            sampled.append(r)          # all of it, for honest reward metrics
-            n_zero += int((~spread).sum())
-            for gi in range(len(spread)):
-                sl = slice(gi * args.group_size, (gi + 1) * args.group_size)
-                group = {k: v[sl] for k, v in r.items()}
-                (keep if spread[gi] or not args.dynamic_sampling else dropped).append(group)
-            if len(keep) >= per_rank:
-                break
+        with dist.gathered(model):   # FSDP: ranks may refill a different number of times
+            for _ in range(1 + (args.max_refills if args.dynamic_sampling else 0)):
+                idx = torch.randint(len(pool), (per_rank,), generator=gen).tolist()
+                r = rollout(model, tokenizer, [pool[i] for i in idx], args, gen, rt.autocast)
+                spread = r["rewards"].view(-1, args.group_size).std(1) > 0          # (B,)
+                sampled.append(r)          # all of it, for honest reward metrics
+                n_zero += int((~spread).sum())
+                for gi in range(len(spread)):
+                    sl = slice(gi * args.group_size, (gi + 1) * args.group_size)
+                    group = {k: v[sl] for k, v in r.items()}
+                    (keep if spread[gi] or not args.dynamic_sampling else dropped).append(group)
+                if len(keep) >= per_rank:
+                    break
         groups = (keep + dropped)[:per_rank]   # refills ran out: zero-spread groups fill the rest
         batch = cat_rollouts(groups)
         lengths = batch["loss_mask"].sum(1)                                    # (B·G,)
@@ -330,7 +330,7 @@ def main(args: Args):
                                              ref_logps)
             if it == 0 and stats["policy/ratio_max_dev"] > 1e-5:   # PITFALLS 16
                 raise RuntimeError(f"first-update ratio is not 1: {stats['policy/ratio_max_dev']}")
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+            gnorm = clip_gradients(model, args.grad_clip)
             if run.finite(step, stats["loss"], gnorm):  # else --skip-nonfinite: a skipped step
                 optimizer.step()
             scheduler.step()
@@ -374,9 +374,10 @@ def main(args: Args):
                  **{k: v for k, v in final.items() if k not in ("before", "after")}}, echo=True)
 
     # ------------------------------------------------------------------------ save
+    to_save = dist.full_model(model)                     # FSDP: gathered on rank 0
     if rt.is_main:
         write_results(args.out_dir, "grpo", final)
-        save_peft(model, args.out_dir, args.peft, args.merge, tokenizer,
+        save_peft(to_save, args.out_dir, args.peft, args.merge, tokenizer,
                   base_model_name_or_path=args.init,
                   extra_config={"minipost": {"stage": "grpo", "args": asdict(args),
                                              "results": final}})

@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minipost import dist, tasks
@@ -43,7 +42,7 @@ from minipost.data import load_jsonl
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
 from minipost.generate import generate
 from minipost.model import ScoreModel
-from minipost.optim import make_optimizer
+from minipost.optim import clip_gradients, make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped_rewards,
                           masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
@@ -87,6 +86,7 @@ class Args:
     eval_rm_problems: int = 128     # held-out problems whose greedy answers the RM scores
     seed: int = 0                   # seed for prompts and sampling
     device: str = "auto"            # auto | cpu | cuda | cuda:N
+    fsdp: bool = False              # torchrun: shard parameters, gradients and optimizer state over ranks (FSDP2) instead of replicating them (DDP)
     threads: int = 0                # CPU threads per process (0 = torch's default)
     dtype: str = "float32"          # float32 | bfloat16: dtype the models are loaded in
     peft: str = "none"              # none | lora | adapter: train only a PEFT module
@@ -148,16 +148,16 @@ def main(args: Args):
     add_peft(value_model, args, modules_to_save=("score",))
     if rt.is_main:
         print(f"policy: {trainable_summary(policy)}; value model: {trainable_summary(value_model)}")
+    train_policy = dist.wrap(policy, args.fsdp)   # DDP, FSDP (shards in place) or itself
+    train_value = dist.wrap(value_model, args.fsdp)
     opt_policy = make_optimizer(policy, args.lr, args.weight_decay)
     opt_value = make_optimizer(value_model, args.value_lr, args.weight_decay)
-    train_policy = DDP(policy) if W > 1 else policy
-    train_value = DDP(value_model) if W > 1 else value_model
 
     # ------------------------------------------------------------------------ rollout
     @torch.no_grad()
     def rollout(idx, kl_coef):
         """Sample, score and compute every no-grad quantity of one batch of prompts."""
-        with rt.autocast():
+        with rt.autocast(), dist.gathered(policy), dist.gathered(value_model):   # FSDP: whole
             g = generate(policy, [prompts[i] for i in idx], args.max_new_tokens,
                          temperature=args.temperature, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
@@ -210,7 +210,7 @@ def main(args: Args):
         opt_policy.zero_grad(set_to_none=True)
         opt_value.zero_grad(set_to_none=True)
         (pg_loss + vf_loss).backward()   # two separate models: each loss reaches only its own
-        gnorms = [torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+        gnorms = [clip_gradients(model, args.grad_clip)
                   for model in (policy, value_model)]
         if run.finite(step, pg_loss + vf_loss, sum(gnorms)):   # else --skip-nonfinite: skipped
             opt_policy.step()
@@ -307,9 +307,10 @@ def main(args: Args):
     metrics.log(results, echo=True)
 
     # ------------------------------------------------------------------------ save
+    to_save = dist.full_model(policy)                    # FSDP: gathered on rank 0
     if rt.is_main:
         write_results(args.out_dir, "ppo", results)
-        save_peft(policy, args.out_dir, args.peft, args.merge, tokenizer,
+        save_peft(to_save, args.out_dir, args.peft, args.merge, tokenizer,
                   base_model_name_or_path=args.init,
                   extra_config={"minipost": {"stage": "ppo", "args": asdict(args),
                                              "results": results}})

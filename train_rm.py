@@ -23,7 +23,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minipost import dist, tasks
@@ -32,7 +31,7 @@ from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, d
                           load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
                           user_errors, write_results)
 from minipost.data import collate_preference, encode_preference, load_jsonl
-from minipost.optim import cosine_schedule, make_optimizer
+from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
 from minipost.peft import add_peft, save_peft, trainable_summary
 from minipost.resume import Run
 from minipost.reward import bradley_terry_loss, pair_rewards, reward_metrics
@@ -60,6 +59,7 @@ class Args:
     eval_problems: int = 500        # held-out problems, each as a (correct, flawed) pair
     seed: int = 0                   # seed for data and shuffling
     device: str = "auto"            # auto | cpu | cuda | cuda:N
+    fsdp: bool = False              # torchrun: shard parameters, gradients and optimizer state over ranks (FSDP2) instead of replicating them (DDP)
     threads: int = 0                # CPU threads per process (0 = torch's default)
     dtype: str = "float32"          # float32 | bfloat16: dtype the model is loaded in
     peft: str = "none"              # none | lora | adapter: train only a PEFT module (+ the head)
@@ -124,9 +124,9 @@ def main(args: Args):
     model = add_peft(model, args, modules_to_save=("score",))
     if rt.is_main:
         print(f"reward model from {args.init}: {trainable_summary(model)}")
+    train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scheduler = cosine_schedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
-    train_model = DDP(model) if rt.world_size > 1 else model
 
     # ------------------------------------------------------------------------ loss
     def batch_of(encoded, idx):
@@ -147,12 +147,13 @@ def main(args: Args):
         model.eval()
         chosen, rejected = [], []
         mine = dist.shard(list(range(len(encoded))))
-        for s in range(0, len(mine), 64):
-            batch = batch_of(encoded, mine[s:s + 64])
-            with rt.autocast():
-                c, r = pair_rewards(model, batch["input_ids"], batch["attention_mask"])
-            chosen.append(c.float())
-            rejected.append(r.float())
+        with dist.gathered(model):                       # FSDP: the shards may be uneven
+            for s in range(0, len(mine), 64):
+                batch = batch_of(encoded, mine[s:s + 64])
+                with rt.autocast():
+                    c, r = pair_rewards(model, batch["input_ids"], batch["attention_mask"])
+                chosen.append(c.float())
+                rejected.append(r.float())
         model.train()
         c, r = (torch.cat(x) if x else torch.zeros(0) for x in (chosen, rejected))
         both = torch.cat([c, r]).double().cpu()
@@ -189,7 +190,7 @@ def main(args: Args):
         loss, stats = loss_fn(train_model, idx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+        gnorm = clip_gradients(model, args.grad_clip)
         if run.finite(step, loss, gnorm):               # else --skip-nonfinite: a skipped step
             optimizer.step()
         scheduler.step()
@@ -220,9 +221,10 @@ def main(args: Args):
     metrics.log(final, echo=True)
 
     # ------------------------------------------------------------------------ save
+    to_save = dist.full_model(model)                     # FSDP: gathered on rank 0
     if rt.is_main:
         write_results(args.out_dir, "rm", final)
-        save_peft(model, args.out_dir, args.peft, args.merge, tokenizer,
+        save_peft(to_save, args.out_dir, args.peft, args.merge, tokenizer,
                   base_model_name_or_path=args.init,
                   extra_config={"minipost": {"stage": "rm", "args": asdict(args), "results": final,
                                              "reward_mean": final["eval/reward_mean"],

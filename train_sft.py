@@ -36,7 +36,7 @@ from minipost.data import (collate_packed, load_jsonl, pack_sequences, pad_batch
                            truncate)
 from minipost.evaluate import evaluate_task, heldout_problems
 from minipost.lora import count_trainable
-from minipost.optim import cosine_schedule, make_optimizer
+from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
 from minipost.peft import add_peft, peft_options, save_peft, trainable_summary
 from minipost.resume import Run
 from minipost.sft import sft_loss_sum
@@ -77,6 +77,7 @@ class Args:
     dtype: str = "float32"          # float32 | bfloat16: weights as loaded (bf16 for big models)
     seed: int = 0                   # seed for data order, init and sampling
     device: str = "auto"            # auto | cpu | cuda | cuda:N
+    fsdp: bool = False              # torchrun: shard parameters, gradients and optimizer state over ranks (FSDP2) instead of replicating them (DDP)
     threads: int = 0                # CPU threads per process (0 = torch's default)
     chat_template: str = ""         # "" = the tokenizer's own | chatml: force ChatML (its tokens)
     save_every: int = 100           # write a resume checkpoint every N steps (0 = only on stop)
@@ -197,9 +198,9 @@ def main(args: Args):
     if rt.is_main:
         print(f"model: {args.init} ({model.num_params(non_embedding=False):,} parameters), "
               f"peft={args.peft}; {trainable_summary(model)}")
+    train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scheduler = cosine_schedule(optimizer, args.warmup_steps, steps, args.min_lr_ratio)
-    train_model = DDP(model) if rt.world_size > 1 else model
 
     # ------------------------------------------------------------------------ eval
     problems = heldout_problems(args.difficulty, max(args.eval_problems, args.eval_quick))
@@ -208,10 +209,11 @@ def main(args: Args):
     def held_out_loss() -> float:
         model.eval()
         mine, total = dist.shard(held), torch.zeros(2, dtype=torch.float64)
-        for i in range(0, len(mine), 64):
-            loss_sum, n = batch_loss_sum(model, collate(mine[i:i + 64], pad_id, rt.device),
-                                         rt.autocast)
-            total += torch.tensor([loss_sum.item(), n.item()], dtype=torch.float64)
+        with dist.gathered(model):                       # FSDP: shards of `held` may be uneven
+            for i in range(0, len(mine), 64):
+                loss_sum, n = batch_loss_sum(model, collate(mine[i:i + 64], pad_id, rt.device),
+                                             rt.autocast)
+                total += torch.tensor([loss_sum.item(), n.item()], dtype=torch.float64)
         model.train()
         total = dist.all_reduce_sum(total)
         return (total[0] / total[1].clamp(min=1)).item()
@@ -251,8 +253,7 @@ def main(args: Args):
         tokens_seen += sum(b["input_ids"].numel() for b in micro_batches) * rt.world_size
         optimizer.zero_grad(set_to_none=True)
         loss = accumulate(train_model, micro_batches, rt.autocast)
-        gnorm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], args.grad_clip or math.inf)
+        gnorm = clip_gradients(model, args.grad_clip)
         if run.finite(step, loss, gnorm):               # else --skip-nonfinite: a skipped step
             optimizer.step()
         scheduler.step()
@@ -289,9 +290,10 @@ def main(args: Args):
               f"-> {final['eval/well_formed']:.3f}; {final['train_minutes']:.1f} min of training")
 
     # ------------------------------------------------------------------------ save
+    to_save = dist.full_model(model)                     # FSDP: gathered on rank 0
     if rt.is_main:
         write_results(args.out_dir, "sft", final)
-        save_peft(model, args.out_dir, args.peft, args.merge, tokenizer,
+        save_peft(to_save, args.out_dir, args.peft, args.merge, tokenizer,
                   base_model_name_or_path=args.init,
                   extra_config={"minipost": {"stage": "sft", "args": asdict(args),
                                              "results": final}})

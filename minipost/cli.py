@@ -148,13 +148,16 @@ class Metrics:
             self.path.unlink(missing_ok=True)
             self.fresh = False
 
-    def keep_lines(self, n: int):
+    def keep_lines(self, n: int, source=None):
         """On resume: keep the first `n` lines (those written before the checkpoint that said
-        `n`), whatever step numbers they carry; later lines came from the killed run."""
+        `n`), whatever step numbers they carry; later lines came from the killed run. `source`:
+        the run directory of the checkpoint, when it is not this one (its lines are copied)."""
         self.fresh = False
         self.n_lines = n
-        if self.is_main and self.path.exists():
-            keep = self.path.read_text().splitlines()[:n]
+        src = Path(source) / "metrics.jsonl" if source else self.path
+        if self.is_main and src.exists():
+            keep = src.read_text().splitlines()[:n]
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def log(self, record: dict, echo: bool = False):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import dist
 from .model import KVCache
 
 
@@ -86,30 +87,31 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0,
     out_logps = torch.zeros(B, max_new_tokens, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
-    # without left padding the model needs no mask: causal prefill, and each new token sees all
-    padded = not bool(prompt_mask.all())   # one host sync, before the loop
-    logits = model(prompt_ids, attention_mask=prompt_mask if padded else None,
-                   cache=cache)[:, -1]                                          # (B, V) prefill
-    for t in range(max_new_tokens):
-        if temperature == 0:
-            logp = logits.float().log_softmax(-1)
-            token = logp.argmax(-1)
-        else:
-            logp = filter_logits(logits, temperature, top_k, top_p).log_softmax(-1)
-            token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
-        alive = ~done
-        out_ids[:, t] = torch.where(alive, token, pad_token_id)
-        out_mask[:, t] = alive
-        out_logps[:, t] = torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), 0.0)
-        if eos_token_id is not None:
-            done = done | (token == eos_token_id)
-            # one host sync every 8 steps to stop early, not one per token
-            if t % 8 == 7 and bool(done.all()):
-                break
-        if t + 1 < max_new_tokens:
-            # finished rows keep decoding pad tokens (masked out); a batch is as slow as its longest row
-            logits = model(out_ids[:, t:t + 1], cache=cache,
-                           attention_mask=attention_mask[:, :P + t + 1] if padded else None)[:, -1]
+    with dist.gathered(model):   # a sharded (FSDP) model decodes with whole weights
+        # without left padding the model needs no mask: causal prefill, and each new token sees all
+        padded = not bool(prompt_mask.all())   # one host sync, before the loop
+        logits = model(prompt_ids, attention_mask=prompt_mask if padded else None,
+                       cache=cache)[:, -1]                                          # (B, V) prefill
+        for t in range(max_new_tokens):
+            if temperature == 0:
+                logp = logits.float().log_softmax(-1)
+                token = logp.argmax(-1)
+            else:
+                logp = filter_logits(logits, temperature, top_k, top_p).log_softmax(-1)
+                token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            alive = ~done
+            out_ids[:, t] = torch.where(alive, token, pad_token_id)
+            out_mask[:, t] = alive
+            out_logps[:, t] = torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), 0.0)
+            if eos_token_id is not None:
+                done = done | (token == eos_token_id)
+                # one host sync every 8 steps to stop early, not one per token
+                if t % 8 == 7 and bool(done.all()):
+                    break
+            if t + 1 < max_new_tokens:
+                # finished rows keep decoding pad tokens (masked out); a batch is as slow as its longest row
+                logits = model(out_ids[:, t:t + 1], cache=cache,
+                               attention_mask=attention_mask[:, :P + t + 1] if padded else None)[:, -1]
     n = int(out_mask.sum(1).max()) if B else 0
     truncated = ~done if eos_token_id is not None else torch.ones(B, dtype=torch.bool, device=device)
     return Generation(prompt_ids, prompt_mask, out_ids[:, :n], out_mask[:, :n], out_logps[:, :n],

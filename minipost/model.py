@@ -14,7 +14,6 @@ Padding: batches may be left-padded (generation) or right-padded (training). Pos
 attention mask (`cumsum(mask) - 1`), so each row sees the positions it would see alone; this matters
 for learned positions (GPT-2) and is harmless for RoPE (PITFALLS.md item 2).
 """
-import math
 from dataclasses import dataclass, asdict, field
 
 import torch

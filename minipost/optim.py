@@ -22,6 +22,15 @@ def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95
                              fused=fused)
 
 
+def clip_gradients(model, max_norm: float) -> torch.Tensor:
+    """Scale the trainable parameters' gradients to a global L2 norm of at most `max_norm`
+    (0 = no clipping); returns the norm before clipping as a plain tensor (under FSDP torch
+    returns it as a replicated DTensor, already reduced over the shards)."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                          max_norm or math.inf)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def cosine_schedule(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
     """LR multiplier: linear 0→1 over warmup, then cosine 1→min_ratio at total_steps."""
     def factor(step: int) -> float:

@@ -59,8 +59,9 @@ class GracefulStop:
 
 
 def _model_tensors(model) -> dict:
+    """Every tensor of the model once (tied weights once), whole (collective when sharded)."""
     seen, out = set(), {}
-    for name, t in model.state_dict(keep_vars=False).items():
+    for name, t in dist.full_state_dict(model).items():
         if t.data_ptr() in seen and t.numel():      # tied weights: saved once
             continue
         seen.add(t.data_ptr())
@@ -70,12 +71,16 @@ def _model_tensors(model) -> dict:
 
 def save_checkpoint(out_dir, step: int, model, optimizer, scheduler=None, data_state=None,
                     extra=None, keep: int = 2) -> Path:
-    """Write a resume checkpoint for `step` under OUT_DIR/checkpoints and keep the last `keep`."""
+    """Write a resume checkpoint for `step` under OUT_DIR/checkpoints and keep the last `keep`.
+    `model` may be a module or its tensors already gathered (`_model_tensors`), `optimizer` an
+    optimizer, a dict of them, or their gathered state (`_optimizer_state`)."""
     root = Path(out_dir) / "checkpoints"
     path = root / f"step-{step:08d}"
+    tensors = model if isinstance(model, dict) else _model_tensors(model)
+    opt_state = optimizer if _is_state(optimizer) else _optimizer_state(optimizer)
     with atomic_dir(path) as tmp:
-        save_file(_model_tensors(model), str(tmp / "model.safetensors"))
-        save_state(tmp, {"step": step, "optimizer": _optimizer_state(optimizer),
+        save_file(tensors, str(tmp / "model.safetensors"))
+        save_state(tmp, {"step": step, "optimizer": opt_state,
                          "scheduler": scheduler.state_dict() if scheduler is not None else None,
                          "rng": rng_state(), "data": data_state or {}, "extra": extra or {}})
     for old in sorted(root.glob("step-*"))[:-keep]:
@@ -83,10 +88,18 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler=None, data_s
     return path
 
 
+def _is_state(optimizer) -> bool:
+    """True for an optimizer's state already gathered, False for optimizer objects."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return False
+    return not any(isinstance(v, torch.optim.Optimizer) for v in optimizer.values())
+
+
 def _optimizer_state(optimizer):
+    """The optimizer's (or a dict of optimizers') state, sharded moments gathered (collective)."""
     if isinstance(optimizer, dict):
-        return {name: opt.state_dict() for name, opt in optimizer.items()}
-    return optimizer.state_dict()
+        return {name: dist.full_optimizer_state(opt) for name, opt in optimizer.items()}
+    return dist.full_optimizer_state(optimizer)
 
 
 def latest_checkpoint(out_dir) -> Path | None:
@@ -105,18 +118,26 @@ def load_checkpoint(path, model, optimizer, scheduler=None) -> dict:
     if ckpt is None:
         raise UserError(f"--resume {path}: no checkpoint found (looked for {path}/checkpoints/step-*)")
     tensors = load_file(str(ckpt / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = {n for n in missing if n.endswith("lm_head.weight")}
-    if set(missing) - tied or unexpected:
+    expected = model.state_dict().keys()
+    missing = [n for n in expected if n not in tensors and not n.endswith("lm_head.weight")]
+    unexpected = [n for n in tensors if n not in expected]
+    if missing or unexpected:
         raise UserError(f"--resume {ckpt}: the checkpoint does not match this model "
-                        f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}); "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]}); "
                         "resume with the same flags as the original run")
     state = load_state(ckpt)
-    if isinstance(optimizer, dict):   # several models, several optimizers (PPO: policy, value)
-        for name, opt in optimizer.items():
-            opt.load_state_dict(state["optimizer"][name])
+    # several models, several optimizers (PPO: model.policy, model.value), else one
+    parts = ([(name + ".", getattr(model, name), opt, state["optimizer"][name])
+              for name, opt in optimizer.items()] if isinstance(optimizer, dict)
+             else [("", model, optimizer, state["optimizer"])])
+    if dist.is_sharded(model):       # FSDP: every rank keeps its own shard of the whole tensors
+        for prefix, sub, opt, opt_state in parts:
+            dist.load_sharded(sub, opt, {k[len(prefix):]: v for k, v in tensors.items()
+                                         if k.startswith(prefix)}, opt_state)
     else:
-        optimizer.load_state_dict(state["optimizer"])
+        model.load_state_dict(tensors, strict=False)
+        for _, _, opt, opt_state in parts:
+            opt.load_state_dict(opt_state)
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
@@ -178,7 +199,8 @@ class Run:
             torch.set_rng_state(extra["torch_rng"][self.rt.rank])
         self.start_step = self.last_saved = state["step"]
         self.skipped = extra.get("skipped", 0)
-        self.metrics.keep_lines(extra.get("metrics_lines", 0))
+        self.metrics.keep_lines(extra.get("metrics_lines", 0),
+                                source=Path(state["path"]).parent.parent)   # run/checkpoints/step-N
         if self.rt.is_main:
             print(f"resumed from {state['path']} at step {state['step']}")
         return state
@@ -203,8 +225,10 @@ class Run:
         if data_state and "per_rank" in data_state:   # e.g. each rank's sampling generator
             data_state = {**data_state, "per_rank": [_rank_states(t) for t in
                                                      data_state["per_rank"]]}
+        tensors = _model_tensors(self.model)              # every rank: gathers shards (FSDP)
+        opt_state = _optimizer_state(self.optimizer)
         if self.rt.is_main:
-            save_checkpoint(self.args.out_dir, step, self.model, self.optimizer, self.scheduler,
+            save_checkpoint(self.args.out_dir, step, tensors, opt_state, self.scheduler,
                             data_state, extra, keep=self.args.keep)
         self.last_saved = step
 

@@ -152,19 +152,23 @@ def test_missing_init_names_the_command(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_grpo_under_torchrun_two_processes(tiny_sft_dir, tmp_path):
+@pytest.mark.parametrize("sharding,port", [("ddp", 29541), ("fsdp", 29542)])
+def test_train_grpo_under_torchrun_two_processes(sharding, port, tiny_sft_dir, tmp_path):
+    """With --fsdp, dynamic sampling lets the ranks refill a different number of times: the
+    sharded model must not wait on collectives the other rank never starts."""
     import os
     import subprocess
     import sys
-    flags = []
+    flags = ["--fsdp", "--dynamic-sampling", "--max-refills", "3"] if sharding == "fsdp" else []
     for k, v in {**TINY, "beta": 0.04, "mu": 2}.items():
         flags += ["--" + k.replace("_", "-"), str(v)]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29531", "train_grpo.py", *flags, "--init", tiny_sft_dir,
+                        "--master_port", str(port), "train_grpo.py", *flags, "--init", tiny_sft_dir,
                         "--out-dir", str(tmp_path / "ddp")],
                        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "ddp" / "model.safetensors").exists()
+    load_model(tmp_path / "ddp")                  # gathered whole on rank 0 (FSDP), loadable
     lines = read_metrics(tmp_path / "ddp")
     assert len([x for x in lines if x["step"] == 0]) == 1      # only rank 0 writes
