@@ -15,9 +15,11 @@ built at all.
 
 The recipe behind the defaults (a 1.9M-parameter model on 2 CPU cores): sample at T = 0.7, not 1,
 so rollouts look like the greedy answers we are scored on (at T = 1 they slip digits and the reward
-stops tracking what greedy decoding does); lr 3e-4 (a tiny model needs a large step); β = 0; DAPO's
-token-level loss and clip-higher; dynamic sampling, which spends the gradient only on prompts whose
-group disagrees (reward spread > 0).
+stops tracking what greedy decoding does); 16 prompts × 8 samples a step, whose gradient is less
+noisy than 8 × 8; lr 5e-5 with a cosine decay to 10% over the 500 steps (a constant LR leaves the
+policy random-walking: greedy accuracy swung ±5 points between evaluations; 1e-4 and above
+destroy it); β = 0; DAPO's token-level loss and clip-higher; dynamic sampling, which spends the
+gradient only on prompts whose group disagrees (reward spread > 0).
 """
 import contextlib
 import copy
@@ -36,7 +38,7 @@ from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, d
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
 from minipost.generate import generate
 from minipost.grpo import group_advantages, grpo_loss
-from minipost.optim import clip_gradients, make_optimizer
+from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.resume import Run, per_rank_state
 from minipost.rollout import completion_logps
@@ -50,7 +52,7 @@ class Args:
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the held-out evaluation
     train_difficulty: str = ""      # task of the training prompts ("" = --difficulty)
     n_prompts: int = 20000          # training prompts in the pool
-    batch_prompts: int = 8          # B: prompts per step (global, over all ranks)
+    batch_prompts: int = 16         # B: prompts per step (global, over all ranks)
     group_size: int = 8             # G: completions sampled per prompt
     temperature: float = 0.7        # rollout sampling temperature (log-probs use logits / T)
     max_new_tokens: int = 64        # completion budget; no EOS by then = truncated
@@ -65,10 +67,12 @@ class Args:
     max_refills: int = 3            # extra sampling rounds per step when filling dynamic batches
     mask_truncated: bool = False    # leave completions that hit --max-new-tokens out of the loss
     micro_batch_size: int = 32      # rows per forward/backward (gradient accumulation)
-    max_steps: int = 400            # optimiser steps (each of μ updates counts once per batch)
-    max_minutes: float = 10.0       # stop training after this many minutes (0 = no limit)
-    lr: float = 3e-5                # learning rate (constant after warm-up; 3e-4 collapses in 6 steps)
+    max_steps: int = 500            # optimiser steps (each of μ updates counts once per batch)
+    max_minutes: float = 15.0       # stop training after this many minutes (0 = no limit)
+    lr: float = 5e-5                # peak learning rate (1e-4 constant loses 16 points in 100 steps)
     warmup_steps: int = 5           # linear warm-up steps
+    lr_schedule: str = "cosine"     # cosine (to --min-lr-ratio at --max-steps) | constant after warm-up
+    min_lr_ratio: float = 0.1       # final LR as a fraction of the peak (cosine)
     weight_decay: float = 0.0       # AdamW weight decay on matrices
     grad_clip: float = 1.0          # max global gradient norm (0 = off)
     eval_every: int = 100           # held-out greedy pass@1 every N steps (0 = only before/after)
@@ -240,6 +244,8 @@ def main(args: Args):
         raise UserError("GRPO needs --temperature > 0 and --group-size >= 2")
     if args.micro_batch_size <= 0 or args.mu < 1:
         raise UserError("--micro-batch-size and --mu must be >= 1")
+    if args.lr_schedule not in ("cosine", "constant"):
+        raise UserError(f"--lr-schedule {args.lr_schedule!r}: expected cosine or constant")
     difficulty_arg(args.difficulty)
     train_difficulty = difficulty_arg(args.train_difficulty or args.difficulty)
 
@@ -258,8 +264,11 @@ def main(args: Args):
     ref_model = make_reference(model, args)
     train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1)))
+    # cosine: the late steps are small, so the policy that is saved is not one noisy step away
+    # from a better one (greedy accuracy swings by ±5 points between evaluations at a constant LR)
+    scheduler = (cosine_schedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+                 if args.lr_schedule == "cosine" else torch.optim.lr_scheduler.LambdaLR(
+                     optimizer, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1))))
     if rt.is_main:
         print(f"policy {args.init} (peft={args.peft}, {trainable_summary(model)}); reference: "
               f"{'none (beta=0)' if ref_model is None else 'frozen'}; {len(pool)} train prompts")

@@ -52,13 +52,14 @@ def test_two_processes_take_the_same_step_as_one(script, port, sharding, tiny_sf
 @pytest.mark.parametrize("sharding,port", [("ddp", 29614), ("fsdp", 29624)])
 def test_grpo_resumed_under_torchrun_matches_a_straight_two_process_run(sharding, port,
                                                                         tiny_sft_dir, tmp_path):
-    """Each rank samples from its own generator: the checkpoint holds both ranks' states. GRPO's
-    schedule does not depend on --max-steps, so a 4-step run resumed to 8 must equal 8 steps.
+    """Each rank samples from its own generator: the checkpoint holds both ranks' states. With
+    --lr-schedule constant GRPO's schedule does not depend on --max-steps, so a 4-step run resumed
+    to 8 must equal 8 steps.
     With --fsdp the checkpoint holds the whole weights and Adam moments, gathered from the shards,
     and the resumed run splits them again."""
     flags = dict(device="cpu", threads=1, eval_problems=0, n_prompts=64, batch_prompts=2,
                  group_size=4, max_new_tokens=12, max_minutes=0, pass_k=0, eval_every=0,
-                 save_every=4, init=tiny_sft_dir)
+                 save_every=4, lr_schedule="constant", init=tiny_sft_dir)
 
     def grpo(out_dir, port, **over):
         args = ["--fsdp"] if sharding == "fsdp" else []

@@ -1,6 +1,7 @@
 """train_grpo.py: the step function's invariants (ratio 1, micro-batch = full batch, constant reward
 = no gradient, no reference at β = 0) and end-to-end runs with tiny flags (full and LoRA)."""
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -172,3 +173,26 @@ def test_train_grpo_under_torchrun_two_processes(sharding, port, tiny_sft_dir, t
     load_model(tmp_path / "ddp")                  # gathered whole on rank 0 (FSDP), loadable
     lines = read_metrics(tmp_path / "ddp")
     assert len([x for x in lines if x["step"] == 0]) == 1      # only rank 0 writes
+
+
+def test_lr_schedules(tiny_sft_dir, tmp_path):
+    """cosine: warm-up, then down to min_lr_ratio · lr at --max-steps; constant: flat after warm-up."""
+    lrs = {}
+    for schedule in ("cosine", "constant"):
+        train_grpo.main(train_grpo.Args(init=tiny_sft_dir, out_dir=str(tmp_path / schedule),
+                                        lr=1e-3, warmup_steps=1, lr_schedule=schedule,
+                                        **{**TINY, "max_steps": 4, "eval_problems": 0,
+                                           "pass_k": 0}))
+        lrs[schedule] = [x["lr"] for x in read_metrics(tmp_path / schedule) if "lr" in x]
+    assert lrs["constant"] == pytest.approx([1e-3] * 4)
+    # the LR logged after step s: one warm-up step, then (s-1)/3 of the cosine, ending at 0.1·lr
+    assert lrs["cosine"] == pytest.approx(
+        [1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 3))) for s in (1, 2, 3, 4)])
+    assert lrs["cosine"][-1] == pytest.approx(1e-4)
+
+
+def test_bad_lr_schedule_is_a_user_error(tmp_path):
+    from minipost.cli import UserError
+    with pytest.raises(UserError, match="--lr-schedule"):
+        train_grpo.main(train_grpo.Args(init=str(tmp_path), out_dir=str(tmp_path / "o"),
+                                        lr_schedule="linear", device="cpu", threads=1))
