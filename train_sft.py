@@ -1,7 +1,7 @@
 """Stage 1: supervised fine-tuning (SFT) on chats, full or parameter-efficient (LoRA, adapters).
 
     python train_sft.py                                  # out/base -> out/sft, built-in chats
-    python train_sft.py --peft lora --lr 1e-2 --out-dir out/sft-lora
+    python train_sft.py --peft lora --lr 5e-3 --out-dir out/sft-lora
     python train_sft.py --peft adapter --lr 1e-2 --out-dir out/sft-adapter
     python train_sft.py --data my_chats.jsonl --init some/hf-checkpoint --max-steps 1000
     torchrun --nproc_per_node 2 train_sft.py --device cpu --threads 1
@@ -58,7 +58,7 @@ class Args:
     grad_accum: int = 1             # micro-batches per step (token-weighted: same gradient)
     epochs: float = 0.0             # passes over the data; 0 = use --max-steps
     max_steps: int = 600            # optimiser steps (when --epochs is 0)
-    lr: float = 1e-3                # peak learning rate (LoRA/adapters want ~10x full FT)
+    lr: float = 1e-3                # peak learning rate (LoRA r=8: 5e-3; 1e-2 is already unstable here)
     min_lr_ratio: float = 0.1       # final LR as a fraction of the peak (cosine decay)
     warmup_steps: int = 30          # linear warm-up steps
     weight_decay: float = 0.0       # AdamW weight decay on matrices
