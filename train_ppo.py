@@ -139,6 +139,15 @@ def main(args: Args):
     if need_rm or Path(args.reward_model, "config.json").exists():
         reward_model = load_model(args.reward_model, dtype, rt.device, head="score").eval()
         reward_model.requires_grad_(False)
+        if reward_model.config.vocab_size != policy.config.vocab_size:   # not the same tokenizer
+            msg = (f"{args.reward_model}: the reward model has {reward_model.config.vocab_size} "
+                   f"token embeddings, the policy {policy.config.vocab_size}; they do not share "
+                   "a tokenizer")
+            if need_rm:
+                raise UserError(msg)
+            if rt.is_main:
+                print(f"note: {msg}, so its score is not logged")
+            reward_model = None
     value_model = (load_model(args.reward_model, dtype, rt.device, head="score")
                    if args.value_init == "reward" else ScoreModel.from_lm(policy)).eval()
     ref_model = None
@@ -233,8 +242,10 @@ def main(args: Args):
         res = evaluate_task(policy, tokenizer, heldout, autocast=rt.autocast)
         out = {"step": step, "eval/accuracy": res["accuracy"],
                "eval/accuracy_ci95": res["accuracy_ci95"], "eval/well_formed": res["well_formed"]}
-        if reward_model is not None and args.eval_rm_problems:   # RM score of greedy answers
-            mine = dist.shard(heldout[:args.eval_rm_problems])
+        # RM score of greedy answers, on a multiple of the world size (every rank gets some)
+        n_rm = min(args.eval_rm_problems, len(heldout)) // rt.world_size * rt.world_size
+        if reward_model is not None and n_rm:
+            mine = dist.shard(heldout[:n_rm])
             with torch.no_grad(), rt.autocast():
                 g = generate(policy, [chat_prompt_ids(tokenizer, p["prompt"]) for p in mine],
                              args.max_new_tokens, temperature=0.0,

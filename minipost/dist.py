@@ -191,8 +191,11 @@ def full_model(model: torch.nn.Module):
     state = full_state_dict(model)
     if rank() != 0:
         return None
-    plain = copy.deepcopy(_SKELETONS[model]).to_empty(device="cpu")
+    skeleton = _SKELETONS[model]
+    plain = copy.deepcopy(skeleton).to_empty(device="cpu")
     plain.load_state_dict({k: v.cpu() for k, v in state.items()})
+    for name, buf in skeleton.named_buffers():      # non-persistent ones are not in `state`
+        plain.get_buffer(name).copy_(buf)
     return plain
 
 
@@ -212,8 +215,9 @@ def load_sharded(model: torch.nn.Module, optimizer, model_state: dict, optimizer
         if target is None:                       # a buffer: not sharded
             continue
         with torch.no_grad():
-            target.copy_(distribute_tensor(t.to(target.dtype), target.device_mesh,
-                                           target.placements) if isinstance(target, DTensor) else t)
+            t = t.to(device=target.device, dtype=target.dtype)
+            target.copy_(distribute_tensor(t, target.device_mesh, target.placements)
+                         if isinstance(target, DTensor) else t)
     ordered = [p for group in optimizer.param_groups for p in group["params"]]
     for i, state in optimizer_state["state"].items():
         p = ordered[int(i)]

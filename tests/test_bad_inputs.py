@@ -5,18 +5,21 @@ substring, no traceback, and an output directory left exactly as it was.
 
 Cases live in tests/bad_inputs/cases.json (name, script, flags, expected substring); data files
 beside it. Placeholders: {dir} this folder; {init} the tiny checkpoint; {rm} a reward model;
+{other_rm} a reward model with a different vocabulary;
 {no_config} {no_weights} {no_tokenizer} {bad_vocab} broken copies of {init}; {missing} a path that
 does not exist; {empty_dir} an empty directory; {big_line} a JSONL with a 10 MB line (made here,
 not committed).
 """
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from minipost.checkpoint import load_model, save_model
+from minipost.model import ScoreModel
 from minipost.cli import parse_args, user_errors
 from minipost.tokenizer import load_tokenizer
 
@@ -38,6 +41,10 @@ def places(tiny_sft_dir, tmp_path_factory):
     rm = root / "rm"
     save_model(load_model(tiny_sft_dir, head="score"), rm, load_tokenizer(tiny_sft_dir))
     out["rm"] = str(rm)
+    score = load_model(tiny_sft_dir, head="score")            # a reward model of another tokenizer
+    save_model(ScoreModel(replace(score.config, vocab_size=score.config.vocab_size + 8)),
+               root / "other_rm")
+    out["other_rm"] = str(root / "other_rm")
     for name, drop in [("no_config", "config.json"), ("no_weights", "model.safetensors"),
                        ("no_tokenizer", "tokenizer.json"), ("bad_vocab", None)]:
         shutil.copytree(tiny_sft_dir, root / name)
