@@ -1,11 +1,9 @@
 """train_dpo.py: ln 2 at step 0 inside the script's loss path, precomputed = live reference, the
 adapters-off reference is the initial model, and end-to-end runs with tiny flags."""
 import json
-import math
 
 import pytest
 import torch
-from torch.testing import assert_close
 
 import train_dpo
 from minipost import tasks
