@@ -51,7 +51,7 @@ class Args:
     eval_problems: int = 500        # held-out problems for the final greedy accuracy
     seed: int = 0                   # seed for data, init and sampling
     device: str = "auto"            # auto | cpu | cuda | cuda:N
-    fsdp: bool = False              # torchrun: shard parameters, gradients and optimizer state over ranks (FSDP2) instead of replicating them (DDP)
+    fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
     threads: int = 0                # CPU threads per process (0 = torch's default)
     compile: bool = False           # torch.compile the model
     save_every: int = 100           # write a resume checkpoint every N steps (0 = only on stop)

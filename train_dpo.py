@@ -57,7 +57,7 @@ class Args:
     loss_type: str = "sigmoid"      # sigmoid (DPO; cDPO with --label-smoothing) | ipo | hinge
     beta: float = 0.1               # β: strength of the implicit KL anchor to the reference
     label_smoothing: float = 0.0    # ε: assumed label-flip rate (cDPO, sigmoid loss only)
-    rpo_alpha: float = 2.0          # α: + α·NLL per token of the chosen completion (RPO); 0 = off (pure DPO: task accuracy -31 points)
+    rpo_alpha: float = 2.0          # α: + α·NLL per chosen token (RPO); 0 = pure DPO (-31 task points here)
     precompute_ref: bool = False    # reference log-probs once before training; no reference after
     max_length: int = 256           # tokens per sequence (longer ones lose prompt tokens first)
     batch_size: int = 16            # pairs per optimiser step (global, over all ranks)
@@ -73,7 +73,7 @@ class Args:
     max_new_tokens: int = 64        # generation budget of the task and identity evaluations
     seed: int = 0                   # seed for data and shuffling
     device: str = "auto"            # auto | cpu | cuda | cuda:N
-    fsdp: bool = False              # torchrun: shard parameters, gradients and optimizer state over ranks (FSDP2) instead of replicating them (DDP)
+    fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
     threads: int = 0                # CPU threads per process (0 = torch's default)
     dtype: str = "float32"          # float32 | bfloat16: dtype the policy is loaded in
     peft: str = "none"              # none | lora | adapter: train only a PEFT module

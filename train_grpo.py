@@ -80,7 +80,7 @@ class Args:
     pass_k: int = 8                 # k of held-out pass@k, sampled at --temperature (0 = skip)
     seed: int = 0                   # seed for prompts and sampling
     device: str = "auto"            # auto | cpu | cuda | cuda:N
-    fsdp: bool = False              # torchrun: shard parameters, gradients and optimizer state over ranks (FSDP2) instead of replicating them (DDP)
+    fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
     threads: int = 0                # CPU threads per process (0 = torch's default)
     dtype: str = "float32"          # float32 | bfloat16: dtype the policy is loaded in
     peft: str = "none"              # none | lora | adapter: train only a PEFT module

@@ -86,7 +86,7 @@ class Args:
     eval_rm_problems: int = 128     # held-out problems whose greedy answers the RM scores
     seed: int = 0                   # seed for prompts and sampling
     device: str = "auto"            # auto | cpu | cuda | cuda:N
-    fsdp: bool = False              # torchrun: shard parameters, gradients and optimizer state over ranks (FSDP2) instead of replicating them (DDP)
+    fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
     threads: int = 0                # CPU threads per process (0 = torch's default)
     dtype: str = "float32"          # float32 | bfloat16: dtype the models are loaded in
     peft: str = "none"              # none | lora | adapter: train only a PEFT module

@@ -59,7 +59,7 @@ class Args:
     eval_problems: int = 500        # held-out problems, each as a (correct, flawed) pair
     seed: int = 0                   # seed for data and shuffling
     device: str = "auto"            # auto | cpu | cuda | cuda:N
-    fsdp: bool = False              # torchrun: shard parameters, gradients and optimizer state over ranks (FSDP2) instead of replicating them (DDP)
+    fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
     threads: int = 0                # CPU threads per process (0 = torch's default)
     dtype: str = "float32"          # float32 | bfloat16: dtype the model is loaded in
     peft: str = "none"              # none | lora | adapter: train only a PEFT module (+ the head)

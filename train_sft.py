@@ -77,7 +77,7 @@ class Args:
     dtype: str = "float32"          # float32 | bfloat16: weights as loaded (bf16 for big models)
     seed: int = 0                   # seed for data order, init and sampling
     device: str = "auto"            # auto | cpu | cuda | cuda:N
-    fsdp: bool = False              # torchrun: shard parameters, gradients and optimizer state over ranks (FSDP2) instead of replicating them (DDP)
+    fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
     threads: int = 0                # CPU threads per process (0 = torch's default)
     chat_template: str = ""         # "" = the tokenizer's own | chatml: force ChatML (its tokens)
     save_every: int = 100           # write a resume checkpoint every N steps (0 = only on stop)

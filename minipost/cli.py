@@ -57,7 +57,7 @@ def parse_args(cls, argv=None, description: str | None = None):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = hints[f.name] if not isinstance(hints[f.name], str) else eval(hints[f.name])  # noqa: S307
-        kw = dict(default=default, help=helps.get(f.name, " ").replace("%", "%%"))  # argparse formats %
+        kw = dict(default=default, help=helps.get(f.name, " ").replace("%", "%%"))
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if kind is bool:

@@ -109,9 +109,10 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0,
                 if t % 8 == 7 and bool(done.all()):
                     break
             if t + 1 < max_new_tokens:
-                # finished rows keep decoding pad tokens (masked out); a batch is as slow as its longest row
-                logits = model(out_ids[:, t:t + 1], cache=cache,
-                               attention_mask=attention_mask[:, :P + t + 1] if padded else None)[:, -1]
+                # finished rows keep decoding pad tokens (masked out): a batch is as slow as its
+                # longest row
+                mask = attention_mask[:, :P + t + 1] if padded else None
+                logits = model(out_ids[:, t:t + 1], cache=cache, attention_mask=mask)[:, -1]
     n = int(out_mask.sum(1).max()) if B else 0
     truncated = ~done if eos_token_id is not None else torch.ones(B, dtype=torch.bool, device=device)
     return Generation(prompt_ids, prompt_mask, out_ids[:, :n], out_mask[:, :n], out_logps[:, :n],
