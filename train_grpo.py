@@ -266,9 +266,9 @@ def main(args: Args):
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     # cosine: the late steps are small, so the policy that is saved is not one noisy step away
     # from a better one (greedy accuracy swings by ±5 points between evaluations at a constant LR)
-    scheduler = (cosine_schedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
-                 if args.lr_schedule == "cosine" else torch.optim.lr_scheduler.LambdaLR(
-                     optimizer, lambda s: min(1.0, (s + 1) / max(args.warmup_steps, 1))))
+    # (constant = a cosine that ends where it starts, so it does not depend on --max-steps)
+    scheduler = cosine_schedule(optimizer, args.warmup_steps, args.max_steps,
+                                args.min_lr_ratio if args.lr_schedule == "cosine" else 1.0)
     if rt.is_main:
         print(f"policy {args.init} (peft={args.peft}, {trainable_summary(model)}); reference: "
               f"{'none (beta=0)' if ref_model is None else 'frozen'}; {len(pool)} train prompts")

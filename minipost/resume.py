@@ -70,14 +70,15 @@ def _model_tensors(model) -> dict:
 
 
 def save_checkpoint(out_dir, step: int, model, optimizer, scheduler=None, data_state=None,
-                    extra=None, keep: int = 2) -> Path:
+                    extra=None, keep: int = 2, write: bool = True) -> Path:
     """Write a resume checkpoint for `step` under OUT_DIR/checkpoints and keep the last `keep`.
-    `model` may be a module or its tensors already gathered (`_model_tensors`), `optimizer` an
-    optimizer, a dict of them, or their gathered state (`_optimizer_state`)."""
+    `optimizer` may be a dict of optimizers. Under torchrun every rank calls it (a sharded model's
+    tensors are gathered, which takes them all) and only the one with `write` writes."""
     root = Path(out_dir) / "checkpoints"
     path = root / f"step-{step:08d}"
-    tensors = model if isinstance(model, dict) else _model_tensors(model)
-    opt_state = optimizer if _is_state(optimizer) else _optimizer_state(optimizer)
+    tensors, opt_state = _model_tensors(model), _optimizer_state(optimizer)
+    if not write:
+        return path
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"))
         save_state(tmp, {"step": step, "optimizer": opt_state,
@@ -86,13 +87,6 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler=None, data_s
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
-
-
-def _is_state(optimizer) -> bool:
-    """True for an optimizer's state already gathered, False for optimizer objects."""
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return False
-    return not any(isinstance(v, torch.optim.Optimizer) for v in optimizer.values())
 
 
 def _optimizer_state(optimizer):
@@ -225,11 +219,8 @@ class Run:
         if data_state and "per_rank" in data_state:   # e.g. each rank's sampling generator
             data_state = {**data_state, "per_rank": [_rank_states(t) for t in
                                                      data_state["per_rank"]]}
-        tensors = _model_tensors(self.model)              # every rank: gathers shards (FSDP)
-        opt_state = _optimizer_state(self.optimizer)
-        if self.rt.is_main:
-            save_checkpoint(self.args.out_dir, step, tensors, opt_state, self.scheduler,
-                            data_state, extra, keep=self.args.keep)
+        save_checkpoint(self.args.out_dir, step, self.model, self.optimizer, self.scheduler,
+                        data_state, extra, keep=self.args.keep, write=self.rt.is_main)
         self.last_saved = step
 
     def end_of_step(self, step: int, data_state=dict, extra=dict) -> bool:
