@@ -49,7 +49,7 @@ class Args:
     warmup: int = 2                 # untimed steps first
     precompute_ref: bool = False    # W3: reference log-probs computed before timing, not live
     tiny: bool = False              # a tiny model (hidden 32, 2 layers), for tests
-    compile: bool = False           # torch.compile the trained model (W0–W3, W5 training)
+    compile: bool = False           # torch.compile the model (W0–W3 and W5 training, W4 decoding)
     device: str = "cpu"             # auto | cpu | cuda (bf16 autocast on cuda)
     threads: int = 2                # CPU threads (torch.set_num_threads)
     seed: int = 0                   # seed for the init and the random tokens
@@ -234,6 +234,8 @@ def w3(args, cfg, rt, gen) -> list[dict]:
 def w4(args, cfg, rt, gen) -> list[dict]:
     """Generation: 32 prompts × 32 tokens, 64 new tokens, no EOS, sampled and greedy."""
     model = GPT(cfg).to(rt.device).eval()
+    if args.compile:       # the cache grows a token a step: dynamic shapes, one compilation
+        model.compile(dynamic=True)
     prompts = random_ids(gen, cfg, 32, 32, device=rt.device)
     prompt_mask = torch.ones_like(prompts)
     flops = generation_flops(cfg, 32, 32, 64)

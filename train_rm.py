@@ -10,6 +10,14 @@ completion (PITFALLS 19). The loss is Bradley-Terry (Ouyang et al. 2022, arXiv 2
     L = −mean_b log σ(r(x, y_c) − r(x, y_r) − m_b),
 with an optional per-pair margin m_b (Llama 2) read from a `"margin"` field of `--data` rows. The
 chosen and rejected sequences of a batch go through the model in ONE forward pass (2B rows).
+Two more terms, both on by default, make the difference on the built-in task (held-out accuracy
+0.67 without them, 0.93 with them):
+  + `--prefix-weight` × the same loss at every position after the first token where chosen and
+    rejected part (`reward.prefix_bradley_terry_loss`): the score is told WHERE the flaw is, the
+    slipped digit, instead of only that the last token follows one;
+  + `--lm-weight` × next-token loss on the chosen completions, through the tied embeddings: the
+    decoder keeps (and sharpens) the arithmetic the SFT model knows, which checking a step needs
+    (regularising a reward model with an SFT loss: Yang et al. 2024, arXiv 2406.10216).
 
 Built-in data: `tasks.preference_pairs` (chosen = a correct worked solution; rejected = the same
 solution with a planted arithmetic slip, or a broken answer format) plus `--n-identity` pairs that
@@ -34,7 +42,9 @@ from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
 from minipost.peft import add_peft, save_peft, trainable_summary
 from minipost.resume import Run
-from minipost.reward import bradley_terry_loss, pair_rewards, reward_metrics
+from minipost.reward import (bradley_terry_loss, last_scores, pair_rewards, prefix_bradley_terry_loss,
+                             reward_metrics)
+from minipost.sft import sft_loss
 
 
 # ---------------------------------------------------------------------------- Args
@@ -45,11 +55,13 @@ class Args:
     data: str = ""                  # preference JSONL ("" = the built-in pairs)
     eval_data: str = ""             # held-out preference JSONL ("" = built-in, or 10% of --data)
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the built-in pairs
-    n_pairs: int = 6000             # built-in training pairs (arithmetic)
+    n_pairs: int = 20000            # built-in training pairs (arithmetic)
     n_identity: int = 200           # built-in identity pairs ("I am Pip" over a generic answer)
+    prefix_weight: float = 4.0      # + w × Bradley-Terry at every prefix after the pair parts (0 = off)
+    lm_weight: float = 1.0          # + w × next-token loss on the chosen completions (0 = off)
     max_length: int = 256           # tokens per sequence (longer ones lose prompt tokens first)
     batch_size: int = 32            # pairs per optimiser step (global, over all ranks)
-    max_steps: int = 300            # optimiser steps
+    max_steps: int = 1200           # optimiser steps
     lr: float = 3e-4                # peak learning rate
     min_lr_ratio: float = 0.1       # final LR as a fraction of the peak (cosine decay)
     warmup_steps: int = 20          # linear warm-up steps
@@ -134,12 +146,28 @@ def main(args: Args):
         return {k: v.to(rt.device) for k, v in batch.items()}
 
     def loss_fn(net, idx):
+        """Bradley-Terry at the last token, + w_p × at every prefix after the parting token,
+        + w_lm × next-token loss on the chosen completions; each part is logged as loss/*."""
         batch = batch_of(train, idx)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         with rt.autocast():
-            chosen_rewards, rejected_rewards = pair_rewards(net, batch["input_ids"],
-                                                            batch["attention_mask"])
-        loss = bradley_terry_loss(chosen_rewards, rejected_rewards, margins[idx].to(rt.device))
-        return loss, reward_metrics(chosen_rewards, rejected_rewards)
+            if args.lm_weight:
+                scores, logits = net(ids, mask, lm_logits=True)     # (2B, T), (2B, T, V)
+            else:
+                scores = net(ids, mask)                             # (2B, T)
+        chosen_rewards, rejected_rewards = last_scores(scores, mask).chunk(2)
+        parts = {"loss/bt": bradley_terry_loss(chosen_rewards, rejected_rewards,
+                                               margins[idx].to(rt.device))}
+        loss = parts["loss/bt"]
+        if args.prefix_weight:
+            parts["loss/prefix"] = prefix_bradley_terry_loss(scores, ids, mask)
+            loss = loss + args.prefix_weight * parts["loss/prefix"]
+        if args.lm_weight:      # rows 0..B−1 are the chosen completions
+            B = len(idx)
+            parts["loss/lm"] = sft_loss(logits[:B], ids[:B], batch["loss_mask"][:B])
+            loss = loss + args.lm_weight * parts["loss/lm"]
+        stats = reward_metrics(chosen_rewards, rejected_rewards)
+        return loss, {**stats, **{k: v.detach() for k, v in parts.items()}}
 
     @torch.no_grad()
     def held_out_eval(encoded, prefix="eval"):

@@ -53,6 +53,43 @@ def bradley_terry_loss(
     return -F.logsigmoid(logits).mean()
 
 
+def prefix_bradley_terry_loss(scores: torch.Tensor, input_ids: torch.Tensor,
+                              attention_mask: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry at every prefix where the two completions already differ.
+
+    A chosen and a rejected completion usually share a start and part ways at one token (the
+    slipped digit, the first word of a broken answer line). Scoring only the last token gives the
+    model one bit per pair about where the flaw was; this loss also asks the score at every position
+    k at or after the first differing token d to prefer the chosen prefix:
+        L = (1/B) Σ_b mean_{k = d_b .. end_b} −log σ(s_c,b[min(k, e_c)] − s_r,b[min(k, e_r)])
+    where s are the per-token scores, e_c and e_r each row's last real token and end_b = max(e_c, e_r)
+    (a shorter row stays at its last token). It is the outcome preference applied to prefixes, a
+    cheap stand-in for per-step labels (Lightman et al. 2023, arXiv 2305.20050, label every step of
+    a solution by hand); the reward model is still read at the last token only.
+
+    Args:
+        scores: (2B, T) per-token scores, rows 0..B−1 chosen, B..2B−1 rejected.
+        input_ids, attention_mask: (2B, T), RIGHT-padded (`data.collate_preference`), so equal
+            prefixes sit at equal positions.
+
+    Returns:
+        scalar; reduction: mean over each pair's positions, then over pairs (pairs that never
+        differ count as 0).
+    """
+    s_c, s_r = scores.float().chunk(2)
+    ids_c, ids_r = input_ids.chunk(2)
+    m_c, m_r = attention_mask.bool().chunk(2)
+    differ = ((ids_c != ids_r) & (m_c | m_r)) | (m_c != m_r)                 # (B, T)
+    T = differ.shape[1]
+    k = torch.arange(T, device=scores.device).expand_as(differ)
+    first = torch.where(differ, k, T).min(1, keepdim=True).values           # (B, 1) d_b
+    e_c, e_r = last_token_index(m_c)[:, None], last_token_index(m_r)[:, None]
+    valid = (k >= first) & (k <= torch.maximum(e_c, e_r))                  # (B, T)
+    logits = s_c.gather(1, k.minimum(e_c)) - s_r.gather(1, k.minimum(e_r))
+    per_pair = (-F.logsigmoid(logits) * valid).sum(1) / valid.sum(1).clamp(min=1)
+    return per_pair.mean()
+
+
 def pair_rewards(reward_model: ScoreModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of the chosen and the rejected completions, from one forward pass.
@@ -65,9 +102,12 @@ def pair_rewards(reward_model: ScoreModel, input_ids: torch.Tensor, attention_ma
     Returns:
         (chosen_rewards, rejected_rewards), each (B,), fp32: the score at each row's last real token.
     """
-    scores = reward_model(input_ids, attention_mask)                           # (2B, T)
-    rewards = scores.gather(1, last_token_index(attention_mask)[:, None])      # (2B, 1)
-    return rewards.squeeze(1).chunk(2)
+    return last_scores(reward_model(input_ids, attention_mask), attention_mask).chunk(2)
+
+
+def last_scores(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token scores (N, T) -> each row's score at its last real token (N,)."""
+    return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
 
 
 def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:

@@ -92,3 +92,22 @@ def test_top_k_and_top_p_keep_the_right_tokens():
 def test_left_pad():
     ids, mask = left_pad([[1, 2], [3]], pad_token_id=0)
     assert ids.tolist() == [[1, 2], [0, 3]] and mask.tolist() == [[1, 1], [0, 1]]
+
+
+def test_sample_draws_from_the_given_distribution():
+    """Inverse-CDF sampling: frequencies match the probabilities (chi-square), zero-probability
+    tokens never come, and a one-hot row always gives its token."""
+    from minipost.generate import sample
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.05, 0.0])
+    n = 40_000
+    tokens = sample(probs.expand(n, -1), g)
+    counts = torch.bincount(tokens, minlength=6).double()
+    assert counts[1] == 0 and counts[5] == 0                   # filtered tokens: never drawn
+    expected = n * probs.double()
+    keep = expected > 0
+    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
+    assert chi2 < 16.3                                         # 3 d.o.f., p = 0.001
+    one_hot = torch.zeros(4, 6)
+    one_hot[torch.arange(4), torch.tensor([0, 5, 2, 3])] = 1.0
+    assert sample(one_hot, g).tolist() == [0, 5, 2, 3]

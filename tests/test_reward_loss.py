@@ -41,3 +41,29 @@ def test_bradley_terry_loss_finite_and_correct_at_large_margins(dtype):
     loss.backward()
     assert torch.isfinite(chosen.grad).all()
     assert_close(chosen.grad, torch.tensor([0.0, -0.5]), atol=1e-6, rtol=0)
+
+
+def test_prefix_bradley_terry_loss_hand_computed():
+    """Positions from the first differing token to the longer row's end; a shorter row stays at
+    its last token; positions before the parting and padding do not count."""
+    from minipost.reward import prefix_bradley_terry_loss
+    # pair 0: chosen [5 6 7 8], rejected [5 6 9 8 4]: part at k=2; k=4 compares chosen's last (k=3)
+    # pair 1: identical rows: no positions, contributes 0
+    ids = torch.tensor([[5, 6, 7, 8, 0], [5, 6, 0, 0, 0], [5, 6, 9, 8, 4], [5, 6, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    scores = torch.tensor([[0.0, 1, 2, 3, 99], [7, 7, 7, 7, 7],
+                           [0.0, 1, -1, 0.5, 1], [-7, -7, -7, -7, -7]], requires_grad=True)
+    loss = prefix_bradley_terry_loss(scores, ids, mask)
+    nll = [math.log1p(math.exp(-x)) for x in (2 - (-1), 3 - 0.5, 3 - 1)]
+    assert loss.item() == pytest.approx(sum(nll) / 3 / 2, rel=1e-6)
+    loss.backward()
+    assert scores.grad[0, :2].abs().sum() == 0 and scores.grad[0, 4] == 0   # shared prefix, pad
+    assert scores.grad[1].abs().sum() == 0 and scores.grad[3].abs().sum() == 0
+
+
+def test_prefix_bradley_terry_loss_is_ln2_at_equal_scores():
+    from minipost.reward import prefix_bradley_terry_loss
+    ids = torch.tensor([[1, 2, 3], [1, 4, 5]])
+    mask = torch.ones(2, 3, dtype=torch.long)
+    loss = prefix_bradley_terry_loss(torch.zeros(2, 3), ids, mask)
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)

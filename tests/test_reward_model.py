@@ -75,6 +75,21 @@ def test_score_head_on_a_language_model_starts_at_zero(tmp_path):
     assert bradley_terry_loss(chosen, rejected).item() == pytest.approx(math.log(2), abs=1e-7)
 
 
+def test_lm_logits_of_a_score_model_are_its_language_models_logits(tmp_path):
+    """A reward model made from an LM still computes that LM's next-token logits through the tied
+    embeddings (train_rm's --lm-weight), beside the scores it returns alone."""
+    torch.manual_seed(0)
+    lm = GPT(GPTConfig(**CFG)).double().eval()
+    save_model(lm, tmp_path / "lm")
+    model = load_model(tmp_path / "lm", head="score").double().eval()
+    ids, mask, _ = pad_batch(SEQS, pad_id=3)
+    scores, logits = model(ids, mask, lm_logits=True)
+    assert_close(scores, model(ids, mask))
+    assert_close(logits, lm(ids, mask))
+    with pytest.raises(ValueError, match="tied"):
+        ScoreModel(GPTConfig(**CFG, tie_word_embeddings=False))(ids, mask, lm_logits=True)
+
+
 def test_saved_reward_model_loads_in_transformers_with_the_same_scores(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = reward_model(dtype=torch.float32)

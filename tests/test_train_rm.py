@@ -29,7 +29,12 @@ def test_train_rm_end_to_end(tiny_sft_dir, tmp_path):
     assert res["eval/n"] == 16
     log = read_metrics(out)
     steps = [r for r in log if "loss" in r]
-    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)   # zero head: all rewards 0
+    first = steps[0]
+    assert first["loss/bt"] == pytest.approx(math.log(2), abs=1e-6)   # zero head: all rewards 0
+    assert first["loss/prefix"] == pytest.approx(math.log(2), abs=1e-6)   # at every prefix too
+    assert first["loss/lm"] > 0                                       # the chosen tokens' NLL
+    assert first["loss"] == pytest.approx(first["loss/bt"] + 4.0 * first["loss/prefix"]
+                                          + 1.0 * first["loss/lm"], rel=1e-5)
     assert {"rewards/accuracies", "rewards/margins", "rewards/chosen"} <= set(steps[0])
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"]
@@ -69,3 +74,13 @@ def test_train_rm_with_lora_trains_the_head_and_loads_back(tiny_sft_dir, tmp_pat
     assert isinstance(model, ScoreModel) and model.score.weight.abs().sum() > 0
     ids = torch.tensor([[5, 6, 7, 2]])
     assert torch.isfinite(model.score_last(ids, torch.ones_like(ids))).all()
+
+
+def test_train_rm_plain_bradley_terry_starts_at_ln2(tiny_sft_dir, tmp_path):
+    """--prefix-weight 0 --lm-weight 0: the loss is Bradley-Terry alone, ln 2 at a zero head."""
+    out = tmp_path / "rm"
+    train_rm.main(train_rm.Args(init=tiny_sft_dir, out_dir=str(out), prefix_weight=0.0,
+                                lm_weight=0.0, **TINY))
+    first = [r for r in read_metrics(out) if "loss" in r][0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert "loss/prefix" not in first and "loss/lm" not in first
