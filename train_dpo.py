@@ -23,6 +23,13 @@ accuracy). Reported before and after: held-out preference accuracy (share of hel
 chosen completion the policy gives the higher log-prob), held-out task accuracy by the verifier
 (greedy, evaluate.heldout_problems) and the identity demo (share of the held-out "who are you?"
 phrasings, `tasks.identity_prompts("test")`, answered with the name, greedy).
+
+The defaults are the recipe that teaches the name without costing the task (measured in the
+README): 200 steps at lr 3e-4 with 1200 identity pairs beside 1200 arithmetic ones, and the RPO term
+`--rpo-alpha 8` (+ 8 × the chosen completion's per-token NLL; Pang et al. 2024). The name is a new
+string spelled nearly letter by letter by this tokenizer, so it needs that many steps at that rate
+(at lr 2e-4 or 100 steps the answer is still "I am Pii."); the NLL term keeps the arithmetic from
+paying for them (α = 2: −6 points; pure DPO: −31).
 """
 import time
 from dataclasses import asdict, dataclass
@@ -53,16 +60,16 @@ class Args:
     eval_data: str = ""             # held-out preference JSONL ("" = built-in, or 10% of --data)
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the built-in pairs and the evaluation
     n_pairs: int = 1200             # built-in training pairs (arithmetic)
-    n_identity: int = 400           # built-in identity pairs, mixed in ("I am Pip" > generic)
+    n_identity: int = 1200          # built-in identity pairs, mixed in ("I am Pip" > generic)
     loss_type: str = "sigmoid"      # sigmoid (DPO; cDPO with --label-smoothing) | ipo | hinge
     beta: float = 0.1               # β: strength of the implicit KL anchor to the reference
     label_smoothing: float = 0.0    # ε: assumed label-flip rate (cDPO, sigmoid loss only)
-    rpo_alpha: float = 2.0          # α: + α·NLL per chosen token (RPO); 0 = pure DPO (-31 task points here)
+    rpo_alpha: float = 8.0          # α: + α·NLL per chosen token (RPO); 0 = pure DPO (-31 task points here)
     precompute_ref: bool = False    # reference log-probs once before training; no reference after
     max_length: int = 256           # tokens per sequence (longer ones lose prompt tokens first)
     batch_size: int = 16            # pairs per optimiser step (global, over all ranks)
-    max_steps: int = 100            # optimiser steps
-    lr: float = 1e-4                # peak learning rate
+    max_steps: int = 200            # optimiser steps
+    lr: float = 3e-4                # peak learning rate
     min_lr_ratio: float = 0.1       # final LR as a fraction of the peak (cosine decay)
     warmup_steps: int = 10          # linear warm-up steps
     weight_decay: float = 0.0       # AdamW weight decay on matrices

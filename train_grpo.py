@@ -16,7 +16,7 @@ built at all.
 The recipe behind the defaults (a 1.9M-parameter model on 2 CPU cores): sample at T = 0.7, not 1,
 so rollouts look like the greedy answers we are scored on (at T = 1 they slip digits and the reward
 stops tracking what greedy decoding does); 16 prompts × 8 samples a step, whose gradient is less
-noisy than 8 × 8; lr 5e-5 with a cosine decay to 10% over the 560 steps (a constant LR leaves the
+noisy than 8 × 8; lr 5e-5 with a cosine decay to 10% over the 600 steps (a constant LR leaves the
 policy random-walking: greedy accuracy swung ±5 points between evaluations; 1e-4 and above
 destroy it); β = 0; DAPO's token-level loss and clip-higher; dynamic sampling, which spends the
 gradient only on prompts whose group disagrees (reward spread > 0).
@@ -67,7 +67,7 @@ class Args:
     max_refills: int = 3            # extra sampling rounds per step when filling dynamic batches
     mask_truncated: bool = False    # leave completions that hit --max-new-tokens out of the loss
     micro_batch_size: int = 32      # rows per forward/backward (gradient accumulation)
-    max_steps: int = 560            # optimiser steps (each of μ updates counts once per batch)
+    max_steps: int = 600            # optimiser steps (each of μ updates counts once per batch)
     max_minutes: float = 15.0       # stop training after this many minutes (0 = no limit)
     lr: float = 5e-5                # peak learning rate (1e-4 constant loses 16 points in 100 steps)
     warmup_steps: int = 5           # linear warm-up steps

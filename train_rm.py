@@ -96,6 +96,9 @@ def main(args: Args):
     if args.batch_size <= 0 or args.batch_size % rt.world_size:
         raise UserError(f"--batch-size {args.batch_size} is not a positive multiple of the "
                         f"{rt.world_size} processes")
+    if args.prefix_weight < 0 or args.lm_weight < 0:
+        raise UserError(f"--prefix-weight and --lm-weight must be >= 0, got {args.prefix_weight} "
+                        f"and {args.lm_weight}")
     difficulty = difficulty_arg(args.difficulty)
     tokenizer = load_script_tokenizer(args.init, args.chat_template)
 
