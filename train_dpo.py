@@ -64,7 +64,7 @@ class Args:
     loss_type: str = "sigmoid"      # sigmoid (DPO; cDPO with --label-smoothing) | ipo | hinge
     beta: float = 0.1               # β: strength of the implicit KL anchor to the reference
     label_smoothing: float = 0.0    # ε: assumed label-flip rate (cDPO, sigmoid loss only)
-    rpo_alpha: float = 8.0          # α: + α·NLL per chosen token (RPO); 0 = pure DPO (-31 task points here)
+    rpo_alpha: float = 8.0          # α: + α·NLL per chosen token (RPO); 0 = pure DPO (loses the task)
     precompute_ref: bool = False    # reference log-probs once before training; no reference after
     max_length: int = 256           # tokens per sequence (longer ones lose prompt tokens first)
     batch_size: int = 16            # pairs per optimiser step (global, over all ranks)

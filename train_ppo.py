@@ -75,9 +75,9 @@ class Args:
     lam: float = 0.95               # λ: GAE
     clip_eps: float = 0.2           # ε: policy ratio clipped to [1 − ε, 1 + ε]
     clip_eps_value: float = 0.2     # value predictions clipped to V_old ± ε
-    max_steps: int = 150            # iterations (rollout + K epochs of updates)
+    max_steps: int = 300            # iterations (rollout + K epochs of updates)
     max_minutes: float = 13.0       # stop training after this many minutes (0 = no limit)
-    lr: float = 1e-5                # policy learning rate (constant; 1e-4 loses accuracy even on gold)
+    lr: float = 5e-6                # policy learning rate (constant; 1e-4 loses accuracy even on gold)
     value_lr: float = 1e-4          # value model learning rate (constant)
     weight_decay: float = 0.0       # AdamW weight decay on matrices
     grad_clip: float = 1.0          # max gradient norm, per model (0 = off)

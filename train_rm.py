@@ -57,7 +57,7 @@ class Args:
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the built-in pairs
     n_pairs: int = 20000            # built-in training pairs (arithmetic)
     n_identity: int = 200           # built-in identity pairs ("I am Pip" over a generic answer)
-    prefix_weight: float = 4.0      # + w × Bradley-Terry at every prefix after the pair parts (0 = off)
+    prefix_weight: float = 4.0      # + w × Bradley-Terry at each position after the two completions part
     lm_weight: float = 1.0          # + w × next-token loss on the chosen completions (0 = off)
     max_length: int = 256           # tokens per sequence (longer ones lose prompt tokens first)
     batch_size: int = 32            # pairs per optimiser step (global, over all ranks)
