@@ -44,7 +44,7 @@ from minipost.peft import add_peft, save_peft, trainable_summary
 from minipost.resume import Run
 from minipost.reward import (bradley_terry_loss, last_scores, pair_rewards, prefix_bradley_terry_loss,
                              reward_metrics)
-from minipost.sft import sft_loss
+from minipost.sft import sft_loss_sum
 
 
 # ---------------------------------------------------------------------------- Args
@@ -167,7 +167,11 @@ def main(args: Args):
             loss = loss + args.prefix_weight * parts["loss/prefix"]
         if args.lm_weight:      # rows 0..B−1 are the chosen completions
             B = len(idx)
-            parts["loss/lm"] = sft_loss(logits[:B], ids[:B], batch["loss_mask"][:B])
+            nll_sum, n = sft_loss_sum(logits[:B], ids[:B], batch["loss_mask"][:B])
+            # a mean over the chosen tokens of ALL ranks (DDP then averages over ranks), so that
+            # N processes take the step of one; ranks hold different numbers of tokens
+            n_all = dist.all_reduce_sum(n.detach().clone()).clamp(min=1.0)
+            parts["loss/lm"] = nll_sum * rt.world_size / n_all
             loss = loss + args.lm_weight * parts["loss/lm"]
         stats = reward_metrics(chosen_rewards, rejected_rewards)
         return loss, {**stats, **{k: v.detach() for k, v in parts.items()}}
