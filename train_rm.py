@@ -153,9 +153,10 @@ def main(args: Args):
         + w_lm × next-token loss on the chosen completions; each part is logged as loss/*."""
         batch = batch_of(train, idx)
         ids, mask = batch["input_ids"], batch["attention_mask"]
+        B = len(idx)
         with rt.autocast():
-            if args.lm_weight:
-                scores, logits = net(ids, mask, lm_logits=True)     # (2B, T), (2B, T, V)
+            if args.lm_weight:   # rows 0..B−1 are the chosen completions: their logits only
+                scores, logits = net(ids, mask, lm_rows=B)          # (2B, T), (B, T, V)
             else:
                 scores = net(ids, mask)                             # (2B, T)
         chosen_rewards, rejected_rewards = last_scores(scores, mask).chunk(2)
@@ -165,9 +166,8 @@ def main(args: Args):
         if args.prefix_weight:
             parts["loss/prefix"] = prefix_bradley_terry_loss(scores, ids, mask)
             loss = loss + args.prefix_weight * parts["loss/prefix"]
-        if args.lm_weight:      # rows 0..B−1 are the chosen completions
-            B = len(idx)
-            nll_sum, n = sft_loss_sum(logits[:B], ids[:B], batch["loss_mask"][:B])
+        if args.lm_weight:
+            nll_sum, n = sft_loss_sum(logits, ids[:B], batch["loss_mask"][:B])
             # a mean over the chosen tokens of ALL ranks (DDP then averages over ranks), so that
             # N processes take the step of one; ranks hold different numbers of tokens
             n_all = dist.all_reduce_sum(n.detach().clone()).clamp(min=1.0)

@@ -338,17 +338,18 @@ class ScoreModel(nn.Module):
         return sm
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
-                lm_logits: bool = False):
-        """Per-token scores (B, T), in fp32; with `lm_logits`, also the next-token logits (B, T, V)
-        of the tied embedding matrix, which the decoder still holds (a reward model may keep
-        training its language modelling beside the score)."""
+                lm_rows: int = 0):
+        """Per-token scores (B, T), in fp32; with `lm_rows` = n > 0, also the next-token logits
+        (n, T, V) of the first n rows, through the tied embedding matrix, which the decoder still
+        holds (a reward model may keep training its language modelling beside the score; only the
+        rows it trains on pay for the (T, V) logits)."""
         hidden = self.model(input_ids, attention_mask, position_ids, segment_ids)
         scores = self.score(hidden).squeeze(-1).float()
-        if not lm_logits:
+        if not lm_rows:
             return scores
         if not self.config.tie_word_embeddings:
-            raise ValueError("lm_logits needs tied embeddings: a score model keeps no LM head")
-        return scores, F.linear(hidden, self.model.embed_tokens.weight)
+            raise ValueError("lm_rows needs tied embeddings: a score model keeps no LM head")
+        return scores, F.linear(hidden[:lm_rows], self.model.embed_tokens.weight)
 
     def score_last(self, input_ids, attention_mask):
         """Score at each row's last real token (B,): the reward, whatever the padding side."""

@@ -83,11 +83,13 @@ def test_lm_logits_of_a_score_model_are_its_language_models_logits(tmp_path):
     save_model(lm, tmp_path / "lm")
     model = load_model(tmp_path / "lm", head="score").double().eval()
     ids, mask, _ = pad_batch(SEQS, pad_id=3)
-    scores, logits = model(ids, mask, lm_logits=True)
+    scores, logits = model(ids, mask, lm_rows=len(SEQS))
     assert_close(scores, model(ids, mask))
     assert_close(logits, lm(ids, mask))
+    _, first_two = model(ids, mask, lm_rows=2)                 # only the rows asked for
+    assert_close(first_two, lm(ids, mask)[:2])
     with pytest.raises(ValueError, match="tied"):
-        ScoreModel(GPTConfig(**CFG, tie_word_embeddings=False))(ids, mask, lm_logits=True)
+        ScoreModel(GPTConfig(**CFG, tie_word_embeddings=False))(ids, mask, lm_rows=1)
 
 
 def test_saved_reward_model_loads_in_transformers_with_the_same_scores(tmp_path):
