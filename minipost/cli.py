@@ -73,7 +73,11 @@ def parse_args(cls, argv=None, description: str | None = None):
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn the known kinds of user mistake into one line on stderr and exit code 2."""
+    """Turn the known kinds of user mistake into one line on stderr and exit code 2.
+
+    A rank launched by torchrun that finished cleanly leaves with `os._exit(0)` once its output is
+    flushed: interpreter teardown can race torch's gloo worker threads and abort a finished
+    process ("terminate called without an active exception", pytorch/pytorch#179291)."""
     from .checkpoint import CheckpointError
     from .data import DataError
     try:
@@ -81,6 +85,10 @@ def user_errors():
     except (UserError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if "RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def difficulty_arg(text: str):
