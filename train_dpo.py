@@ -16,21 +16,28 @@ by the very model that then trains (no second copy ever); with `--peft lora|adap
 same network with its adapters switched off (`peft.reference_off`), again no second copy. At step 0
 policy = reference, so the loss is exactly ln 2 and every implicit reward is 0 (PITFALLS 9).
 
-Built-in data: `tasks.preference_pairs` (a correct worked solution over one with a planted slip or a
-broken format) mixed with `tasks.identity_pairs` ("I am Pip, ..." over "I am an AI language
-model ..."), so one run shows both what DPO can teach (a new name) and what it must not break (task
-accuracy). Reported before and after: held-out preference accuracy (share of held-out pairs whose
+Built-in data: arithmetic pairs mixed with `tasks.identity_pairs` ("I am Pip, ..." over "I am an
+AI language model ..."), so one run shows both what DPO can teach (a new name) and what it does to
+the task. The arithmetic pairs are the policy's own (`--pairs sampled`, `sampled_pairs`): before
+training, the initial policy answers each training problem `--samples` times, the verifier labels
+the answers, and a pair is a correct answer (else the worked solution) over a wrong one, as in
+iterative reasoning preference optimisation (Pang et al. 2024, arXiv 2404.19733). Such pairs show
+the policy its own mistakes, which is what raises its accuracy; `--pairs planted` uses
+`tasks.preference_pairs` instead (the worked solution over one with a planted slip or a broken
+format), which the policy rarely makes and so learns little from. Reported before and after: held-out preference accuracy (share of held-out pairs whose
 chosen completion the policy gives the higher log-prob), held-out task accuracy by the verifier
 (greedy, evaluate.heldout_problems) and the identity demo (share of the held-out "who are you?"
 phrasings, `tasks.identity_prompts("test")`, answered with the name, greedy).
 
-The defaults are the recipe that teaches the name without costing the task (measured in the
-README): 200 steps at lr 3e-4 with 1200 identity pairs beside 1200 arithmetic ones, and the RPO term
-`--rpo-alpha 8` (+ 8 × the chosen completion's per-token NLL; Pang et al. 2024). The name is a new
-string spelled nearly letter by letter by this tokenizer, so it needs that many steps at that rate
-(at lr 2e-4 or 100 steps the answer is still "I am Pii."); the NLL term keeps the arithmetic from
-paying for them (α = 2: −6 points; pure DPO: −31).
+The defaults are the recipe that teaches the name and raises the task accuracy (measured in the
+README): 400 steps at lr 3e-4 on the sampled pairs of 2400 problems (about 1830 pairs) and 800
+identity pairs, with the RPO term `--rpo-alpha 8` (+ 8 × the chosen completion's per-token NLL;
+Pang et al. 2024). The name is a new string spelled nearly letter by letter by this tokenizer, so it
+needs that many steps at that rate (at lr 2e-4 the answer is still "I am Pii."); the NLL term keeps
+the arithmetic from paying for them (α = 2 on planted pairs: −6 points; pure DPO: −31). More identity
+pairs cost task accuracy: 1070 of them at 200 steps learn 71% of the phrasings and lose 1.6 points.
 """
+import random
 import time
 from dataclasses import asdict, dataclass
 
@@ -45,6 +52,7 @@ from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, d
 from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.dpo import dpo_loss, sequence_logps
 from minipost.evaluate import chat_prompt_ids, complete, evaluate_task, heldout_problems
+from minipost.generate import generate
 from minipost.model import token_logprobs
 from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
@@ -59,8 +67,11 @@ class Args:
     data: str = ""                  # preference JSONL ("" = the built-in pairs)
     eval_data: str = ""             # held-out preference JSONL ("" = built-in, or 10% of --data)
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the built-in pairs and the evaluation
-    n_pairs: int = 1200             # built-in training pairs (arithmetic)
-    n_identity: int = 1200          # built-in identity pairs, mixed in ("I am Pip" > generic)
+    pairs: str = "sampled"          # built-in arithmetic pairs: sampled (the policy's own) | planted
+    n_pairs: int = 2400             # built-in arithmetic problems (sampled: pairs <= problems)
+    samples: int = 4                # --pairs sampled: answers sampled per problem
+    sample_temperature: float = 1.0  # --pairs sampled: temperature of those answers
+    n_identity: int = 800           # built-in identity pairs, mixed in ("I am Pip" > generic)
     loss_type: str = "sigmoid"      # sigmoid (DPO; cDPO with --label-smoothing) | ipo | hinge
     beta: float = 0.1               # β: strength of the implicit KL anchor to the reference
     label_smoothing: float = 0.0    # ε: assumed label-flip rate (cDPO, sigmoid loss only)
@@ -68,7 +79,7 @@ class Args:
     precompute_ref: bool = False    # reference log-probs once before training; no reference after
     max_length: int = 256           # tokens per sequence (longer ones lose prompt tokens first)
     batch_size: int = 16            # pairs per optimiser step (global, over all ranks)
-    max_steps: int = 200            # optimiser steps
+    max_steps: int = 400            # optimiser steps
     lr: float = 3e-4                # peak learning rate
     min_lr_ratio: float = 0.1       # final LR as a fraction of the peak (cosine decay)
     warmup_steps: int = 10          # linear warm-up steps
@@ -77,7 +88,7 @@ class Args:
     eval_every: int = 0             # held-out preference accuracy every N steps (0 = before/after)
     eval_pairs: int = 200           # held-out pairs for the preference accuracy
     eval_problems: int = 500        # held-out problems for the task accuracy (0 = skip)
-    max_new_tokens: int = 64        # generation budget of the task and identity evaluations
+    max_new_tokens: int = 64        # generation budget of the sampled pairs and the evaluations
     seed: int = 0                   # seed for data and shuffling
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
@@ -95,6 +106,53 @@ class Args:
     keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
     resume: str = ""                # resume from this run directory (or one of its checkpoints)
     skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
+
+
+# ---------------------------------------------------------------------------- sampled pairs
+def pair_up(problem: dict, answers: list[str], truncated: list[bool], rng: random.Random
+            ) -> dict | None:
+    """One preference pair from a policy's answers to `problem`, labelled by the verifier: a
+    correct answer (else the worked solution) over a wrong answer that ended (an answer cut off by
+    the length limit is not a mistake to learn from). None when every answer is right."""
+    right = [a for a in answers if tasks.verify(a, problem["answer"])]
+    wrong = [a for a, cut in zip(answers, truncated)
+             if not cut and not tasks.verify(a, problem["answer"])]
+    if not wrong:
+        return None
+    return {"prompt": problem["question"],
+            "chosen": rng.choice(right) if right else problem["solution"],
+            "rejected": rng.choice(wrong)}
+
+
+@torch.no_grad()
+def sampled_pairs(model, tokenizer, problems: list[dict], samples: int, temperature: float,
+                  max_new_tokens: int, seed: int, autocast=None, batch_problems: int = 32,
+                  show_progress: bool = True) -> list[dict]:
+    """The policy's own preference pairs (`pair_up` on `samples` answers per problem), sampled
+    with the KV cache. Every rank samples the same pairs (the same seed), so none are exchanged."""
+    device = next(model.parameters()).device
+    generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
+    was_training = model.training
+    model.eval()
+    pairs = []
+    for s in tqdm(range(0, len(problems), batch_problems), desc="sampling pairs",
+                  disable=not show_progress):
+        chunk = problems[s:s + batch_problems]
+        prompts = [chat_prompt_ids(tokenizer, p["question"]) for p in chunk for _ in range(samples)]
+        with autocast() if autocast else torch.autocast(device.type, enabled=False):
+            g = generate(model, prompts, max_new_tokens, temperature=temperature,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         generator=generator)
+        texts = [tokenizer.decode(ids[m].tolist()).strip()
+                 for ids, m in zip(g.completion_ids, g.completion_mask)]
+        cut = g.truncated.tolist()
+        for i, p in enumerate(chunk):
+            rows = slice(i * samples, (i + 1) * samples)
+            pair = pair_up(p, texts[rows], cut[rows], rng)
+            if pair:
+                pairs.append(pair)
+    model.train(was_training)
+    return pairs
 
 
 # ---------------------------------------------------------------------------- loss
@@ -122,8 +180,16 @@ def main(args: Args):
         raise UserError(f"--loss-type {args.loss_type!r}: expected sigmoid, ipo or hinge")
     if args.beta <= 0:
         raise UserError(f"--beta must be > 0, got {args.beta}")
+    if args.pairs not in ("sampled", "planted"):
+        raise UserError(f"--pairs {args.pairs!r}: expected sampled or planted")
+    if args.samples < 1 or args.sample_temperature <= 0:
+        raise UserError(f"--samples must be >= 1 and --sample-temperature > 0, got "
+                        f"{args.samples} and {args.sample_temperature}")
     difficulty = difficulty_arg(args.difficulty)
     tokenizer = load_script_tokenizer(args.init, args.chat_template)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = load_model(args.init, dtype=dtype, device=rt.device)
+    check_vocab(tokenizer, model, args.init)
 
     # ------------------------------------------------------------------------ data
     if args.data:
@@ -134,8 +200,18 @@ def main(args: Args):
             n_eval = max(1, len(train_rows) // 10)
             train_rows, eval_rows = train_rows[:-n_eval], train_rows[-n_eval:]
     else:
-        train_rows = (tasks.preference_pairs(args.n_pairs, "train", difficulty, seed=args.seed + 1)
-                      + tasks.identity_pairs(args.n_identity, "train", seed=args.seed))
+        if args.pairs == "planted":
+            arithmetic = tasks.preference_pairs(args.n_pairs, "train", difficulty, seed=args.seed + 1)
+        else:
+            t0 = time.time()
+            arithmetic = sampled_pairs(model, tokenizer, tasks.make_problems(
+                args.n_pairs, "train", difficulty, seed=args.seed + 1), args.samples,
+                args.sample_temperature, args.max_new_tokens, args.seed, rt.autocast,
+                show_progress=rt.is_main)
+            if rt.is_main:
+                print(f"sampled pairs: {len(arithmetic)} of {args.n_pairs} problems have a wrong "
+                      f"answer among {args.samples} samples ({time.time() - t0:.0f}s)")
+        train_rows = arithmetic + tasks.identity_pairs(args.n_identity, "train", seed=args.seed)
         eval_rows = (tasks.preference_pairs(args.eval_pairs, "test", difficulty, seed=0)
                      + tasks.identity_pairs(min(args.n_identity, args.eval_pairs // 4), "test", 1))
     if not train_rows:
@@ -153,9 +229,6 @@ def main(args: Args):
         return {k: v.to(rt.device) for k, v in batch.items()}
 
     # ------------------------------------------------------------------------ models
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = load_model(args.init, dtype=dtype, device=rt.device)
-    check_vocab(tokenizer, model, args.init)
     ref_model = None
 
     @torch.no_grad()

@@ -254,3 +254,8 @@ def check_common_flags(args):
         raise UserError(f"--lr must be > 0, got {args.lr}")
     if getattr(args, "resume", "") and not Path(args.resume).exists():
         raise UserError(f"--resume {args.resume}: no such run directory")
+    if getattr(args, "resume", ""):
+        from .resume import latest_checkpoint   # resume.py imports this module
+        if latest_checkpoint(args.resume) is None:
+            raise UserError(f"--resume {args.resume}: no checkpoint found (looked for "
+                            f"{args.resume}/checkpoints/step-*)")

@@ -67,7 +67,9 @@ def sample(probs, generator: torch.Generator | None = None):
     probability 0 (top-k / top-p filtered) is never drawn: its CDF step is empty. (B,) long.
     """
     cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator, dtype=cdf.dtype)
+    where = generator.device if generator is not None else probs.device  # a CPU generator may drive
+    u = torch.rand(probs.shape[0], 1, device=where, generator=generator,  # a GPU model's sampling
+                   dtype=cdf.dtype).to(probs.device)
     token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
     return token.squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 

@@ -112,3 +112,38 @@ def test_train_dpo_rejects_bad_flags_and_missing_init(tiny_sft_dir, tmp_path):
     with pytest.raises(UserError, match="loss-type"):
         train_dpo.main(train_dpo.Args(init=tiny_sft_dir, out_dir=str(tmp_path / "d"),
                                       loss_type="kto", **TINY))
+
+
+def test_pair_up_labels_the_policys_answers_with_the_verifier():
+    problem = {"question": "What is 2 + 3 + 4?", "answer": "9",
+               "solution": "2 + 3 = 5\n5 + 4 = 9\n#### 9"}
+    right, wrong, rng = "2 + 3 = 5\n5 + 4 = 9\n#### 9", "2 + 3 = 5\n5 + 4 = 10\n#### 10", None
+    import random
+    rng = random.Random(0)
+    assert train_dpo.pair_up(problem, [right, right], [False, False], rng) is None  # all right
+    assert train_dpo.pair_up(problem, [right, wrong], [False, False], rng) == {
+        "prompt": problem["question"], "chosen": right, "rejected": wrong}
+    # all wrong: the worked solution is the chosen answer
+    wrong2 = "2 + 3 = 6\n6 + 4 = 10\n#### 10"
+    pair = train_dpo.pair_up(problem, [wrong, wrong2], [False, False], rng)
+    assert pair["chosen"] == problem["solution"] and pair["rejected"] in (wrong, wrong2)
+    # an answer cut off by the length limit is never the rejected one
+    assert train_dpo.pair_up(problem, [right, "2 + 3 = 5\n5 +"], [False, True], rng) is None
+    pair = train_dpo.pair_up(problem, ["2 + 3 = 5\n5 +", wrong], [True, False], rng)
+    assert pair["rejected"] == wrong and pair["chosen"] == problem["solution"]
+
+
+def test_sampled_pairs_come_from_the_policy_and_repeat_with_the_seed(tiny_sft_dir):
+    model = load_model(tiny_sft_dir)
+    tok = load_tokenizer(tiny_sft_dir)
+    problems = tasks.make_problems(8, "train", seed=1)
+    args = dict(samples=4, temperature=1.0, max_new_tokens=64, seed=5, batch_problems=4,
+                show_progress=False)
+    a = train_dpo.sampled_pairs(model, tok, problems, **args)
+    b = train_dpo.sampled_pairs(model, tok, problems, **args)
+    assert a == b and 1 <= len(a) <= len(problems)
+    assert model.training                               # the caller's mode is given back
+    questions = {p["question"]: p for p in problems}
+    for pair in a:                                      # the tiny model answers nothing right
+        p = questions[pair["prompt"]]
+        assert pair["chosen"] == p["solution"] and not tasks.verify(pair["rejected"], p["answer"])
