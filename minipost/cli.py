@@ -132,6 +132,10 @@ def setup(args) -> Runtime:
             raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
     if device.type == "cpu" and getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
+    # Subnormal floats (|x| < 1.2e-38) take a slow path in CPU arithmetic. Full-model DPO meets
+    # them after ~120 steps and ran 2.2x slower by step 400 (0.27 -> 0.8 s a step); flushed to
+    # zero, its steps keep their speed (1.85 vs 4.07 minutes for the default run).
+    torch.set_flush_denormal(True)
     seed_everything(args.seed + rank)
     return Runtime(device, rank, world_size, rank == 0, None)
 
