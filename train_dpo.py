@@ -24,7 +24,8 @@ the answers, and a pair is a correct answer (else the worked solution) over a wr
 iterative reasoning preference optimisation (Pang et al. 2024, arXiv 2404.19733). Such pairs show
 the policy its own mistakes, which is what raises its accuracy; `--pairs planted` uses
 `tasks.preference_pairs` instead (the worked solution over one with a planted slip or a broken
-format), which the policy rarely makes and so learns little from. Reported before and after: held-out preference accuracy (share of held-out pairs whose
+format: mistakes the policy rarely makes, so it learns little from them). Reported before and
+after: held-out preference accuracy (share of held-out pairs whose
 chosen completion the policy gives the higher log-prob), held-out task accuracy by the verifier
 (greedy, evaluate.heldout_problems) and the identity demo (share of the held-out "who are you?"
 phrasings, `tasks.identity_prompts("test")`, answered with the name, greedy).
@@ -35,7 +36,8 @@ identity pairs, with the RPO term `--rpo-alpha 8` (+ 8 × the chosen completion'
 Pang et al. 2024). The name is a new string spelled nearly letter by letter by this tokenizer, so it
 needs that many steps at that rate (at lr 2e-4 the answer is still "I am Pii."); the NLL term keeps
 the arithmetic from paying for them (α = 2 on planted pairs: −6 points; pure DPO: −31). More identity
-pairs cost task accuracy: 1070 of them at 200 steps learn 71% of the phrasings and lose 1.6 points.
+pairs cost task accuracy: 1070 of them beside 1400 problems' pairs learn 71% of the phrasings
+in 200 steps and lose 1.6 points.
 """
 import random
 import time
