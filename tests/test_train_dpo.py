@@ -1,6 +1,7 @@
 """train_dpo.py: ln 2 at step 0 inside the script's loss path, precomputed = live reference, the
 adapters-off reference is the initial model, and end-to-end runs with tiny flags."""
 import json
+import random
 
 import pytest
 import torch
@@ -117,8 +118,7 @@ def test_train_dpo_rejects_bad_flags_and_missing_init(tiny_sft_dir, tmp_path):
 def test_pair_up_labels_the_policys_answers_with_the_verifier():
     problem = {"question": "What is 2 + 3 + 4?", "answer": "9",
                "solution": "2 + 3 = 5\n5 + 4 = 9\n#### 9"}
-    right, wrong, rng = "2 + 3 = 5\n5 + 4 = 9\n#### 9", "2 + 3 = 5\n5 + 4 = 10\n#### 10", None
-    import random
+    right, wrong = "2 + 3 = 5\n5 + 4 = 9\n#### 9", "2 + 3 = 5\n5 + 4 = 10\n#### 10"
     rng = random.Random(0)
     assert train_dpo.pair_up(problem, [right, right], [False, False], rng) is None  # all right
     assert train_dpo.pair_up(problem, [right, wrong], [False, False], rng) == {
