@@ -39,6 +39,7 @@ the arithmetic from paying for them (α = 2 on planted pairs: −6 points; pure 
 pairs cost task accuracy: 1070 of them beside 1400 problems' pairs learn 71% of the phrasings
 in 200 steps and lose 1.6 points.
 """
+import contextlib
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -116,9 +117,9 @@ def pair_up(problem: dict, answers: list[str], truncated: list[bool], rng: rando
     """One preference pair from a policy's answers to `problem`, labelled by the verifier: a
     correct answer (else the worked solution) over a wrong answer that ended (an answer cut off by
     the length limit is not a mistake to learn from). None when every answer is right."""
-    right = [a for a in answers if tasks.verify(a, problem["answer"])]
-    wrong = [a for a, cut in zip(answers, truncated)
-             if not cut and not tasks.verify(a, problem["answer"])]
+    correct = [tasks.verify(a, problem["answer"]) for a in answers]
+    right = [a for a, ok in zip(answers, correct) if ok]
+    wrong = [a for a, ok, cut in zip(answers, correct, truncated) if not ok and not cut]
     if not wrong:
         return None
     return {"prompt": problem["question"],
@@ -132,7 +133,6 @@ def sampled_pairs(model, tokenizer, problems: list[dict], samples: int, temperat
                   show_progress: bool = True) -> list[dict]:
     """The policy's own preference pairs (`pair_up` on `samples` answers per problem), sampled
     with the KV cache. Every rank samples the same pairs (the same seed), so none are exchanged."""
-    device = next(model.parameters()).device
     generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
     was_training = model.training
     model.eval()
@@ -141,7 +141,7 @@ def sampled_pairs(model, tokenizer, problems: list[dict], samples: int, temperat
                   disable=not show_progress):
         chunk = problems[s:s + batch_problems]
         prompts = [chat_prompt_ids(tokenizer, p["question"]) for p in chunk for _ in range(samples)]
-        with autocast() if autocast else torch.autocast(device.type, enabled=False):
+        with (autocast or contextlib.nullcontext)():
             g = generate(model, prompts, max_new_tokens, temperature=temperature,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          generator=generator)

@@ -256,10 +256,10 @@ def check_common_flags(args):
         raise UserError(f"--keep must be >= 1 (resume checkpoints kept), got {args.keep}")
     if getattr(args, "lr", 1.0) <= 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
-    if getattr(args, "resume", "") and not Path(args.resume).exists():
-        raise UserError(f"--resume {args.resume}: no such run directory")
     if getattr(args, "resume", ""):
         from .resume import latest_checkpoint   # resume.py imports this module
+        if not Path(args.resume).exists():
+            raise UserError(f"--resume {args.resume}: no such run directory")
         if latest_checkpoint(args.resume) is None:
             raise UserError(f"--resume {args.resume}: no checkpoint found (looked for "
                             f"{args.resume}/checkpoints/step-*)")
