@@ -42,7 +42,7 @@ from minipost.data import load_jsonl
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
 from minipost.generate import generate
 from minipost.model import ScoreModel
-from minipost.optim import clip_gradients, make_optimizer
+from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped_rewards,
                           masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
@@ -75,9 +75,13 @@ class Args:
     lam: float = 0.95               # λ: GAE
     clip_eps: float = 0.2           # ε: policy ratio clipped to [1 − ε, 1 + ε]
     clip_eps_value: float = 0.2     # value predictions clipped to V_old ± ε
+    value_warmup: int = 0           # first iterations train only the value model (policy fixed)
     max_steps: int = 300            # iterations (rollout + K epochs of updates)
     max_minutes: float = 13.0       # stop training after this many minutes (0 = no limit)
-    lr: float = 5e-6                # policy learning rate (constant; 1e-4 loses accuracy even on gold)
+    lr: float = 5e-6                # policy learning rate (peak)
+    lr_schedule: str = "constant"   # constant | cosine (to --min-lr-ratio at --max-steps)
+    warmup_steps: int = 0           # linear warm-up of the policy LR, in iterations
+    min_lr_ratio: float = 0.1       # final policy LR as a fraction of the peak (cosine)
     value_lr: float = 1e-4          # value model learning rate (constant)
     weight_decay: float = 0.0       # AdamW weight decay on matrices
     grad_clip: float = 1.0          # max gradient norm, per model (0 = off)
@@ -108,7 +112,8 @@ def main(args: Args):
     metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
     check_common_flags(args)
     for name, value, choices in [("reward", args.reward, ("model", "gold")),
-                                 ("value-init", args.value_init, ("reward", "policy"))]:
+                                 ("value-init", args.value_init, ("reward", "policy")),
+                                 ("lr-schedule", args.lr_schedule, ("constant", "cosine"))]:
         if value not in choices:
             raise UserError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
     W = rt.world_size
@@ -161,6 +166,9 @@ def main(args: Args):
     train_value = dist.wrap(value_model, args.fsdp)
     opt_policy = make_optimizer(policy, args.lr, args.weight_decay)
     opt_value = make_optimizer(value_model, args.value_lr, args.weight_decay)
+    scheduler = cosine_schedule(opt_policy, args.warmup_steps,     # over the policy's iterations
+                                args.max_steps - args.value_warmup,
+                                args.min_lr_ratio if args.lr_schedule == "cosine" else 1.0)
 
     # ------------------------------------------------------------------------ rollout
     @torch.no_grad()
@@ -216,13 +224,17 @@ def main(args: Args):
                                             mask, args.clip_eps)
         vf_loss, vf_stats = ppo_value_loss(values, batch["values"][j], batch["returns"][j], mask,
                                            args.clip_eps_value)
+        policy_moves = step >= args.value_warmup    # during the warm-up only the value model learns
         opt_policy.zero_grad(set_to_none=True)
         opt_value.zero_grad(set_to_none=True)
-        (pg_loss + vf_loss).backward()   # two separate models: each loss reaches only its own
+        # two separate models: each loss reaches only its own. During the warm-up the policy loss
+        # is multiplied by 0, not left out, so DDP still sees a gradient for every parameter.
+        (pg_loss * policy_moves + vf_loss).backward()
         gnorms = [clip_gradients(model, args.grad_clip)
                   for model in (policy, value_model)]
         if run.finite(step, pg_loss + vf_loss, sum(gnorms)):   # else --skip-nonfinite: skipped
-            opt_policy.step()
+            if policy_moves:
+                opt_policy.step()
             opt_value.step()
         return {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), **pg_stats,
                 **vf_stats}
@@ -260,7 +272,7 @@ def main(args: Args):
     order, pos = torch.randperm(len(prompts), generator=gen), 0
     kl_coef, start, step = args.kl_coef, time.time(), 0
     run = Run(args, rt, metrics, torch.nn.ModuleDict({"policy": policy, "value": value_model}),
-              {"policy": opt_policy, "value": opt_value})
+              {"policy": opt_policy, "value": opt_value}, scheduler)
     state = run.restore()                             # --resume: everything as it was
     if state is None:
         before = evaluate(0)
@@ -283,6 +295,8 @@ def main(args: Args):
                 upd.append(ppo_step(batch, perm[s:s + mb], P, step))
                 if epoch == 0 and s == 0:
                     check_first_ratio(upd[0])
+        if step >= args.value_warmup:
+            scheduler.step()
         upd_stats = {k: torch.stack([u[k] for u in upd]).mean() for k in upd[0]}
         upd_stats["policy/ratio_first_max_dev"] = upd[0]["policy/ratio_max_dev"]
         m = dist.all_reduce_mean({k: float(v) for k, v in {**roll_stats, **upd_stats}.items()})
@@ -290,7 +304,8 @@ def main(args: Args):
         if args.target_kl > 0:
             kl_coef = adaptive_kl_update(kl_coef, m["kl"], args.target_kl, args.batch_size,
                                          args.kl_horizon)
-        metrics.log({"step": step + 1, **m, "kl_coef": kl_coef, "skipped": run.skipped})
+        metrics.log({"step": step + 1, **m, "kl_coef": kl_coef, "lr": scheduler.get_last_lr()[0],
+                     "skipped": run.skipped})
         bar.set_postfix(rm=f"{m['reward/mean']:.2f}", gold=f"{m['gold/mean']:.2f}",
                         kl=f"{m['kl']:.2f}", clip=f"{m['policy/clipfrac']:.2f}",
                         ev=f"{m['value/explained_variance']:.2f}")

@@ -158,7 +158,8 @@ def tiny_args(tiny_sft_dir, tiny_rm_dir, out, **kw):
 def test_train_ppo_end_to_end(tiny_sft_dir, tiny_rm_dir, tmp_path, peft):
     import train_ppo
     out = tmp_path / "ppo"
-    res = train_ppo.main(tiny_args(tiny_sft_dir, tiny_rm_dir, out, peft=peft, target_kl=0.1))
+    res = train_ppo.main(tiny_args(tiny_sft_dir, tiny_rm_dir, out, peft=peft, target_kl=0.1,
+                                   lr_schedule="cosine", warmup_steps=1, lr=1e-3))
     assert res["iterations"] == 2 and 0 <= res["accuracy"] <= 1
     assert res["kl_coef"] != 0.05                            # the adaptive controller moved β
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -168,6 +169,7 @@ def test_train_ppo_end_to_end(tiny_sft_dir, tiny_rm_dir, tmp_path, peft):
                 "value/clipfrac", "value/explained_variance", "completion_length", "no_eos"):
         assert key in it[0]
     assert it[0]["policy/ratio_first_max_dev"] < 1e-4
+    assert [r["lr"] for r in it] == pytest.approx([1e-3, 1e-4])   # cosine to 10% by the end
     assert [r["step"] for r in logs if "eval/accuracy" in r] == [0, 1, 2]
     assert json.loads((out / "results.json").read_text())["stage"] == "ppo"
     if peft == "none":
@@ -184,6 +186,14 @@ def test_train_ppo_gold_reward_needs_no_reward_model(tiny_sft_dir, tmp_path):
                                    reward="gold", value_init="policy", max_steps=1,
                                    mask_truncated=True, eval_every=0))
     assert res["iterations"] == 1 and res["reward"] is None
+
+
+def test_value_warmup_moves_only_the_value_model(tiny_sft_dir, tiny_rm_dir, tmp_path):
+    import train_ppo
+    out = tmp_path / "ppo"
+    train_ppo.main(tiny_args(tiny_sft_dir, tiny_rm_dir, out, value_warmup=2, eval_every=0, lr=1e-3))
+    before, after = load_model(tiny_sft_dir).state_dict(), load_model(out).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)    # the policy did not move
 
 
 def test_missing_reward_model_names_the_command(tiny_sft_dir, tmp_path):
