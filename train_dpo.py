@@ -18,8 +18,8 @@ policy = reference, so the loss is exactly ln 2 and every implicit reward is 0 (
 
 Built-in data: arithmetic pairs mixed with `tasks.identity_pairs` ("I am Pip, ..." over "I am an
 AI language model ..."), so one run shows both what DPO can teach (a new name) and what it does to
-the task. The arithmetic pairs are the policy's own (`--pairs sampled`, `sampled_pairs`): before
-training, the initial policy answers each training problem `--samples` times, the verifier labels
+the task. The arithmetic pairs are the policy's own (`--pairs sampled`, `rollout.sampled_pairs`):
+before training, the initial policy answers each training problem `--samples` times, the verifier labels
 the answers, and a pair is a correct answer (else the worked solution) over a wrong one, as in
 iterative reasoning preference optimisation (Pang et al. 2024, arXiv 2404.19733). Such pairs show
 the policy its own mistakes, which is what raises its accuracy; `--pairs planted` uses
@@ -39,8 +39,6 @@ the arithmetic from paying for them (α = 2 on planted pairs: −6 points; pure 
 pairs cost task accuracy: 1070 of them beside 1400 problems' pairs learn 71% of the phrasings
 in 200 steps and lose 1.6 points.
 """
-import contextlib
-import random
 import time
 from dataclasses import asdict, dataclass
 
@@ -55,11 +53,11 @@ from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, d
 from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.dpo import dpo_loss, sequence_logps
 from minipost.evaluate import chat_prompt_ids, complete, evaluate_task, heldout_problems
-from minipost.generate import generate
 from minipost.model import token_logprobs
 from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.resume import Run
+from minipost.rollout import sampled_pairs
 
 
 # ---------------------------------------------------------------------------- Args
@@ -109,52 +107,6 @@ class Args:
     keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
     resume: str = ""                # resume from this run directory (or one of its checkpoints)
     skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
-
-
-# ---------------------------------------------------------------------------- sampled pairs
-def pair_up(problem: dict, answers: list[str], truncated: list[bool], rng: random.Random
-            ) -> dict | None:
-    """One preference pair from a policy's answers to `problem`, labelled by the verifier: a
-    correct answer (else the worked solution) over a wrong answer that ended (an answer cut off by
-    the length limit is not a mistake to learn from). None when every answer is right."""
-    correct = [tasks.verify(a, problem["answer"]) for a in answers]
-    right = [a for a, ok in zip(answers, correct) if ok]
-    wrong = [a for a, ok, cut in zip(answers, correct, truncated) if not ok and not cut]
-    if not wrong:
-        return None
-    return {"prompt": problem["question"],
-            "chosen": rng.choice(right) if right else problem["solution"],
-            "rejected": rng.choice(wrong)}
-
-
-@torch.no_grad()
-def sampled_pairs(model, tokenizer, problems: list[dict], samples: int, temperature: float,
-                  max_new_tokens: int, seed: int, autocast=None, batch_problems: int = 32,
-                  show_progress: bool = True) -> list[dict]:
-    """The policy's own preference pairs (`pair_up` on `samples` answers per problem), sampled
-    with the KV cache. Every rank samples the same pairs (the same seed), so none are exchanged."""
-    generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
-    was_training = model.training
-    model.eval()
-    pairs = []
-    for s in tqdm(range(0, len(problems), batch_problems), desc="sampling pairs",
-                  disable=not show_progress):
-        chunk = problems[s:s + batch_problems]
-        prompts = [chat_prompt_ids(tokenizer, p["question"]) for p in chunk for _ in range(samples)]
-        with (autocast or contextlib.nullcontext)():
-            g = generate(model, prompts, max_new_tokens, temperature=temperature,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         generator=generator)
-        texts = [tokenizer.decode(ids[m].tolist()).strip()
-                 for ids, m in zip(g.completion_ids, g.completion_mask)]
-        cut = g.truncated.tolist()
-        for i, p in enumerate(chunk):
-            rows = slice(i * samples, (i + 1) * samples)
-            pair = pair_up(p, texts[rows], cut[rows], rng)
-            if pair:
-                pairs.append(pair)
-    model.train(was_training)
-    return pairs
 
 
 # ---------------------------------------------------------------------------- loss

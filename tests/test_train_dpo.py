@@ -13,6 +13,7 @@ from minipost.cli import UserError
 from minipost.data import collate_preference, encode_preference
 from minipost.dpo import dpo_loss
 from minipost.peft import add_peft, reference_off
+from minipost.rollout import pair_up, sampled_pairs
 from minipost.tokenizer import load_tokenizer
 
 TINY = dict(n_pairs=40, n_identity=8, eval_pairs=16, eval_problems=8, max_new_tokens=8,
@@ -120,16 +121,16 @@ def test_pair_up_labels_the_policys_answers_with_the_verifier():
                "solution": "2 + 3 = 5\n5 + 4 = 9\n#### 9"}
     right, wrong = "2 + 3 = 5\n5 + 4 = 9\n#### 9", "2 + 3 = 5\n5 + 4 = 10\n#### 10"
     rng = random.Random(0)
-    assert train_dpo.pair_up(problem, [right, right], [False, False], rng) is None  # all right
-    assert train_dpo.pair_up(problem, [right, wrong], [False, False], rng) == {
+    assert pair_up(problem, [right, right], [False, False], rng) is None  # all right
+    assert pair_up(problem, [right, wrong], [False, False], rng) == {
         "prompt": problem["question"], "chosen": right, "rejected": wrong}
     # all wrong: the worked solution is the chosen answer
     wrong2 = "2 + 3 = 6\n6 + 4 = 10\n#### 10"
-    pair = train_dpo.pair_up(problem, [wrong, wrong2], [False, False], rng)
+    pair = pair_up(problem, [wrong, wrong2], [False, False], rng)
     assert pair["chosen"] == problem["solution"] and pair["rejected"] in (wrong, wrong2)
     # an answer cut off by the length limit is never the rejected one
-    assert train_dpo.pair_up(problem, [right, "2 + 3 = 5\n5 +"], [False, True], rng) is None
-    pair = train_dpo.pair_up(problem, ["2 + 3 = 5\n5 +", wrong], [True, False], rng)
+    assert pair_up(problem, [right, "2 + 3 = 5\n5 +"], [False, True], rng) is None
+    pair = pair_up(problem, ["2 + 3 = 5\n5 +", wrong], [True, False], rng)
     assert pair["rejected"] == wrong and pair["chosen"] == problem["solution"]
 
 
@@ -139,8 +140,8 @@ def test_sampled_pairs_come_from_the_policy_and_repeat_with_the_seed(tiny_sft_di
     problems = tasks.make_problems(8, "train", seed=1)
     args = dict(samples=4, temperature=1.0, max_new_tokens=64, seed=5, batch_problems=4,
                 show_progress=False)
-    a = train_dpo.sampled_pairs(model, tok, problems, **args)
-    b = train_dpo.sampled_pairs(model, tok, problems, **args)
+    a = sampled_pairs(model, tok, problems, **args)
+    b = sampled_pairs(model, tok, problems, **args)
     assert a == b and 1 <= len(a) <= len(problems)
     assert model.training                               # the caller's mode is given back
     questions = {p["question"]: p for p in problems}

@@ -2,6 +2,7 @@
 starts at ln 2 (zero head), reads a user's JSONL, and saves a reward model that loads back."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -13,16 +14,20 @@ from minipost.data import DataError
 from minipost.model import ScoreModel
 
 TINY = dict(n_pairs=48, n_identity=16, eval_problems=16, batch_size=8, max_steps=3, eval_every=2,
-            max_length=128, lr=1e-3, warmup_steps=1, threads=1, device="cpu")
+            max_length=128, lr=1e-3, warmup_steps=1, threads=1, device="cpu", policy_problems=16,
+            samples=2, max_new_tokens=24)
 
 
 def read_metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_rm_end_to_end(tiny_sft_dir, tmp_path):
+def test_train_rm_end_to_end(tiny_sft_dir, tmp_path, capsys):
     out = tmp_path / "rm"
     res = train_rm.main(train_rm.Args(init=tiny_sft_dir, out_dir=str(out), **TINY))
+    printed = capsys.readouterr().out        # the policy's own pairs join the planted ones
+    n_policy = int(re.search(r"policy pairs: (\d+) of 16 problems", printed).group(1))
+    assert f"data: {48 + 16 + n_policy} training pairs" in printed
     for key in ("eval/accuracy", "eval/margin", "eval/accuracy_before", "eval_identity/accuracy",
                 "train_minutes", "peak_rss_mb"):
         assert key in res
