@@ -66,6 +66,7 @@ class Args:
     samples: int = 4                # answers sampled per problem for those pairs
     sample_temperature: float = 1.0  # temperature of those answers
     max_new_tokens: int = 64        # answer budget of those samples
+    eval_policy_problems: int = 200  # held-out problems whose policy answers are held-out pairs
     prefix_weight: float = 4.0      # + w × Bradley-Terry at each position after the two completions part
     lm_weight: float = 1.0          # + w × next-token loss on the chosen completions (0 = off)
     max_length: int = 256           # tokens per sequence (longer ones lose prompt tokens first)
@@ -97,22 +98,29 @@ class Args:
     skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
 
 
-def policy_pairs(args, rt, tokenizer, difficulty) -> list[dict]:
-    """(correct, wrong) pairs of the --init policy's own answers, labelled by the verifier: the
-    comparisons are collected where PPO will sample, as InstructGPT collects them on the policy's
-    outputs. Every rank samples the same pairs (the same seed)."""
-    if not args.policy_problems:
-        return []
+def policy_pairs(args, rt, tokenizer, difficulty) -> tuple[list[dict], list[dict]]:
+    """(correct, wrong) pairs of the --init policy's own answers, labelled by the verifier, for
+    training (--policy-problems training problems) and held out (--eval-policy-problems of the
+    held-out problems): the comparisons are collected where PPO will sample, as InstructGPT
+    collects them on the policy's outputs. Every rank samples the same pairs (the same seed)."""
+    if not args.policy_problems and not args.eval_policy_problems:
+        return [], []
     t0 = time.time()
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     policy = load_model(args.init, dtype=dtype, device=rt.device).eval()
-    problems = tasks.make_problems(args.policy_problems, "train", difficulty, seed=args.seed + 2)
-    pairs = sampled_pairs(policy, tokenizer, problems, args.samples, args.sample_temperature,
-                          args.max_new_tokens, args.seed, rt.autocast, show_progress=rt.is_main)
+
+    def sample(problems):
+        return sampled_pairs(policy, tokenizer, problems, args.samples, args.sample_temperature,
+                             args.max_new_tokens, args.seed, rt.autocast, show_progress=rt.is_main)
+
+    train = sample(tasks.make_problems(args.policy_problems, "train", difficulty, seed=args.seed + 2))
+    # seed 0: the first of evaluate.heldout_problems' problems
+    held_out = sample(tasks.make_problems(args.eval_policy_problems, "test", difficulty, seed=0))
     if rt.is_main:
-        print(f"policy pairs: {len(pairs)} of {len(problems)} problems have a wrong answer among "
-              f"{args.samples} samples of {args.init} ({time.time() - t0:.0f}s)")
-    return pairs
+        print(f"policy pairs: {len(train)} of {args.policy_problems} training problems and "
+              f"{len(held_out)} of {args.eval_policy_problems} held-out ones have a wrong answer "
+              f"among {args.samples} samples of {args.init} ({time.time() - t0:.0f}s)")
+    return train, held_out
 
 
 def main(args: Args):
@@ -123,10 +131,11 @@ def main(args: Args):
     if args.batch_size <= 0 or args.batch_size % rt.world_size:
         raise UserError(f"--batch-size {args.batch_size} is not a positive multiple of the "
                         f"{rt.world_size} processes")
-    if args.policy_problems < 0 or args.samples < 1 or args.sample_temperature <= 0:
-        raise UserError(f"--policy-problems must be >= 0, --samples >= 1 and --sample-temperature "
-                        f"> 0, got {args.policy_problems}, {args.samples} and "
-                        f"{args.sample_temperature}")
+    if min(args.policy_problems, args.eval_policy_problems) < 0 or args.samples < 1 or \
+            args.sample_temperature <= 0:
+        raise UserError(f"--policy-problems and --eval-policy-problems must be >= 0, --samples >= 1 "
+                        f"and --sample-temperature > 0, got {args.policy_problems}, "
+                        f"{args.eval_policy_problems}, {args.samples} and {args.sample_temperature}")
     if args.prefix_weight < 0 or args.lm_weight < 0:
         raise UserError(f"--prefix-weight and --lm-weight must be >= 0, got {args.prefix_weight} "
                         f"and {args.lm_weight}")
@@ -141,11 +150,12 @@ def main(args: Args):
         else:  # the last 10% of the file is held out
             n_eval = max(1, len(train_rows) // 10)
             train_rows, eval_rows = train_rows[:-n_eval], train_rows[-n_eval:]
-        id_eval_rows = []
+        id_eval_rows, policy_eval_rows = [], []
     else:
+        policy_train_rows, policy_eval_rows = policy_pairs(args, rt, tokenizer, difficulty)
         train_rows = (tasks.preference_pairs(args.n_pairs, "train", difficulty, seed=args.seed + 1)
                       + tasks.identity_pairs(args.n_identity, "train", seed=args.seed)
-                      + policy_pairs(args, rt, tokenizer, difficulty))
+                      + policy_train_rows)
         # seed 0: the very problems of evaluate.heldout_problems, each with a flawed twin
         eval_rows = tasks.preference_pairs(args.eval_problems, "test", difficulty, seed=0)
         id_eval_rows = tasks.identity_pairs(min(args.n_identity, 100), "test", seed=1)
@@ -156,6 +166,7 @@ def main(args: Args):
         return [encode_preference(tokenizer, r, args.max_length) for r in rows]
 
     train, held_out, id_held_out = encode(train_rows), encode(eval_rows), encode(id_eval_rows)
+    policy_held_out = encode(policy_eval_rows)
     margins = torch.tensor([float(r.get("margin", 0.0)) for r in train_rows])
     if rt.is_main:
         n_cut = sum(e[4] for e in train)
@@ -240,7 +251,8 @@ def main(args: Args):
     run = Run(args, rt, metrics, model, optimizer, scheduler)
     state = run.restore()                             # --resume: everything as it was
     if state is None:
-        before = held_out_eval(held_out)
+        before = {**held_out_eval(held_out), **(held_out_eval(policy_held_out, "eval_policy")
+                                                 if policy_held_out else {})}
         metrics.log({"step": 0, **before}, echo=True)
     else:
         before, order = state["extra"]["before"], state["data"]["order"]
@@ -281,6 +293,9 @@ def main(args: Args):
              "eval/accuracy_before": before["eval/accuracy"]}
     if id_held_out:
         final.update(held_out_eval(id_held_out, "eval_identity"))
+    if policy_held_out:   # the policy's own (correct, wrong) answers: what PPO's reward ranks
+        final.update({**held_out_eval(policy_held_out, "eval_policy"),
+                      "eval_policy/accuracy_before": before["eval_policy/accuracy"]})
     final.update({"train_minutes": train_time / 60,
                   "pairs_per_s": (args.max_steps - run.start_step) * args.batch_size
                   / max(train_time, 1e-9),

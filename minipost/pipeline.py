@@ -38,7 +38,7 @@ QUICK = dict(max_steps=2, max_minutes=0.0, eval_problems=8, eval_every=1000, war
              batch_size=8, mini_batch_size=4, grad_accum=1, n_train=64, n_pairs=64, n_identity=8,
              n_prompts=64, eval_quick=0, eval_chats=8, eval_rm_problems=8, eval_pairs=8,
              max_new_tokens=16, batch_prompts=2, group_size=4, pass_k=2, ppo_epochs=1,
-             policy_problems=8)
+             policy_problems=8, eval_policy_problems=4)
 QUICK_BASE = dict(n_docs=300, vocab_size=300, hidden_size=32, num_layers=2, num_heads=2,
                   num_kv_heads=2, intermediate_size=64, seq_len=64, max_steps=3, eval_every=1000,
                   eval_windows=4)

@@ -28,7 +28,8 @@ CASES = json.loads((HERE / "cases.json").read_text())
 FAST = {  # small built-in data, so a case that fails late still fails in well under a second
     "train_sft": ["--n-train", "64", "--eval-chats", "8", "--eval-problems", "0"],
     "train_rm": ["--n-pairs", "16", "--n-identity", "4", "--eval-problems", "8",
-                 "--policy-problems", "4", "--max-new-tokens", "16"],
+                 "--policy-problems", "4", "--eval-policy-problems", "4",
+                 "--max-new-tokens", "16"],
     "train_dpo": ["--n-pairs", "16", "--n-identity", "4", "--eval-pairs", "8", "--eval-problems", "0"],
     "train_ppo": ["--n-prompts", "16", "--eval-problems", "0"],
     "train_grpo": ["--n-prompts", "16", "--eval-problems", "0"],

@@ -18,7 +18,7 @@ COMMON = dict(device="cpu", threads=1, eval_problems=0, seed=0, max_steps=2, war
 SCRIPTS = {"train_sft.py": dict(n_train=64, eval_chats=8, eval_quick=0, grad_accum=2, lr=1e-2),
            "train_dpo.py": dict(n_pairs=32, n_identity=8, eval_pairs=8, lr=1e-3),
            "train_rm.py": dict(n_pairs=32, n_identity=8, eval_problems=8, lr=2e-3,
-                                policy_problems=8, max_new_tokens=16)}
+                                policy_problems=8, eval_policy_problems=4, max_new_tokens=16)}
 
 
 def run(script, init, out_dir, nproc, port, *extra):

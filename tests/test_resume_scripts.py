@@ -32,7 +32,7 @@ SCRIPTS = {
                          max_minutes=0, reward="gold", value_init="policy", target_kl=0.5),
     "train_rm.py": dict(n_pairs=200, n_identity=20, batch_size=8, max_steps=40, save_every=10,
                         eval_every=15, max_length=128, warmup_steps=2, policy_problems=16,
-                        max_new_tokens=16),
+                        eval_policy_problems=4, max_new_tokens=16),
 }
 
 

@@ -15,7 +15,7 @@ from minipost.model import ScoreModel
 
 TINY = dict(n_pairs=48, n_identity=16, eval_problems=16, batch_size=8, max_steps=3, eval_every=2,
             max_length=128, lr=1e-3, warmup_steps=1, threads=1, device="cpu", policy_problems=16,
-            samples=2, max_new_tokens=24)
+            eval_policy_problems=8, samples=2, max_new_tokens=24)
 
 
 def read_metrics(out):
@@ -26,8 +26,12 @@ def test_train_rm_end_to_end(tiny_sft_dir, tmp_path, capsys):
     out = tmp_path / "rm"
     res = train_rm.main(train_rm.Args(init=tiny_sft_dir, out_dir=str(out), **TINY))
     printed = capsys.readouterr().out        # the policy's own pairs join the planted ones
-    n_policy = int(re.search(r"policy pairs: (\d+) of 16 problems", printed).group(1))
+    found = re.search(r"policy pairs: (\d+) of 16 training problems and (\d+) of 8 held-out",
+                      printed)
+    n_policy, n_policy_held_out = int(found.group(1)), int(found.group(2))
     assert f"data: {48 + 16 + n_policy} training pairs" in printed
+    assert n_policy_held_out > 0 and res["eval_policy/n"] == n_policy_held_out
+    assert 0 <= res["eval_policy/accuracy_before"] <= 1
     for key in ("eval/accuracy", "eval/margin", "eval/accuracy_before", "eval_identity/accuracy",
                 "train_minutes", "peak_rss_mb"):
         assert key in res
