@@ -20,7 +20,10 @@ have ratio 1 (PITFALLS 16): checked at run time. The models stay in eval mode (n
 as TRL does for PPO, so rollout and update compute the same function.
 
 The value model starts from the reward model (Stiennon et al. 2020), or with `--value-init policy`
-from the policy's decoder with a zero head (PITFALLS 7). The reference is a frozen copy of the
+from the policy's decoder with a zero head (PITFALLS 7). `--value-warmup N` trains it alone for the
+first N iterations, so the policy's first advantages do not come from an untrained value model
+(the value pre-training of VC-PPO, Yuan et al. 2025, arXiv 2503.01491); `--lr-schedule cosine`
+decays the policy's learning rate over the run. The reference is a frozen copy of the
 policy; with `--peft` it is the policy with its adapters switched off, so no copy is made. Under
 torchrun each process rolls out its share of the prompts and whitens its own advantages.
 """
