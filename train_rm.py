@@ -20,12 +20,13 @@ Two more terms, both on by default, make the difference on the built-in task (he
     (regularising a reward model with an SFT loss: Yang et al. 2024, arXiv 2406.10216).
 
 Built-in data: `tasks.preference_pairs` (chosen = a correct worked solution; rejected = the same
-solution with a planted arithmetic slip, or a broken answer format), `--n-identity` pairs that
-prefer the assistant's name, and the SFT policy's own answers (`--policy-problems`): it answers
-each problem `--samples` times, the verifier labels them, and a problem with a wrong answer gives
-a (correct answer or worked solution, wrong answer) pair (`rollout.sampled_pairs`). Those are the
-mistakes PPO's samples will make; a reward model trained on planted slips alone ranks 79% of the
-policy's own (correct, wrong) answers right, with them 87%. It reports held-out pairwise accuracy on the held-out problems
+solution with a planted arithmetic slip, or a broken answer format) and `--n-identity` pairs that
+prefer the assistant's name. The SFT policy's own answers make held-out pairs too
+(`--eval-policy-problems`): it answers each problem `--samples` times, the verifier labels them,
+and a problem with a wrong answer gives a (correct answer or worked solution, wrong answer) pair
+(`rollout.sampled_pairs`) — the mistakes PPO's samples will make, so `eval_policy/accuracy` is the
+number PPO's gain follows. `--policy-problems N` trains on such pairs of N training problems as
+well (off by default: in two runs the planted accuracy fell to 0.91 and 0.86; see the README). It reports held-out pairwise accuracy on the held-out problems
 (evaluate.heldout_problems' problems, with their rejected twins) and saves a checkpoint that
 `transformers.AutoModelForSequenceClassification` loads as it is (pad_token_id set), with the
 held-out reward mean/std in config.json (PPO may normalise rewards with them; PITFALLS 6).
@@ -62,7 +63,7 @@ class Args:
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the built-in pairs
     n_pairs: int = 20000            # built-in training pairs (arithmetic)
     n_identity: int = 200           # built-in identity pairs ("I am Pip" over a generic answer)
-    policy_problems: int = 10000    # built-in data: + the --init policy's own answers to N problems
+    policy_problems: int = 0        # built-in data: + the --init policy's own answers to N problems
     samples: int = 4                # answers sampled per problem for those pairs
     sample_temperature: float = 1.0  # temperature of those answers
     max_new_tokens: int = 64        # answer budget of those samples
