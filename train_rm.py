@@ -26,8 +26,9 @@ prefer the assistant's name. The SFT policy's own answers make held-out pairs to
 and a problem with a wrong answer gives a (correct answer or worked solution, wrong answer) pair
 (`rollout.sampled_pairs`) — the mistakes PPO's samples will make, so `eval_policy/accuracy` is the
 number PPO's gain follows. `--policy-problems N` trains on such pairs of N training problems as
-well (off by default: in two runs the planted accuracy fell to 0.91 and 0.86; see the README). It reports held-out pairwise accuracy on the held-out problems
-(evaluate.heldout_problems' problems, with their rejected twins) and saves a checkpoint that
+well (off by default: in two runs the planted accuracy fell to 0.91 and 0.86; see the README).
+It reports held-out pairwise accuracy on the held-out problems (evaluate.heldout_problems'
+problems, with their rejected twins) and saves a checkpoint that
 `transformers.AutoModelForSequenceClassification` loads as it is (pad_token_id set), with the
 held-out reward mean/std in config.json (PPO may normalise rewards with them; PITFALLS 6).
 """
@@ -47,9 +48,9 @@ from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
 from minipost.peft import add_peft, save_peft, trainable_summary
 from minipost.resume import Run
-from minipost.rollout import sampled_pairs
 from minipost.reward import (bradley_terry_loss, last_scores, pair_rewards, prefix_bradley_terry_loss,
                              reward_metrics)
+from minipost.rollout import sampled_pairs
 from minipost.sft import sft_loss_sum
 
 
