@@ -218,21 +218,21 @@ def main(args: Args):
     # ------------------------------------------------------------------------ loss
     def ppo_step(batch, j, P, step):
         """Clipped policy + value loss on the rows `j` of a rollout batch; one optimiser step."""
+        policy_moves = step >= args.value_warmup    # during the warm-up only the value model learns
         with rt.autocast():
-            logps = completion_logps(train_policy, batch["seq"][j], batch["attention_mask"][j], P,
-                                     args.temperature)
+            with torch.set_grad_enabled(policy_moves):   # warm-up: the ratio stats only, no graph
+                logps = completion_logps(train_policy, batch["seq"][j], batch["attention_mask"][j],
+                                         P, args.temperature)
             values = completion_values(train_value, batch["seq"][j], batch["attention_mask"][j], P)
         mask = batch["loss_mask"][j]
         pg_loss, pg_stats = ppo_policy_loss(logps, batch["old_logps"][j], batch["advantages"][j],
                                             mask, args.clip_eps)
         vf_loss, vf_stats = ppo_value_loss(values, batch["values"][j], batch["returns"][j], mask,
                                            args.clip_eps_value)
-        policy_moves = step >= args.value_warmup    # during the warm-up only the value model learns
         opt_policy.zero_grad(set_to_none=True)
         opt_value.zero_grad(set_to_none=True)
-        # two separate models: each loss reaches only its own. During the warm-up the policy loss
-        # is multiplied by 0, not left out, so DDP still sees a gradient for every parameter.
-        (pg_loss * policy_moves + vf_loss).backward()
+        # two separate models: each loss reaches only its own
+        (pg_loss + vf_loss if policy_moves else vf_loss).backward()
         gnorms = [clip_gradients(model, args.grad_clip)
                   for model in (policy, value_model)]
         if run.finite(step, pg_loss + vf_loss, sum(gnorms)):   # else --skip-nonfinite: skipped

@@ -219,7 +219,7 @@ def test_train_ppo_under_torchrun_two_processes(sharding, peft, port, tiny_sft_d
         flags += ["--" + k.replace("_", "-"), str(getattr(args, k))]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", str(port), "train_ppo.py", "--device", "cpu",
-                        "--threads", "1", *flags], cwd=root, capture_output=True, text=True,
+                        "--threads", "1", "--value-warmup", "1", *flags], cwd=root, capture_output=True, text=True,
                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     saved = "adapter_model.safetensors" if peft == "lora" else "model.safetensors"
