@@ -29,7 +29,7 @@ from minipost.cli import UserError, parse_args, peak_rss_mb, setup, user_errors
 from minipost.dpo import dpo_loss, sequence_logps
 from minipost.generate import generate
 from minipost.grpo import grpo_loss, group_advantages
-from minipost.model import GPT, GPTConfig, ScoreModel, token_logprobs
+from minipost.model import GPT, GPTConfig, ScoreModel, set_gradient_checkpointing, token_logprobs
 from minipost.optim import make_optimizer
 from minipost.reward import bradley_terry_loss
 from minipost.sft import sft_loss
@@ -50,6 +50,7 @@ class Args:
     precompute_ref: bool = False    # W3: reference log-probs computed before timing, not live
     tiny: bool = False              # a tiny model (hidden 32, 2 layers), for tests
     compile: bool = False           # torch.compile the model (W0–W3 and W5 training, W4 decoding)
+    grad_checkpointing: bool = False  # recompute blocks in the backward, on both sides (TRL's default is on)
     device: str = "cpu"             # auto | cpu | cuda (bf16 autocast on cuda)
     threads: int = 2                # CPU threads (torch.set_num_threads)
     seed: int = 0                   # seed for the init and the random tokens
@@ -167,7 +168,7 @@ def w0(args, cfg, rt, gen) -> list[dict]:
 
 def trained(model, args, rt):
     """The model on the device and its AdamW (fused where available)."""
-    model = model.to(rt.device)
+    model = set_gradient_checkpointing(model.to(rt.device), args.grad_checkpointing)
     optimizer = make_optimizer(model, lr=1e-4)
     if args.compile:
         model.compile()        # in place, so methods such as score_last call the compiled forward
@@ -315,6 +316,7 @@ def subprocess_run(args, workload, impl, extra=()) -> dict:
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
            "--threads", str(args.threads), "--seed", str(args.seed), *extra]
     cmd += ["--tiny"] * args.tiny + ["--compile"] * args.compile
+    cmd += ["--grad-checkpointing"] * args.grad_checkpointing
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise UserError(f"{' '.join(cmd[1:])} failed:\n{out.stderr[-2000:]}")
@@ -392,7 +394,8 @@ def main(args: Args) -> dict:
             device = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), device)
     print(f"\n`python bench.py{' --compare trl' if len(impls) == 2 else ''}` on {device}, "
           f"{args.threads} threads, torch {torch.__version__}; {args.steps} timed steps after "
-          f"{args.warmup} warm-up, median; runs separated by ' / '.\n")
+          f"{args.warmup} warm-up, median; activation checkpointing "
+          f"{'on' if args.grad_checkpointing else 'off'} on both sides; runs separated by ' / '.\n")
     print(table(results, impls))
     return {f"{job[0]}{''.join(job[1:])}:{impl}": runs for (job, impl), runs in results.items()}
 

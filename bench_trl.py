@@ -76,7 +76,8 @@ def common_args(args, rt, out_dir):
                 report_to="none", save_strategy="no", logging_steps=10 ** 6, disable_tqdm=True,
                 use_cpu=rt.device.type == "cpu", bf16=rt.device.type == "cuda", seed=args.seed,
                 dataloader_num_workers=0, max_grad_norm=1.0, adam_beta2=0.95,
-                lr_scheduler_type="constant")
+                lr_scheduler_type="constant",
+                gradient_checkpointing=args.grad_checkpointing)   # TRL's own default is True
 
 
 def run_trainer(trainer_cls, config, model, dataset, args, rt, **kw):

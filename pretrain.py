@@ -20,7 +20,7 @@ from minipost.checkpoint import save_model
 from minipost.cli import (Metrics, UserError, difficulty_arg, parse_args, peak_rss_mb, setup,
                           user_errors, write_results)
 from minipost.evaluate import evaluate_base
-from minipost.model import GPT, GPTConfig
+from minipost.model import GPT, GPTConfig, set_gradient_checkpointing
 from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
 from minipost.resume import Run
 from minipost.tokenizer import train_tokenizer
@@ -53,6 +53,7 @@ class Args:
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
     threads: int = 0                # CPU threads per process (0 = torch's default)
+    grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, ~1/3 more compute
     compile: bool = False           # torch.compile the model
     save_every: int = 100           # write a resume checkpoint every N steps (0 = only on stop)
     keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
@@ -97,6 +98,7 @@ def main(args: Args):
     if rt.is_main:
         print(f"model: {model.num_params(non_embedding=False):,} parameters "
               f"({model.num_params():,} non-embedding)")
+    set_gradient_checkpointing(model, args.grad_checkpointing)
     train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scheduler = cosine_schedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)

@@ -53,7 +53,7 @@ from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, d
 from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.dpo import dpo_loss, sequence_logps
 from minipost.evaluate import chat_prompt_ids, complete, evaluate_task, heldout_problems
-from minipost.model import token_logprobs
+from minipost.model import set_gradient_checkpointing, token_logprobs
 from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.resume import Run
@@ -94,6 +94,7 @@ class Args:
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
     threads: int = 0                # CPU threads per process (0 = torch's default)
+    grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, ~1/3 more compute
     dtype: str = "float32"          # float32 | bfloat16: dtype the policy is loaded in
     peft: str = "none"              # none | lora | adapter: train only a PEFT module
     merge: bool = False             # --peft lora: also write the merged model to <out-dir>/merged
@@ -210,6 +211,7 @@ def main(args: Args):
         ref = ("precomputed" if precomputed is not None else
                "a frozen copy" if ref_model is not None else "the policy with its adapters off")
         print(f"policy from {args.init}: {trainable_summary(model)}; reference: {ref}")
+    set_gradient_checkpointing(model, args.grad_checkpointing)
     train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scheduler = cosine_schedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)

@@ -38,6 +38,7 @@ from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, d
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
 from minipost.generate import generate
 from minipost.grpo import group_advantages, grpo_loss
+from minipost.model import set_gradient_checkpointing
 from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.resume import Run, per_rank_state
@@ -82,6 +83,7 @@ class Args:
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
     threads: int = 0                # CPU threads per process (0 = torch's default)
+    grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, ~1/3 more compute
     dtype: str = "float32"          # float32 | bfloat16: dtype the policy is loaded in
     peft: str = "none"              # none | lora | adapter: train only a PEFT module
     lora_r: int = 8                 # LoRA rank r
@@ -262,6 +264,7 @@ def main(args: Args):
     check_vocab(tokenizer, model, args.init)
     model = add_peft(model, args)
     ref_model = make_reference(model, args)
+    set_gradient_checkpointing(model, args.grad_checkpointing)
     train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     # cosine: the late steps are small, so the policy that is saved is not one noisy step away

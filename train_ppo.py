@@ -44,7 +44,7 @@ from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, d
 from minipost.data import load_jsonl
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
 from minipost.generate import generate
-from minipost.model import ScoreModel
+from minipost.model import ScoreModel, set_gradient_checkpointing
 from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped_rewards,
@@ -64,7 +64,8 @@ class Args:
     n_prompts: int = 20000          # built-in training prompts in the pool
     reward: str = "model"           # model: the reward model's score | gold: the verifier's 0/1
     value_init: str = "reward"      # reward: value model = the reward model | policy: zero head
-    batch_size: int = 32            # B: prompts (one completion each) per iteration, all ranks
+    batch_size: int = 32            # B: completions per iteration, all ranks
+    samples_per_prompt: int = 1     # k: completions per prompt (B / k prompts; VAPO's group sampling)
     mini_batch_size: int = 16       # completions per optimiser step (all ranks)
     ppo_epochs: int = 2             # K: passes over each rollout batch
     temperature: float = 0.7        # rollout sampling temperature (log-probs use logits / T)
@@ -95,6 +96,7 @@ class Args:
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
     threads: int = 0                # CPU threads per process (0 = torch's default)
+    grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, ~1/3 more compute
     dtype: str = "float32"          # float32 | bfloat16: dtype the models are loaded in
     peft: str = "none"              # none | lora | adapter: train only a PEFT module
     lora_r: int = 8                 # LoRA rank r
@@ -124,6 +126,10 @@ def main(args: Args):
             args.mini_batch_size % W:
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of --mini-batch-size "
                         f"{args.mini_batch_size}, itself a multiple of the {W} processes")
+    k = args.samples_per_prompt
+    if k <= 0 or args.batch_size % k:
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of "
+                        f"--samples-per-prompt {k}")
     B, mb = args.batch_size // W, args.mini_batch_size // W     # this rank's share
 
     # ------------------------------------------------------------------------ data
@@ -165,6 +171,8 @@ def main(args: Args):
     add_peft(value_model, args, modules_to_save=("score",))
     if rt.is_main:
         print(f"policy: {trainable_summary(policy)}; value model: {trainable_summary(value_model)}")
+    set_gradient_checkpointing(policy, args.grad_checkpointing)
+    set_gradient_checkpointing(value_model, args.grad_checkpointing)
     train_policy = dist.wrap(policy, args.fsdp)   # DDP, FSDP (shards in place) or itself
     train_value = dist.wrap(value_model, args.fsdp)
     opt_policy = make_optimizer(policy, args.lr, args.weight_decay)
@@ -286,10 +294,11 @@ def main(args: Args):
     bar = tqdm(range(run.start_step, args.max_steps), disable=not rt.is_main, desc="ppo",
                initial=run.start_step, total=args.max_steps)
     for step in bar:
-        if pos + args.batch_size > len(order):
+        n_new = args.batch_size // k                   # distinct prompts, each sampled k times
+        if pos + n_new > len(order):
             order, pos = torch.randperm(len(prompts), generator=gen), 0
-        idx = order[pos:pos + args.batch_size][rt.rank * B:(rt.rank + 1) * B].tolist()
-        pos += args.batch_size
+        idx = order[pos:pos + n_new].repeat_interleave(k)[rt.rank * B:(rt.rank + 1) * B].tolist()
+        pos += n_new
         batch, P, roll_stats = rollout(idx, kl_coef)
         upd = []
         for epoch in range(args.ppo_epochs):

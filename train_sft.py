@@ -36,6 +36,7 @@ from minipost.data import (collate_packed, load_jsonl, pack_sequences, pad_batch
                            truncate)
 from minipost.evaluate import evaluate_task, heldout_problems
 from minipost.lora import count_trainable
+from minipost.model import set_gradient_checkpointing
 from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
 from minipost.peft import add_peft, peft_options, save_peft, trainable_summary
 from minipost.resume import Run
@@ -79,6 +80,7 @@ class Args:
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
     threads: int = 0                # CPU threads per process (0 = torch's default)
+    grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, ~1/3 more compute
     chat_template: str = ""         # "" = the tokenizer's own | chatml: force ChatML (its tokens)
     save_every: int = 100           # write a resume checkpoint every N steps (0 = only on stop)
     keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
@@ -198,6 +200,7 @@ def main(args: Args):
     if rt.is_main:
         print(f"model: {args.init} ({model.num_params(non_embedding=False):,} parameters), "
               f"peft={args.peft}; {trainable_summary(model)}")
+    set_gradient_checkpointing(model, args.grad_checkpointing)
     train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scheduler = cosine_schedule(optimizer, args.warmup_steps, steps, args.min_lr_ratio)

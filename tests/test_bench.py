@@ -57,7 +57,7 @@ def test_w0_one_step_from_the_command_line():
                                                  ("W3", True), ("W4", False), ("W5", False)])
 def test_each_workload_runs_tiny(workload, precompute):
     args = bench.Args(workload=workload, json=True, steps=1, warmup=0, tiny=True, threads=1,
-                      precompute_ref=precompute)
+                      precompute_ref=precompute, grad_checkpointing=workload in ("W2", "W5"))
     result = bench.run_workload(args)
     assert result["workload"] == workload and result["rows"]
     for row in result["rows"]:

@@ -145,3 +145,42 @@ def test_gqa_matches_repeated_kv_heads():
     mha.load_state_dict(sd)
     x = torch.randint(0, 50, (2, 6))
     torch.testing.assert_close(gqa(x), mha(x))
+
+
+def saved_bytes(fn):
+    """Bytes autograd keeps for the backward while `fn()` builds its graph (what checkpointing cuts)."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_gradient_checkpointing_gives_the_same_gradients_with_fewer_saved_tensors(name):
+    from minipost.model import ScoreModel, set_gradient_checkpointing
+    x = torch.randint(0, 50, (3, 24))
+    mask = torch.ones_like(x)
+    mask[0, :5] = 0                                         # a left-padded row: the mask path too
+    results = []
+    for on in (False, True):
+        model = make(name)
+        rm = ScoreModel.from_lm(make(name, seed=1)).double()
+        set_gradient_checkpointing(model, on)
+        set_gradient_checkpointing(rm, on)
+        (loss, n_saved) = saved_bytes(lambda: model(x, mask).logsumexp(-1).mean()
+                                      + rm.score_last(x, mask).sum())
+        loss.backward()
+        grads = {n: p.grad for n, p in [*model.named_parameters(), *rm.named_parameters()]}
+        results.append((loss.detach(), grads, n_saved))
+    (loss0, g0, saved0), (loss1, g1, saved1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=1e-12)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-10, atol=1e-12, msg=n)
+    assert saved1 < 0.5 * saved0, (saved1, saved0)          # only each block's input is kept
+    with torch.no_grad():                                   # no grad, no cache: a plain forward
+        torch.testing.assert_close(model(x, mask), make(name)(x, mask))
