@@ -7,17 +7,21 @@ PPO", arXiv 2403.17031).
     python train_ppo.py --peft lora --lr 1e-3
     torchrun --nproc_per_node 2 train_ppo.py --device cpu --threads 1
 
-Each iteration samples B prompts and one completion each with the KV cache at temperature T, then,
-with no grad: old log-probs log π_old(a_t) from one full forward on logits / T (PITFALLS 15),
+Each iteration samples B completions with the KV cache at temperature T (one per prompt, or B/k
+prompts k times each with `--samples-per-prompt k`: the group sampling of VAPO, Yue et al. 2025,
+arXiv 2504.05118, which lets the value model see several returns of one prompt), then, with no
+grad: old log-probs log π_old(a_t) from one full forward on logits / T (PITFALLS 15),
 reference log-probs, values V(s_t) and the score r(x, y) of the reward model at the EOS (PITFALLS
 8, 19). Per-token rewards are r_t = −β·(log π_old − log π_ref) plus the score on the last token
 (Ziegler et al. 2019, arXiv 1909.08593); a completion without EOS loses `--missing-eos-penalty`
-(or leaves the loss with `--mask-truncated`). GAE gives advantages and returns; advantages are
-whitened over the batch's real tokens. Then K epochs over shuffled minibatches of the clipped
-policy loss and the clipped value loss (Schulman et al. 2017, arXiv 1707.06347), gradient clipping,
-and, with `--target-kl`, the adaptive β of Ziegler et al. The first minibatch of every update must
-have ratio 1 (PITFALLS 16): checked at run time. The models stay in eval mode (no dropout anywhere),
-as TRL does for PPO, so rollout and update compute the same function.
+(or leaves the loss with `--mask-truncated`). GAE gives advantages and returns (`--value-lam 1`:
+the value targets use λ = 1, unbiased Monte-Carlo returns, while the policy keeps `--lam`; VAPO's
+decoupled GAE); advantages are whitened over the batch's real tokens. Then K epochs over shuffled
+minibatches of the clipped policy loss and the clipped value loss (Schulman et al. 2017, arXiv
+1707.06347), gradient clipping, and, with `--target-kl`, the adaptive β of Ziegler et al. The first
+minibatch of every update must have ratio 1 (PITFALLS 16): checked at run time. The models stay in
+eval mode (no dropout anywhere), as TRL does for PPO, so rollout and update compute the same
+function.
 
 The value model starts from the reward model (Stiennon et al. 2020), or with `--value-init policy`
 from the policy's decoder with a zero head (PITFALLS 7). `--value-warmup N` trains it alone for the
@@ -76,7 +80,8 @@ class Args:
     target_kl: float = 0.0          # adaptive β towards this KL per completion (0 = fixed β)
     kl_horizon: int = 10000         # time constant of the adaptive β controller, in completions
     gamma: float = 1.0              # γ: discount
-    lam: float = 0.95               # λ: GAE
+    lam: float = 0.95               # λ: GAE of the policy's advantages
+    value_lam: float = -1.0         # λ of the value targets (VAPO's decoupled GAE: 1); -1 = --lam
     clip_eps: float = 0.2           # ε: policy ratio clipped to [1 − ε, 1 + ε]
     clip_eps_value: float = 0.2     # value predictions clipped to V_old ± ε
     value_warmup: int = 0           # first iterations train only the value model (policy fixed)
@@ -209,6 +214,8 @@ def main(args: Args):
             loss_mask = loss_mask * (1 - truncated)[:, None]
         token_rewards = kl_shaped_rewards(old_logps, ref_logps, scores, loss_mask, kl_coef)
         advantages, returns = gae(token_rewards, values, loss_mask, args.gamma, args.lam)
+        if args.value_lam >= 0 and args.value_lam != args.lam:   # decoupled: targets of their own
+            returns = gae(token_rewards, values, loss_mask, args.gamma, args.value_lam)[1]
         advantages = whiten(advantages, loss_mask)
         m = g.completion_mask
         kl = ((old_logps - ref_logps) * m).sum(1)                                    # (B,) per completion

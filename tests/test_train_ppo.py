@@ -159,7 +159,8 @@ def test_train_ppo_end_to_end(tiny_sft_dir, tiny_rm_dir, tmp_path, peft):
     import train_ppo
     out = tmp_path / "ppo"
     # LoRA also recomputes activations in the backward; full fine-tuning samples 2 per prompt
-    extra = dict(grad_checkpointing=True) if peft == "lora" else dict(samples_per_prompt=2)
+    # and fits the value model to Monte-Carlo returns (decoupled GAE)
+    extra = dict(grad_checkpointing=True) if peft == "lora" else dict(samples_per_prompt=2, value_lam=1.0)
     res = train_ppo.main(tiny_args(tiny_sft_dir, tiny_rm_dir, out, peft=peft, target_kl=0.1,
                                    lr_schedule="cosine", warmup_steps=1, lr=1e-3, **extra))
     assert res["iterations"] == 2 and 0 <= res["accuracy"] <= 1
