@@ -9,7 +9,7 @@ Bench model: Llama-style, vocab 1024, hidden 256, SwiGLU 688, 6 layers, 8 heads,
 fp32, random init and random token ids (speed, not learning). Per workload (shapes in each docstring
 below; W0 ceiling + bare loop, W1 SFT, W2 RM, W3 DPO, W4 generation, W5 GRPO): the median step time
 after untimed warm-up, throughput, the peak RSS of its own process (imports included), and MFU
-against the W0 matmul ceiling of the same run. `--compare trl` (bench_trl.py) needs
+against the W0 matmul ceiling of the same run (the fastest of its W0 runs, either side). `--compare trl` (bench_trl.py) needs
 `pip install trl transformers`, never a run-time dependency of minipost.
 """
 import contextlib
@@ -325,8 +325,9 @@ def subprocess_run(args, workload, impl, extra=()) -> dict:
 
 def table(results: dict, impls: list[str]) -> str:
     """Markdown table; `results[(job, impl)]` is a list of runs (repeats), each a workload's JSON."""
-    w0_runs = results.get((("W0",), "minipost"), [])
-    ceiling = statistics.median(r["rows"][0]["flops_per_s"] for r in w0_runs) if w0_runs else None
+    # the ceiling is the fastest matmul of the run, on either side: a slower one was the machine busy
+    w0_runs = [r for impl in impls for r in results.get((("W0",), impl), [])]
+    ceiling = max(r["rows"][0]["flops_per_s"] for r in w0_runs) if w0_runs else None
     cols = ["workload", "what"] + [f"{i} {c}" for i in impls for c in ("step", "throughput",
                                                                         "MFU", "peak RSS")]
     if len(impls) == 2:

@@ -96,6 +96,8 @@ def rows_of(ids):
 def w0(args, cfg, rt, gen):
     from transformers import LlamaForCausalLM
     model = LlamaForCausalLM(llama_config(cfg)).to(rt.device)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = bench.random_ids(gen, cfg, 16, 256, device=rt.device)
 

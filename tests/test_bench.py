@@ -76,12 +76,15 @@ def test_table_has_mfu_against_the_w0_ceiling_and_ratios():
                "flops_per_s": 100e9, "ceiling": True}
     loop = {"name": "SFT", "step_s": 0.5, "throughput": 4000.0, "unit": "tok/s", "flops_per_s": 80e9}
     slower = dict(loop, throughput=2000.0)
-    results = {(("W0",), "minipost"): [run([ceiling])], (("W1",), "minipost"): [run([loop])],
-               (("W1",), "trl"): [run([slower])]}
+    busy = dict(ceiling, throughput=50.0, flops_per_s=50e9)   # a W0 run on a busy machine
+    results = {(("W0",), "minipost"): [run([ceiling])], (("W0",), "trl"): [run([busy])],
+               (("W1",), "minipost"): [run([loop])], (("W1",), "trl"): [run([slower])]}
     text = bench.table(results, ["minipost", "trl"])
     lines = text.splitlines()
     assert lines[0].startswith("| workload | what |") and len(lines) == 4
-    assert "80%" in lines[3] and "2.00×" in lines[3] and "4,000 tok/s" in lines[3]
+    assert "80%" in lines[3] and "2.00×" in lines[3] and "4,000 tok/s" in lines[3]   # of 100e9
+    results[(("W0",), "trl")] = [run([dict(ceiling, flops_per_s=160e9)])]   # the faster one counts
+    assert "50%" in bench.table(results, ["minipost", "trl"]).splitlines()[3]
 
 
 def test_compare_trl_without_trl_prints_how_to_install(capsys):
@@ -98,6 +101,6 @@ def test_compare_trl_without_trl_prints_how_to_install(capsys):
 def test_trl_side_runs_tiny_when_trl_is_installed(workload):
     pytest.importorskip("trl")
     args = bench.Args(workload=workload, impl="trl", json=True, steps=1, warmup=0, tiny=True,
-                      threads=1)
+                      threads=1, grad_checkpointing=workload == "W0")
     result = bench.run_workload(args)
     assert result["impl"] == "trl" and all(r["throughput"] > 0 for r in result["rows"])
