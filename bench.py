@@ -9,8 +9,10 @@ Bench model: Llama-style, vocab 1024, hidden 256, SwiGLU 688, 6 layers, 8 heads,
 fp32, random init and random token ids (speed, not learning). Per workload (shapes in each docstring
 below; W0 ceiling + bare loop, W1 SFT, W2 RM, W3 DPO, W4 generation, W5 GRPO): the median step time
 after untimed warm-up, throughput, the peak RSS of its own process (imports included), and MFU
-against the W0 matmul ceiling of the same run (the fastest of its W0 runs, either side). `--compare trl` (bench_trl.py) needs
-`pip install trl transformers`, never a run-time dependency of minipost.
+against the W0 matmul ceiling of the same run (the fastest of its W0 runs, either side).
+`--compare trl` (bench_trl.py) needs `pip install trl transformers`, never a run-time dependency of
+minipost. `--grad-checkpointing` turns activation checkpointing on for both sides (TRL's trainers
+default to it; this benchmark sets it explicitly, off unless asked).
 """
 import contextlib
 import dataclasses
@@ -396,7 +398,7 @@ def main(args: Args) -> dict:
     print(f"\n`python bench.py{' --compare trl' if len(impls) == 2 else ''}` on {device}, "
           f"{args.threads} threads, torch {torch.__version__}; {args.steps} timed steps after "
           f"{args.warmup} warm-up, median; activation checkpointing "
-          f"{'on' if args.grad_checkpointing else 'off'} on both sides; runs separated by ' / '.\n")
+          f"{'on' if args.grad_checkpointing else 'off'} for both; runs separated by ' / '.\n")
     print(table(results, impls))
     return {f"{job[0]}{''.join(job[1:])}:{impl}": runs for (job, impl), runs in results.items()}
 
