@@ -30,6 +30,12 @@ first N iterations, so the policy's first advantages do not come from an untrain
 decays the policy's learning rate over the run. The reference is a frozen copy of the
 policy; with `--peft` it is the policy with its adapters switched off, so no copy is made. Under
 torchrun each process rolls out its share of the prompts and whitens its own advantages.
+
+Several reward models, `--reward-model out/rm,out/rm-1,out/rm-2` (train_rm.py run with other
+`--seed`s), score as one ensemble (Coste et al. 2023, arXiv 2310.02743; `reward.RewardEnsemble`):
+each member's score standardised with its held-out mean and std, then their mean, or with
+`--ensemble min` the worst case; `reward/disagreement` logs how far apart the members are on each
+batch. The value model starts from the first.
 """
 import copy
 import math
@@ -54,6 +60,7 @@ from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped_rewards,
                           masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
 from minipost.resume import Run
+from minipost.reward import RewardEnsemble, reward_stats
 from minipost.rollout import completion_logps, completion_values, gold_rewards, sequence_scores
 
 
@@ -61,7 +68,8 @@ from minipost.rollout import completion_logps, completion_values, gold_rewards, 
 @dataclass
 class Args:
     init: str = "out/sft"           # policy to start from (the SFT model), any HF-format directory
-    reward_model: str = "out/rm"    # reward model (a *ForSequenceClassification directory)
+    reward_model: str = "out/rm"    # reward model directory; several, comma-separated: an ensemble
+    ensemble: str = "mean"          # several reward models: mean | min of their standardised scores
     out_dir: str = "out/ppo"        # where the trained policy, metrics.jsonl and results.json go
     data: str = ""                  # RL prompts JSONL ({"prompt", "answer"}); "" = built-in task
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the built-in prompts and the evaluation
@@ -123,6 +131,7 @@ def main(args: Args):
     check_common_flags(args)
     for name, value, choices in [("reward", args.reward, ("model", "gold")),
                                  ("value-init", args.value_init, ("reward", "policy")),
+                                 ("ensemble", args.ensemble, ("mean", "min")),
                                  ("lr-schedule", args.lr_schedule, ("constant", "cosine"))]:
         if value not in choices:
             raise UserError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
@@ -152,22 +161,34 @@ def main(args: Args):
     policy = load_model(args.init, dtype, rt.device).eval()
     check_vocab(tokenizer, policy, args.init)
     need_rm = args.reward == "model" or args.value_init == "reward"
+    rm_dirs = [d for d in args.reward_model.split(",") if d]    # several: an ensemble
     if need_rm:
-        require_checkpoint(args.reward_model, "python train_rm.py")
+        if not rm_dirs:
+            raise UserError("--reward-model is empty")
+        for d in rm_dirs:
+            require_checkpoint(d, "python train_rm.py")
     reward_model = None  # also loaded for --reward gold when present, to log its score
-    if need_rm or Path(args.reward_model, "config.json").exists():
-        reward_model = load_model(args.reward_model, dtype, rt.device, head="score").eval()
-        reward_model.requires_grad_(False)
-        if reward_model.config.vocab_size != policy.config.vocab_size:   # not the same tokenizer
-            msg = (f"{args.reward_model}: the reward model has {reward_model.config.vocab_size} "
-                   f"token embeddings, the policy {policy.config.vocab_size}; they do not share "
-                   "a tokenizer")
-            if need_rm:
-                raise UserError(msg)
+    if rm_dirs and (need_rm or all(Path(d, "config.json").exists() for d in rm_dirs)):
+        members = [load_model(d, dtype, rt.device, head="score").eval().requires_grad_(False)
+                   for d in rm_dirs]
+        for d, m in zip(rm_dirs, members):
+            if m.config.vocab_size != policy.config.vocab_size:   # not the same tokenizer
+                msg = (f"{d}: the reward model has {m.config.vocab_size} token embeddings, the "
+                       f"policy {policy.config.vocab_size}; they do not share a tokenizer")
+                if need_rm:
+                    raise UserError(msg)
+                if rt.is_main:
+                    print(f"note: {msg}, so its score is not logged")
+                members = []
+        if len(members) == 1:
+            reward_model = members[0]
+        elif members:
+            reward_model = RewardEnsemble(members, *zip(*map(reward_stats, rm_dirs)),
+                                          combine=args.ensemble).to(rt.device)
             if rt.is_main:
-                print(f"note: {msg}, so its score is not logged")
-            reward_model = None
-    value_model = (load_model(args.reward_model, dtype, rt.device, head="score")
+                print(f"reward: the {args.ensemble} of {len(members)} reward models (standardised "
+                      "with their held-out mean and std)")
+    value_model = (load_model(rm_dirs[0], dtype, rt.device, head="score")
                    if args.value_init == "reward" else ScoreModel.from_lm(policy)).eval()
     ref_model = None
     if args.peft == "none":
@@ -226,6 +247,8 @@ def main(args: Args):
                  "completion_length": m.float().sum(1).mean(), "no_eos": truncated.mean(),
                  "value/explained_variance": explained_variance(values, returns, loss_mask),
                  "rollout/logp_mismatch": ((old_logps - g.logps).abs() * m).max()}
+        if isinstance(reward_model, RewardEnsemble):    # the members' spread on these samples
+            stats["reward/disagreement"] = reward_model.disagreement.mean()
         batch = dict(seq=seq, attention_mask=attention_mask, old_logps=old_logps, values=values,
                      advantages=advantages, returns=returns, loss_mask=loss_mask)
         return batch, P, stats

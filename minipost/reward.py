@@ -17,7 +17,15 @@ The reward model itself is `model.ScoreModel`: the decoder plus a scalar head `s
 at zero, so every reward is 0 and the first loss is ln 2; `checkpoint.load_model(path, head="score")`
 builds one from a language model. `pair_rewards` scores chosen and rejected in ONE forward pass
 over a (2B, T) batch from `data.collate_preference`.
+
+`RewardEnsemble` combines several reward models into one score, the ensembles of Coste et al. 2023
+("Reward model ensembles help mitigate overoptimization", arXiv 2310.02743): each member is a
+reward model trained alone (here: another seed, hence other pairs and another order); their
+mistakes are partly independent, so the mean ranks the policy's own answers better than any
+member, and the minimum (their worst-case optimisation) rewards only what every member likes.
 """
+import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -120,3 +128,44 @@ def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor)
     return {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
             "rewards/margins": (chosen - rejected).mean(),
             "rewards/accuracies": (chosen > rejected).float().mean()}
+
+
+class RewardEnsemble(torch.nn.Module):
+    """Several reward models as one, with `score_last` like a `ScoreModel`'s.
+
+    Members trained apart do not share a scale or an offset, so each score is first standardised
+    with that member's held-out reward mean μ_j and std σ_j (written by train_rm.py), then the
+    standardised scores are combined and put back on the members' average scale:
+
+        z_j = (r_j − μ_j) / σ_j,   r = combine_j(z_j) · mean_j σ_j + mean_j μ_j,
+
+    combine = mean, or min (worst case). One member gives back its own score unchanged, so a run
+    with one reward model is the plain run. `disagreement` is the std of the z_j over members
+    (in the same scale): it grows where the policy leaves the members' common ground.
+    """
+
+    def __init__(self, members: list[ScoreModel], means: list[float], stds: list[float],
+                 combine: str = "mean"):
+        super().__init__()
+        if combine not in ("mean", "min"):
+            raise ValueError(f"combine must be mean or min, got {combine!r}")
+        self.members = torch.nn.ModuleList(members)
+        self.register_buffer("mu", torch.tensor(means, dtype=torch.float32), persistent=False)
+        self.register_buffer("sigma", torch.tensor(stds, dtype=torch.float32), persistent=False)
+        self.combine = combine
+        self.disagreement = None   # (B,) of the last call
+
+    def score_last(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) fp32: the combined score at each row's last real token."""
+        r = torch.stack([m.score_last(input_ids, attention_mask).float() for m in self.members])
+        z = (r - self.mu[:, None]) / self.sigma[:, None]                         # (M, B)
+        combined = z.mean(0) if self.combine == "mean" else z.min(0).values
+        self.disagreement = (z.std(0, correction=0) * self.sigma.mean()).detach()
+        return combined * self.sigma.mean() + self.mu.mean()
+
+
+def reward_stats(path) -> tuple[float, float]:
+    """(μ, σ) of a reward model's scores on its held-out pairs, which train_rm.py writes into its
+    config.json ("minipost": reward_mean, reward_std); (0, 1) for a reward model from elsewhere."""
+    meta = json.loads(Path(path, "config.json").read_text()).get("minipost", {})
+    return float(meta.get("reward_mean", 0.0)), float(meta.get("reward_std", 1.0)) or 1.0

@@ -10,7 +10,8 @@ from torch.testing import assert_close
 from minipost.checkpoint import load_model, save_model
 from minipost.data import pad_batch
 from minipost.model import GPT, GPTConfig, ScoreModel
-from minipost.reward import bradley_terry_loss, pair_rewards, reward_metrics
+from minipost.reward import (RewardEnsemble, bradley_terry_loss, pair_rewards, reward_metrics,
+                             reward_stats)
 
 CFG = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -110,3 +111,39 @@ def test_saved_reward_model_loads_in_transformers_with_the_same_scores(tmp_path)
         ids, mask, _ = pad_batch(SEQS, pad_id=3)
         theirs = hf(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
         assert_close(theirs, model.score_last(ids, mask), atol=1e-5, rtol=1e-5)
+
+
+class _Fixed(torch.nn.Module):
+    """A stand-in reward model whose scores are given."""
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = torch.tensor(scores)
+
+    def score_last(self, input_ids, attention_mask):
+        return self.scores
+
+
+def test_reward_ensemble_by_hand():
+    # member A: scores 1, 3 with μ 1, σ 2 -> z = 0, 1; member B: 10, 4 with μ 4, σ 4 -> z = 1.5, 0
+    members = [_Fixed([1.0, 3.0]), _Fixed([10.0, 4.0])]
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    mean = RewardEnsemble(members, [1.0, 4.0], [2.0, 4.0], "mean")
+    # back on the members' average scale: z · 3 + 2.5
+    assert_close(mean.score_last(ids, ids), torch.tensor([0.75 * 3 + 2.5, 0.5 * 3 + 2.5]))
+    assert_close(mean.disagreement, torch.tensor([0.75 * 3, 0.5 * 3]))  # |z_A − z_B| / 2 · 3
+    worst = RewardEnsemble(members, [1.0, 4.0], [2.0, 4.0], "min")
+    assert_close(worst.score_last(ids, ids), torch.tensor([2.5, 2.5]))  # min z = 0, 0
+    one = RewardEnsemble(members[1:], [4.0], [4.0], "mean")
+    assert_close(one.score_last(ids, ids), torch.tensor([10.0, 4.0]))    # one member: its score
+    with pytest.raises(ValueError, match="mean or min"):
+        RewardEnsemble(members, [0.0, 0.0], [1.0, 1.0], "max")
+
+
+def test_reward_stats_come_from_the_reward_models_config(tmp_path):
+    torch.manual_seed(0)
+    model = ScoreModel(GPTConfig(**CFG))
+    save_model(model, tmp_path / "a", extra_config={"minipost": {"reward_mean": -0.4,
+                                                                 "reward_std": 5.2}})
+    save_model(model, tmp_path / "b")                                    # not from train_rm.py
+    assert reward_stats(tmp_path / "a") == (-0.4, 5.2)
+    assert reward_stats(tmp_path / "b") == (0.0, 1.0)

@@ -183,6 +183,22 @@ def test_train_ppo_end_to_end(tiny_sft_dir, tiny_rm_dir, tmp_path, peft):
         load_model(out)                                      # a LoRA output loads, merged
 
 
+def test_train_ppo_with_a_reward_model_ensemble(tiny_sft_dir, tiny_rm_dir, tmp_path):
+    import train_ppo
+    torch.manual_seed(1)                     # a second member: another head, its own scale
+    rm = load_model(tiny_rm_dir, head="score")
+    torch.nn.init.normal_(rm.score.weight, std=1.0)
+    second = tmp_path / "rm2"
+    save_model(rm, second, extra_config={"minipost": {"reward_mean": 0.5, "reward_std": 3.0}})
+    out = tmp_path / "ppo"
+    res = train_ppo.main(tiny_args(tiny_sft_dir, f"{tiny_rm_dir},{second}", out, ensemble="min",
+                                   eval_every=0))
+    assert res["iterations"] == 2
+    it = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    it = [r for r in it if "policy/clipfrac" in r]
+    assert all(r["reward/disagreement"] > 0 for r in it)   # two different heads disagree
+
+
 def test_train_ppo_gold_reward_needs_no_reward_model(tiny_sft_dir, tmp_path):
     import train_ppo
     res = train_ppo.main(tiny_args(tiny_sft_dir, str(tmp_path / "none"), tmp_path / "ppo",
