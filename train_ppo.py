@@ -60,7 +60,7 @@ from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped_rewards,
                           masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
 from minipost.resume import Run
-from minipost.reward import RewardEnsemble, reward_stats
+from minipost.reward import RewardEnsemble, load_reward_models, reward_members
 from minipost.rollout import completion_logps, completion_values, gold_rewards, sequence_scores
 
 
@@ -169,9 +169,8 @@ def main(args: Args):
             require_checkpoint(d, "python train_rm.py")
     reward_model = None  # also loaded for --reward gold when present, to log its score
     if rm_dirs and (need_rm or all(Path(d, "config.json").exists() for d in rm_dirs)):
-        members = [load_model(d, dtype, rt.device, head="score").eval().requires_grad_(False)
-                   for d in rm_dirs]
-        for d, m in zip(rm_dirs, members):
+        reward_model = load_reward_models(rm_dirs, dtype, rt.device, args.ensemble)
+        for d, m in zip(rm_dirs, reward_members(reward_model)):
             if m.config.vocab_size != policy.config.vocab_size:   # not the same tokenizer
                 msg = (f"{d}: the reward model has {m.config.vocab_size} token embeddings, the "
                        f"policy {policy.config.vocab_size}; they do not share a tokenizer")
@@ -179,15 +178,11 @@ def main(args: Args):
                     raise UserError(msg)
                 if rt.is_main:
                     print(f"note: {msg}, so its score is not logged")
-                members = []
-        if len(members) == 1:
-            reward_model = members[0]
-        elif members:
-            reward_model = RewardEnsemble(members, *zip(*map(reward_stats, rm_dirs)),
-                                          combine=args.ensemble).to(rt.device)
-            if rt.is_main:
-                print(f"reward: the {args.ensemble} of {len(members)} reward models (standardised "
-                      "with their held-out mean and std)")
+                reward_model = None
+                break
+        if rt.is_main and isinstance(reward_model, RewardEnsemble):
+            print(f"reward: the {args.ensemble} of {len(rm_dirs)} reward models (each "
+                  "standardised with its held-out mean and std)")
     value_model = (load_model(rm_dirs[0], dtype, rt.device, head="score")
                    if args.value_init == "reward" else ScoreModel.from_lm(policy)).eval()
     ref_model = None

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import load_model
 from .model import ScoreModel, last_token_index
 
 
@@ -130,19 +131,30 @@ def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor)
             "rewards/accuracies": (chosen > rejected).float().mean()}
 
 
-class RewardEnsemble(torch.nn.Module):
-    """Several reward models as one, with `score_last` like a `ScoreModel`'s.
+def combine_scores(r: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, how: str = "mean"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of M reward models (M, B) -> (their combined score, their disagreement), each (B,).
 
     Members trained apart do not share a scale or an offset, so each score is first standardised
-    with that member's held-out reward mean μ_j and std σ_j (written by train_rm.py), then the
-    standardised scores are combined and put back on the members' average scale:
+    with that member's held-out reward mean μ_j and std σ_j (M,), then the standardised scores are
+    combined and put back on the members' average scale:
 
         z_j = (r_j − μ_j) / σ_j,   r = combine_j(z_j) · mean_j σ_j + mean_j μ_j,
 
-    combine = mean, or min (worst case). One member gives back its own score unchanged, so a run
-    with one reward model is the plain run. `disagreement` is the std of the z_j over members
-    (in the same scale): it grows where the policy leaves the members' common ground.
+    combine = mean, or min (the worst case). One member gives back its own score. The
+    disagreement is the std of the z_j over members, on the same scale: it grows where the policy
+    leaves the members' common ground.
     """
+    z = (r.float() - mu[:, None]) / sigma[:, None]                              # (M, B)
+    combined = z.mean(0) if how == "mean" else z.min(0).values
+    scale = sigma.mean()
+    return combined * scale + mu.mean(), z.std(0, correction=0) * scale
+
+
+class RewardEnsemble(torch.nn.Module):
+    """Several reward models as one, with `score_last` like a `ScoreModel`'s: each member scores
+    the rows, `combine_scores` makes one score of theirs. `disagreement` holds the (B,) spread of
+    the last call."""
 
     def __init__(self, members: list[ScoreModel], means: list[float], stds: list[float],
                  combine: str = "mean"):
@@ -152,16 +164,15 @@ class RewardEnsemble(torch.nn.Module):
         self.members = torch.nn.ModuleList(members)
         self.register_buffer("mu", torch.tensor(means, dtype=torch.float32), persistent=False)
         self.register_buffer("sigma", torch.tensor(stds, dtype=torch.float32), persistent=False)
-        self.combine = combine
-        self.disagreement = None   # (B,) of the last call
+        self.how = combine
+        self.disagreement = None
 
     def score_last(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B,) fp32: the combined score at each row's last real token."""
-        r = torch.stack([m.score_last(input_ids, attention_mask).float() for m in self.members])
-        z = (r - self.mu[:, None]) / self.sigma[:, None]                         # (M, B)
-        combined = z.mean(0) if self.combine == "mean" else z.min(0).values
-        self.disagreement = (z.std(0, correction=0) * self.sigma.mean()).detach()
-        return combined * self.sigma.mean() + self.mu.mean()
+        r = torch.stack([m.score_last(input_ids, attention_mask) for m in self.members])
+        combined, spread = combine_scores(r, self.mu, self.sigma, self.how)
+        self.disagreement = spread.detach()
+        return combined
 
 
 def reward_stats(path) -> tuple[float, float]:
@@ -169,3 +180,17 @@ def reward_stats(path) -> tuple[float, float]:
     config.json ("minipost": reward_mean, reward_std); (0, 1) for a reward model from elsewhere."""
     meta = json.loads(Path(path, "config.json").read_text()).get("minipost", {})
     return float(meta.get("reward_mean", 0.0)), float(meta.get("reward_std", 1.0)) or 1.0
+
+
+def load_reward_models(paths: list[str], dtype=None, device=None, combine: str = "mean"):
+    """One reward model (a `ScoreModel`), or the `RewardEnsemble` of several; frozen, eval mode."""
+    members = [load_model(p, dtype, device, head="score").eval().requires_grad_(False)
+               for p in paths]
+    if len(members) == 1:
+        return members[0]
+    return RewardEnsemble(members, *zip(*map(reward_stats, paths)), combine=combine).to(device)
+
+
+def reward_members(reward_model) -> list[ScoreModel]:
+    """The reward models behind `reward_model`: an ensemble's members, or itself."""
+    return list(reward_model.members) if isinstance(reward_model, RewardEnsemble) else [reward_model]

@@ -147,3 +147,15 @@ def test_reward_stats_come_from_the_reward_models_config(tmp_path):
     save_model(model, tmp_path / "b")                                    # not from train_rm.py
     assert reward_stats(tmp_path / "a") == (-0.4, 5.2)
     assert reward_stats(tmp_path / "b") == (0.0, 1.0)
+
+
+def test_pairwise_accuracy_counts_pairs_within_a_problem_by_hand():
+    from minipost.rank import pairwise_accuracy
+    # problem 0: right answers score 3 and 1, wrong ones 2 -> pairs (3>2) yes, (1>2) no
+    # problem 1: right 5, wrong 5 and 4 -> (5>5) a tie, wrong; (5>4) yes; problem 2: all right
+    scores = torch.tensor([3.0, 1.0, 2.0, 5.0, 5.0, 4.0, 9.0])
+    correct = torch.tensor([True, True, False, True, False, False, True])
+    problem = torch.tensor([0, 0, 0, 1, 1, 1, 2])
+    assert pairwise_accuracy(scores, correct, problem) == (0.5, 4)
+    # the 9 was alone in its problem and beat nothing; moved into problem 0 it beats the 2
+    assert pairwise_accuracy(scores, correct, torch.tensor([0, 0, 0, 1, 1, 1, 0])) == (0.6, 5)

@@ -199,6 +199,16 @@ def test_train_ppo_with_a_reward_model_ensemble(tiny_sft_dir, tiny_rm_dir, tmp_p
     assert all(r["reward/disagreement"] > 0 for r in it)   # two different heads disagree
 
 
+def test_rank_scores_each_reward_model_and_their_ensembles(tiny_sft_dir, tiny_rm_dir, tmp_path):
+    from minipost import rank
+    res = rank.main(rank.Args(policy=tiny_sft_dir, reward_model=f"{tiny_rm_dir},{tiny_rm_dir}",
+                              problems=6, samples=2, max_new_tokens=8, threads=1, device="cpu"))
+    # an untrained policy answers nothing right: no pairs, so the accuracies are NaN (the
+    # counting itself is test_reward_model.py's hand-computed case)
+    assert set(res) == {"sampled_accuracy", tiny_rm_dir, "mean of 2", "min of 2"}
+    assert res["sampled_accuracy"] == 0.0
+
+
 def test_train_ppo_gold_reward_needs_no_reward_model(tiny_sft_dir, tmp_path):
     import train_ppo
     res = train_ppo.main(tiny_args(tiny_sft_dir, str(tmp_path / "none"), tmp_path / "ppo",
