@@ -10,7 +10,8 @@ comparison, and the pairwise accuracy is the share of them the reward model scor
 round (a tie is wrong). Several reward models are scored one by one and as the ensembles
 `train_ppo.py` would use (`reward.RewardEnsemble`, mean and min). Unlike train_rm.py's
 `eval_policy/accuracy` (one pair per problem, at temperature 1), every pair counts, at the
-temperature PPO samples at.
+temperature PPO samples at. Each accuracy is also split by the wrong answer's first slipped
+step (`tasks.first_slip`): off by −1, +1, −10, +10, or otherwise.
 """
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from .cli import load_script_tokenizer, parse_args, require_checkpoint, setup, u
 from .evaluate import chat_prompt_ids, heldout_problems
 from .generate import generate
 from .reward import combine_scores, load_reward_models, reward_stats
-from .tasks import DEFAULT_DIFFICULTY, verify
+from .tasks import DEFAULT_DIFFICULTY, first_slip, verify
 
 
 @dataclass
@@ -39,11 +40,13 @@ class Args:
     threads: int = 0                 # CPU threads (0 = torch's default)
 
 
-def pairwise_accuracy(scores: torch.Tensor, correct: torch.Tensor, problem: torch.Tensor
-                      ) -> tuple[float, int]:
-    """(share of (correct, wrong) pairs of the same problem with score_c > score_w, pairs)."""
+def pairwise_accuracy(scores: torch.Tensor, correct: torch.Tensor, problem: torch.Tensor,
+                      wrong: torch.Tensor | None = None) -> tuple[float, int]:
+    """(share of (correct, wrong) pairs of the same problem with score_c > score_w, pairs).
+    wrong: which answers may be the wrong side (default: every answer not correct)."""
+    wrong = ~correct if wrong is None else wrong
     same = problem[:, None] == problem[None, :]                      # (n, n)
-    pairs = same & correct[:, None] & ~correct[None, :]              # row correct, column wrong
+    pairs = same & correct[:, None] & wrong[None, :]                 # row correct, column wrong
     n = int(pairs.sum())
     wins = (scores[:, None] > scores[None, :]) & pairs
     return (int(wins.sum()) / n if n else float("nan")), n
@@ -59,7 +62,7 @@ def main(args: Args) -> dict:
     policy = load_model(args.policy, device=rt.device).eval()
     problems = heldout_problems(args.difficulty, args.problems)
     gen = torch.Generator().manual_seed(args.seed)
-    rows, correct, problem = [], [], []
+    rows, correct, problem, slip = [], [], [], []
     for s in tqdm(range(0, len(problems), 32), desc="sampling"):
         chunk = problems[s:s + 32]
         prompts = [chat_prompt_ids(tokenizer, p["prompt"]) for p in chunk
@@ -75,6 +78,7 @@ def main(args: Args) -> dict:
             rows.append((seq[i], mask[i]))
             correct.append(bool(verify(text, p["answer"])) and not bool(g.truncated[i]))
             problem.append(s + i // args.samples)
+            slip.append(first_slip(text))
     correct, problem = torch.tensor(correct), torch.tensor(problem)
 
     def scores_of(reward_model):
@@ -94,9 +98,19 @@ def main(args: Args) -> dict:
         mu, sigma = (torch.tensor(x) for x in zip(*map(reward_stats, dirs)))
         for how in ("mean", "min"):
             scores[f"{how} of {len(dirs)}"] = combine_scores(r, mu, sigma, how)[0]
+    # the wrong answer's first slipped step: off by ±1, ±10, or anything else (or no slip at all)
+    kinds = {"-1": [-1], "+1": [1], "-10": [-10], "+10": [10]}
+    kind = [next((k for k, v in kinds.items() if d in v), "other") for d in slip]
     for name, s in scores.items():
         results[name], n = pairwise_accuracy(s, correct, problem)
-        print(f"{name}: pairwise accuracy {results[name]:.3f} on {n} (correct, wrong) pairs")
+        parts = []
+        for k in [*kinds, "other"]:
+            acc, m = pairwise_accuracy(s, correct, problem,
+                                       ~correct & torch.tensor([x == k for x in kind]))
+            results[f"{name} / slip {k}"] = acc
+            parts.append(f"{k}: {acc:.2f} of {m}")
+        print(f"{name}: pairwise accuracy {results[name]:.3f} on {n} (correct, wrong) pairs; "
+              f"by the wrong answer's first slip: {', '.join(parts)}")
     print(f"sampled accuracy of {args.policy}: {results['sampled_accuracy']:.3f} "
           f"({args.problems} problems × {args.samples} at temperature {args.temperature})")
     return results

@@ -324,6 +324,15 @@ def is_well_formed(completion: str) -> bool:
             and _ANSWER_LINE.fullmatch(lines[-1]) is not None)
 
 
+def first_slip(completion: str) -> int | None:
+    """How far the first wrong step "a op b = c" of a worked answer is off (c − the true result);
+    None when every step is right (or there are none)."""
+    for a, op, b, c in re.findall(r"(\d+) ([+\-*]) (\d+) = (\d+)", completion):
+        if int(c) != _apply(int(a), op, int(b)):
+            return int(c) - _apply(int(a), op, int(b))
+    return None
+
+
 def verify(completion: str, answer: str) -> float:
     """1.0 if `completion` is well formed and its answer equals `answer` numerically, else 0.0."""
     got = extract_answer(completion)

@@ -149,3 +149,12 @@ def test_questions_state_the_expression_unless_w_asks_for_word_problems():
         assert first in p["question"]
     assert all(any(name in p["question"] for name, _ in tasks.NAMES) for p in words)
     assert str(Difficulty.from_str("3x2+-w")) == "3x2+-w"
+
+
+def test_first_slip_is_how_far_the_first_wrong_step_is_off():
+    from minipost.tasks import first_slip
+    assert first_slip("86 + 30 = 116\n116 + 81 = 187\n#### 187") == -10      # the dropped carry
+    assert first_slip("50 + 1 = 54\n54 + 80 = 134\n#### 134") == 3          # the first slip only
+    assert first_slip("169 - 95 = 84\n84 * 2 = 168\n#### 168") == 10
+    assert first_slip("86 + 30 = 116\n116 + 81 = 197\n#### 197") is None     # every step right
+    assert first_slip("The answer is 12.") is None

@@ -205,7 +205,9 @@ def test_rank_scores_each_reward_model_and_their_ensembles(tiny_sft_dir, tiny_rm
                               problems=6, samples=2, max_new_tokens=8, threads=1, device="cpu"))
     # an untrained policy answers nothing right: no pairs, so the accuracies are NaN (the
     # counting itself is test_reward_model.py's hand-computed case)
-    assert set(res) == {"sampled_accuracy", tiny_rm_dir, "mean of 2", "min of 2"}
+    names = [tiny_rm_dir, "mean of 2", "min of 2"]
+    assert set(res) == {"sampled_accuracy", *names, *(f"{n} / slip {k}" for n in names
+                                                     for k in ("-1", "+1", "-10", "+10", "other"))}
     assert res["sampled_accuracy"] == 0.0
 
 
