@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.checkpoint import load_model
+from minipost.checkpoint import load_model, load_reward_models, reward_members
 from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg,
                           load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
                           user_errors, write_results)
@@ -60,7 +60,7 @@ from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped_rewards,
                           masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
 from minipost.resume import Run
-from minipost.reward import RewardEnsemble, load_reward_models, reward_members
+from minipost.reward import RewardEnsemble
 from minipost.rollout import completion_logps, completion_values, gold_rewards, sequence_scores
 
 

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .model import GPT, GPTConfig, ScoreModel
+from .reward import RewardEnsemble
 
 FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gpt2": "GPT2"}
 
@@ -322,3 +323,26 @@ def load_state(path) -> dict:
     path = Path(path)
     tensors = load_file(str(path / "state.safetensors"))
     return _unflatten(json.loads((path / "state.json").read_text()), tensors)
+
+
+# ---------------------------------------------------------------- reward models
+
+def reward_stats(path) -> tuple[float, float]:
+    """(μ, σ) of a reward model's scores on its held-out pairs, which train_rm.py writes into its
+    config.json ("minipost": reward_mean, reward_std); (0, 1) for a reward model from elsewhere."""
+    meta = json.loads(Path(path, "config.json").read_text()).get("minipost", {})
+    return float(meta.get("reward_mean", 0.0)), float(meta.get("reward_std", 1.0)) or 1.0
+
+
+def load_reward_models(paths: list[str], dtype=None, device=None, combine: str = "mean"):
+    """One reward model (a `ScoreModel`), or the `RewardEnsemble` of several; frozen, eval mode."""
+    members = [load_model(p, dtype, device, head="score").eval().requires_grad_(False)
+               for p in paths]
+    if len(members) == 1:
+        return members[0]
+    return RewardEnsemble(members, *zip(*map(reward_stats, paths)), combine=combine).to(device)
+
+
+def reward_members(reward_model) -> list[ScoreModel]:
+    """The reward models behind `reward_model`: an ensemble's members, or itself."""
+    return list(reward_model.members) if isinstance(reward_model, RewardEnsemble) else [reward_model]

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_model
+from .checkpoint import load_model, load_reward_models, reward_stats
 from .cli import load_script_tokenizer, parse_args, require_checkpoint, setup, user_errors
 from .evaluate import chat_prompt_ids, heldout_problems
 from .generate import generate
-from .reward import combine_scores, load_reward_models, reward_stats
+from .reward import combine_scores
 from .tasks import DEFAULT_DIFFICULTY, first_slip, verify
 
 

@@ -24,13 +24,9 @@ reward model trained alone (here: another seed, hence other pairs and another or
 mistakes are partly independent, so the mean ranks the policy's own answers better than any
 member, and the minimum (their worst-case optimisation) rewards only what every member likes.
 """
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_model
 from .model import ScoreModel, last_token_index
 
 
@@ -173,24 +169,3 @@ class RewardEnsemble(torch.nn.Module):
         combined, spread = combine_scores(r, self.mu, self.sigma, self.how)
         self.disagreement = spread.detach()
         return combined
-
-
-def reward_stats(path) -> tuple[float, float]:
-    """(μ, σ) of a reward model's scores on its held-out pairs, which train_rm.py writes into its
-    config.json ("minipost": reward_mean, reward_std); (0, 1) for a reward model from elsewhere."""
-    meta = json.loads(Path(path, "config.json").read_text()).get("minipost", {})
-    return float(meta.get("reward_mean", 0.0)), float(meta.get("reward_std", 1.0)) or 1.0
-
-
-def load_reward_models(paths: list[str], dtype=None, device=None, combine: str = "mean"):
-    """One reward model (a `ScoreModel`), or the `RewardEnsemble` of several; frozen, eval mode."""
-    members = [load_model(p, dtype, device, head="score").eval().requires_grad_(False)
-               for p in paths]
-    if len(members) == 1:
-        return members[0]
-    return RewardEnsemble(members, *zip(*map(reward_stats, paths)), combine=combine).to(device)
-
-
-def reward_members(reward_model) -> list[ScoreModel]:
-    """The reward models behind `reward_model`: an ensemble's members, or itself."""
-    return list(reward_model.members) if isinstance(reward_model, RewardEnsemble) else [reward_model]

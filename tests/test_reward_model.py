@@ -7,11 +7,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from minipost.checkpoint import load_model, save_model
+from minipost.checkpoint import load_model, reward_stats, save_model
 from minipost.data import pad_batch
 from minipost.model import GPT, GPTConfig, ScoreModel
-from minipost.reward import (RewardEnsemble, bradley_terry_loss, pair_rewards, reward_metrics,
-                             reward_stats)
+from minipost.reward import RewardEnsemble, bradley_terry_loss, pair_rewards, reward_metrics
 
 CFG = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
