@@ -20,9 +20,10 @@ over a (2B, T) batch from `data.collate_preference`.
 
 `RewardEnsemble` combines several reward models into one score, the ensembles of Coste et al. 2023
 ("Reward model ensembles help mitigate overoptimization", arXiv 2310.02743): each member is a
-reward model trained alone (here: another seed, hence other pairs and another order); their
-mistakes are partly independent, so the mean ranks the policy's own answers better than any
-member, and the minimum (their worst-case optimisation) rewards only what every member likes.
+reward model trained alone (here: another seed, hence other pairs and another order); where
+their mistakes are independent the mean ranks the policy's own answers better than any member,
+and the minimum (their worst-case optimisation) rewards only what every member likes. A mistake
+they share (here, from the SFT model they all start from) no ensemble removes.
 """
 import torch
 import torch.nn.functional as F

@@ -9,7 +9,7 @@ from minipost.cli import parse_args
 
 
 @pytest.mark.parametrize("script", ["pretrain", "train_sft", "train_rm", "train_dpo", "train_ppo",
-                                    "train_grpo", "bench"])
+                                    "train_grpo", "bench", "minipost.rank"])
 def test_help_lists_every_flag_with_its_text(script, capsys):
     module = importlib.import_module(script)
     with pytest.raises(SystemExit) as exit_:
