@@ -49,8 +49,8 @@ from tqdm import tqdm
 from minipost import dist, tasks
 from minipost.checkpoint import load_model, load_reward_models, reward_members
 from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg,
-                          load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
-                          user_errors, write_results)
+                          load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint,
+                          same_tokenizer, setup, user_errors, write_results)
 from minipost.data import load_jsonl
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
 from minipost.generate import generate
@@ -171,9 +171,14 @@ def main(args: Args):
     if rm_dirs and (need_rm or all(Path(d, "config.json").exists() for d in rm_dirs)):
         reward_model = load_reward_models(rm_dirs, dtype, rt.device, args.ensemble)
         for d, m in zip(rm_dirs, reward_members(reward_model)):
+            msg = None
             if m.config.vocab_size != policy.config.vocab_size:   # not the same tokenizer
                 msg = (f"{d}: the reward model has {m.config.vocab_size} token embeddings, the "
                        f"policy {policy.config.vocab_size}; they do not share a tokenizer")
+            elif not same_tokenizer(args.init, d):
+                msg = (f"{d}: the reward model's tokenizer.json is not the policy's ({args.init}): "
+                       "the same text has other token ids")
+            if msg:
                 if need_rm:
                     raise UserError(msg)
                 if rt.is_main:

@@ -238,6 +238,16 @@ def check_vocab(tokenizer, model, path):
                         f"only {model.config.vocab_size} embeddings; they do not belong together")
 
 
+def same_tokenizer(path, other) -> bool:
+    """False when both checkpoint directories hold a tokenizer.json and their vocabularies differ:
+    the same text would become other ids, which a vocabulary-size check cannot see."""
+    files = [Path(p) / "tokenizer.json" for p in (path, other)]
+    if not all(f.exists() for f in files):
+        return True
+    vocab_a, vocab_b = (json.loads(f.read_text()).get("model", {}).get("vocab") for f in files)
+    return vocab_a == vocab_b
+
+
 def check_common_flags(args):
     """The flags every train_*.py shares, checked before anything is loaded or written."""
     choices = {"dtype": ("float32", "bfloat16"), "peft": ("none", "lora", "adapter"),

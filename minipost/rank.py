@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_model, load_reward_models, reward_stats
-from .cli import load_script_tokenizer, parse_args, require_checkpoint, setup, user_errors
+from .cli import (UserError, load_script_tokenizer, parse_args, require_checkpoint,
+                  same_tokenizer, setup, user_errors)
 from .evaluate import chat_prompt_ids, heldout_problems
 from .generate import generate
 from .reward import combine_scores
@@ -58,6 +59,8 @@ def main(args: Args) -> dict:
     dirs = [d for d in args.reward_model.split(",") if d]
     for d in [args.policy, *dirs]:
         require_checkpoint(d, "train_sft.py / train_rm.py")
+        if not same_tokenizer(args.policy, d):
+            raise UserError(f"{d}: its tokenizer.json is not the policy's ({args.policy})")
     tokenizer = load_script_tokenizer(args.policy)
     policy = load_model(args.policy, device=rt.device).eval()
     problems = heldout_problems(args.difficulty, args.problems)

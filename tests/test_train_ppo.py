@@ -1,5 +1,6 @@
 """train_ppo.py and the PPO rollout pieces it wires together, on tiny models."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,6 +210,25 @@ def test_rank_scores_each_reward_model_and_their_ensembles(tiny_sft_dir, tiny_rm
     assert set(res) == {"sampled_accuracy", *names, *(f"{n} / slip {k}" for n in names
                                                      for k in ("-1", "+1", "-10", "+10", "other"))}
     assert res["sampled_accuracy"] == 0.0
+
+
+def test_reward_model_with_another_tokenizer_of_the_same_size_is_refused(tiny_sft_dir, tiny_rm_dir,
+                                                                        tmp_path):
+    import shutil
+    import train_ppo
+    from minipost.cli import UserError
+    other = tmp_path / "rm_other_ids"
+    shutil.copytree(tiny_rm_dir, other)
+    tok = json.loads((Path(tiny_sft_dir) / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[-2:]        # the same tokens, two ids swapped
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(UserError, match="not the policy's"):
+        train_ppo.main(tiny_args(tiny_sft_dir, str(other), tmp_path / "ppo"))
+    shutil.copy(Path(tiny_sft_dir) / "tokenizer.json", other / "tokenizer.json")   # the same: runs
+    assert train_ppo.main(tiny_args(tiny_sft_dir, str(other), tmp_path / "ppo", max_steps=1,
+                                    eval_every=0))["iterations"] == 1
 
 
 def test_train_ppo_gold_reward_needs_no_reward_model(tiny_sft_dir, tmp_path):
