@@ -65,7 +65,7 @@ def main(args: Args) -> dict:
     policy = load_model(args.policy, device=rt.device).eval()
     problems = heldout_problems(args.difficulty, args.problems)
     gen = torch.Generator().manual_seed(args.seed)
-    rows, correct, problem, slip = [], [], [], []
+    batches, correct, problem, slip = [], [], [], []     # batches: each chunk's left-padded rows
     for s in tqdm(range(0, len(problems), 32), desc="sampling"):
         chunk = problems[s:s + 32]
         prompts = [chat_prompt_ids(tokenizer, p["prompt"]) for p in chunk
@@ -73,26 +73,18 @@ def main(args: Args) -> dict:
         g = generate(policy, prompts, args.max_new_tokens, temperature=args.temperature,
                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                      generator=gen)
-        seq, mask = g.sequences
+        batches.append(g.sequences)
         for i in range(len(prompts)):
             p = chunk[i // args.samples]
             text = tokenizer.decode(g.completion_ids[i][g.completion_mask[i]].tolist(),
                                     skip_special_tokens=True)
-            rows.append((seq[i], mask[i]))
             correct.append(bool(verify(text, p["answer"])) and not bool(g.truncated[i]))
             problem.append(s + i // args.samples)
             slip.append(first_slip(text))
     correct, problem = torch.tensor(correct), torch.tensor(problem)
 
     def scores_of(reward_model):
-        out = []
-        for s in range(0, len(rows), 64):
-            batch = rows[s:s + 64]
-            T = max(len(ids) for ids, _ in batch)      # left-pad every row to the longest
-            ids = torch.stack([torch.nn.functional.pad(i, (T - len(i), 0)) for i, _ in batch])
-            mask = torch.stack([torch.nn.functional.pad(m, (T - len(m), 0)) for _, m in batch])
-            out.append(reward_model.score_last(ids.to(rt.device), mask.to(rt.device)).float().cpu())
-        return torch.cat(out)
+        return torch.cat([reward_model.score_last(ids, mask).float().cpu() for ids, mask in batches])
 
     results = {"sampled_accuracy": correct.float().mean().item()}
     scores = {d: scores_of(load_reward_models([d], None, rt.device)) for d in dirs}
@@ -102,12 +94,12 @@ def main(args: Args) -> dict:
         for how in ("mean", "min"):
             scores[f"{how} of {len(dirs)}"] = combine_scores(r, mu, sigma, how)[0]
     # the wrong answer's first slipped step: off by ±1, ±10, or anything else (or no slip at all)
-    kinds = {"-1": [-1], "+1": [1], "-10": [-10], "+10": [10]}
-    kind = [next((k for k, v in kinds.items() if d in v), "other") for d in slip]
+    labels = {-1: "-1", 1: "+1", -10: "-10", 10: "+10"}
+    kind = [labels.get(d, "other") for d in slip]
     for name, s in scores.items():
         results[name], n = pairwise_accuracy(s, correct, problem)
         parts = []
-        for k in [*kinds, "other"]:
+        for k in [*labels.values(), "other"]:
             acc, m = pairwise_accuracy(s, correct, problem,
                                        ~correct & torch.tensor([x == k for x in kind]))
             results[f"{name} / slip {k}"] = acc

@@ -328,8 +328,9 @@ def first_slip(completion: str) -> int | None:
     """How far the first wrong step "a op b = c" of a worked answer is off (c − the true result);
     None when every step is right (or there are none)."""
     for a, op, b, c in re.findall(r"(\d+) ([+\-*]) (\d+) = (\d+)", completion):
-        if int(c) != _apply(int(a), op, int(b)):
-            return int(c) - _apply(int(a), op, int(b))
+        true = _apply(int(a), op, int(b))
+        if int(c) != true:
+            return int(c) - true
     return None
 
 
