@@ -41,6 +41,11 @@ def _field_help(cls) -> dict:
     return helps
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each flag's help with its default; the script's docstring as written (its example
+    commands keep their lines)."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line naming the flag, exit code 2 (argparse adds the usage)
         print(f"error: {message} (see --help)", file=sys.stderr)
@@ -51,7 +56,7 @@ def parse_args(cls, argv=None, description: str | None = None):
     """Build an instance of dataclass `cls` from command-line flags."""
     helps = _field_help(cls)
     parser = _Parser(description=description or (cls.__doc__ or "").strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     formatter_class=_HelpFormatter)
     hints = {f.name: f.type for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")

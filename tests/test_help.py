@@ -1,5 +1,6 @@
 """Every script's --help works and explains every flag (a help text with a bare % once broke
-argparse's formatting of train_dpo.py --help)."""
+argparse's formatting of train_dpo.py --help), and shows the docstring's example commands line by
+line."""
 import dataclasses
 import importlib
 
@@ -15,7 +16,13 @@ def test_help_lists_every_flag_with_its_text(script, capsys):
     with pytest.raises(SystemExit) as exit_:
         parse_args(module.Args, ["--help"], description=module.__doc__)
     assert exit_.value.code == 0
-    out = " ".join(capsys.readouterr().out.split())
+    raw = capsys.readouterr().out
+    # the docstring's example commands keep their own lines (argparse's default reflows them)
+    examples = [line for line in module.__doc__.splitlines() if line.startswith("    python")]
+    assert examples, "the docstring shows how to run the script"
+    for line in examples:
+        assert line in raw.splitlines(), line
+    out = " ".join(raw.split())
     for field in dataclasses.fields(module.Args):
         assert "--" + field.name.replace("_", "-") in out, field.name
     assert "10% of --data" in out or script != "train_dpo"
