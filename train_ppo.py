@@ -31,6 +31,16 @@ decays the policy's learning rate over the run. The reference is a frozen copy o
 policy; with `--peft` it is the policy with its adapters switched off, so no copy is made. Under
 torchrun each process rolls out its share of the prompts and whitens its own advantages.
 
+`--freeze-value` never trains the value model: V(s_t) stays the reward model's own score of the
+prefix y_<t, which train_rm.py's prefix loss teaches to rank prefixes. δ_t = r_t + V(s_{t+1}) −
+V(s_t) is then how much token a_t moved the reward model's judgement of the answer so far, so the
+token where it drops takes the blame (the shaping terms of Ng et al. 1999, with V as the
+potential). With λ = γ = 1 the V terms cancel down to a baseline, A_t = Σ_{k≥t} r_k − V(s_t), and
+the gradient stays unbiased; with λ < 1 GAE trusts the prefix scores over the next few tokens:
+less variance for some bias (Schulman et al. 2015). No value loss, optimiser or second model: with
+one reward model one forward gives the values and the score, and an iteration costs about a third
+less.
+
 Several reward models, `--reward-model out/rm,out/rm-1,out/rm-2` (train_rm.py run with other
 `--seed`s), score as one ensemble (Coste et al. 2023, arXiv 2310.02743; `reward.RewardEnsemble`):
 each member's score standardised with its held-out mean and std, then their mean, or with
@@ -61,7 +71,8 @@ from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped
                           masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
 from minipost.resume import Run
 from minipost.reward import RewardEnsemble
-from minipost.rollout import completion_logps, completion_values, gold_rewards, sequence_scores
+from minipost.rollout import (completion_logps, completion_values, gold_rewards, sequence_scores,
+                              values_and_scores)
 
 
 # ---------------------------------------------------------------------------- Args
@@ -93,6 +104,7 @@ class Args:
     clip_eps: float = 0.2           # ε: policy ratio clipped to [1 − ε, 1 + ε]
     clip_eps_value: float = 0.2     # value predictions clipped to V_old ± ε
     value_warmup: int = 0           # first iterations train only the value model (policy fixed)
+    freeze_value: bool = False      # never train the value model: V(s_t) = the reward model's score of each prefix
     max_steps: int = 300            # iterations (rollout + K epochs of updates)
     max_minutes: float = 13.0       # stop training after this many minutes (0 = no limit)
     lr: float = 5e-6                # policy learning rate (peak)
@@ -145,6 +157,9 @@ def main(args: Args):
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of "
                         f"--samples-per-prompt {k}")
     B, mb = args.batch_size // W, args.mini_batch_size // W     # this rank's share
+    if args.freeze_value and (args.value_init != "reward" or args.value_warmup):
+        raise UserError("--freeze-value keeps the reward model as the value model: it needs "
+                        "--value-init reward and no --value-warmup")
 
     # ------------------------------------------------------------------------ data
     difficulty = difficulty_arg(args.difficulty)
@@ -188,21 +203,29 @@ def main(args: Args):
         if rt.is_main and isinstance(reward_model, RewardEnsemble):
             print(f"reward: the {args.ensemble} of {len(rm_dirs)} reward models (each "
                   "standardised with its held-out mean and std)")
-    value_model = (load_model(rm_dirs[0], dtype, rt.device, head="score")
-                   if args.value_init == "reward" else ScoreModel.from_lm(policy)).eval()
+    if args.freeze_value:    # V(s_t) = the (first) reward model's own score of the prefix
+        value_model = reward_members(reward_model)[0]
+    else:
+        value_model = (load_model(rm_dirs[0], dtype, rt.device, head="score")
+                       if args.value_init == "reward" else ScoreModel.from_lm(policy)).eval()
     ref_model = None
     if args.peft == "none":
         ref_model = copy.deepcopy(policy).requires_grad_(False)
+    trained = {"policy": policy} if args.freeze_value else {"policy": policy, "value": value_model}
     add_peft(policy, args)
-    add_peft(value_model, args, modules_to_save=("score",))
+    if not args.freeze_value:
+        add_peft(value_model, args, modules_to_save=("score",))
     if rt.is_main:
-        print(f"policy: {trainable_summary(policy)}; value model: {trainable_summary(value_model)}")
-    set_gradient_checkpointing(policy, args.grad_checkpointing)
-    set_gradient_checkpointing(value_model, args.grad_checkpointing)
+        print(f"policy: {trainable_summary(policy)}; value model: " +
+              ("the reward model, frozen" if args.freeze_value else trainable_summary(value_model)))
+    for model in trained.values():
+        set_gradient_checkpointing(model, args.grad_checkpointing)
     train_policy = dist.wrap(policy, args.fsdp)   # DDP, FSDP (shards in place) or itself
-    train_value = dist.wrap(value_model, args.fsdp)
-    opt_policy = make_optimizer(policy, args.lr, args.weight_decay)
-    opt_value = make_optimizer(value_model, args.value_lr, args.weight_decay)
+    train_value = None if args.freeze_value else dist.wrap(value_model, args.fsdp)
+    optimizers = {"policy": make_optimizer(policy, args.lr, args.weight_decay)}
+    if not args.freeze_value:
+        optimizers["value"] = make_optimizer(value_model, args.value_lr, args.weight_decay)
+    opt_policy = optimizers["policy"]
     scheduler = cosine_schedule(opt_policy, args.warmup_steps,     # over the policy's iterations
                                 args.max_steps - args.value_warmup,
                                 args.min_lr_ratio if args.lr_schedule == "cosine" else 1.0)
@@ -224,9 +247,12 @@ def main(args: Args):
             else:
                 with reference_off(policy):
                     ref_logps = completion_logps(policy, seq, attention_mask, P, args.temperature)
-            values = completion_values(value_model, seq, attention_mask, P)        # (B, N)
-            rm_scores = (sequence_scores(reward_model, seq, attention_mask)
-                         if reward_model is not None else None)                      # (B,) at EOS
+            if value_model is reward_model:    # --freeze-value, one reward model: one forward
+                values, rm_scores = values_and_scores(reward_model, seq, attention_mask, P)
+            else:
+                values = completion_values(value_model, seq, attention_mask, P)    # (B, N)
+                rm_scores = (sequence_scores(reward_model, seq, attention_mask)
+                             if reward_model is not None else None)                  # (B,) at EOS
         gold = gold_rewards(tokenizer, g.completion_ids, g.completion_mask, [answers[i] for i in idx])
         loss_mask = g.completion_mask.float()                                       # (B, N)
         truncated = g.truncated.float()
@@ -255,30 +281,35 @@ def main(args: Args):
 
     # ------------------------------------------------------------------------ loss
     def ppo_step(batch, j, P, step):
-        """Clipped policy + value loss on the rows `j` of a rollout batch; one optimiser step."""
+        """Clipped policy + value loss (no value loss with --freeze-value) on the rows `j` of a
+        rollout batch; one optimiser step."""
         policy_moves = step >= args.value_warmup    # during the warm-up only the value model learns
         with rt.autocast():
             with torch.set_grad_enabled(policy_moves):   # warm-up: the ratio stats only, no graph
                 logps = completion_logps(train_policy, batch["seq"][j], batch["attention_mask"][j],
                                          P, args.temperature)
-            values = completion_values(train_value, batch["seq"][j], batch["attention_mask"][j], P)
+            if train_value is not None:
+                values = completion_values(train_value, batch["seq"][j],
+                                           batch["attention_mask"][j], P)
         mask = batch["loss_mask"][j]
-        pg_loss, pg_stats = ppo_policy_loss(logps, batch["old_logps"][j], batch["advantages"][j],
-                                            mask, args.clip_eps)
-        vf_loss, vf_stats = ppo_value_loss(values, batch["values"][j], batch["returns"][j], mask,
-                                           args.clip_eps_value)
-        opt_policy.zero_grad(set_to_none=True)
-        opt_value.zero_grad(set_to_none=True)
-        # two separate models: each loss reaches only its own
-        (pg_loss + vf_loss if policy_moves else vf_loss).backward()
-        gnorms = [clip_gradients(model, args.grad_clip)
-                  for model in (policy, value_model)]
-        if run.finite(step, pg_loss + vf_loss, sum(gnorms)):   # else --skip-nonfinite: skipped
-            if policy_moves:
-                opt_policy.step()
-            opt_value.step()
-        return {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), **pg_stats,
-                **vf_stats}
+        pg_loss, stats = ppo_policy_loss(logps, batch["old_logps"][j], batch["advantages"][j],
+                                         mask, args.clip_eps)
+        stats["loss/policy"] = pg_loss.detach()
+        loss = pg_loss if policy_moves else 0
+        if train_value is not None:       # two separate models: each loss reaches only its own
+            vf_loss, vf_stats = ppo_value_loss(values, batch["values"][j], batch["returns"][j],
+                                               mask, args.clip_eps_value)
+            loss = loss + vf_loss
+            stats.update(vf_stats, **{"loss/value": vf_loss.detach()})
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorms = [clip_gradients(model, args.grad_clip) for model in trained.values()]
+        if run.finite(step, loss, sum(gnorms)):   # else --skip-nonfinite: skipped
+            for name, opt in optimizers.items():
+                if name == "value" or policy_moves:
+                    opt.step()
+        return stats
 
     def check_first_ratio(stats):
         """PITFALLS 16: before any update, π_θ = π_old, so every ratio must be 1."""
@@ -312,8 +343,7 @@ def main(args: Args):
     gen = torch.Generator().manual_seed(args.seed)    # the same prompt order on every rank
     order, pos = torch.randperm(len(prompts), generator=gen), 0
     kl_coef, start, step = args.kl_coef, time.time(), 0
-    run = Run(args, rt, metrics, torch.nn.ModuleDict({"policy": policy, "value": value_model}),
-              {"policy": opt_policy, "value": opt_value}, scheduler)
+    run = Run(args, rt, metrics, torch.nn.ModuleDict(trained), optimizers, scheduler)
     state = run.restore()                             # --resume: everything as it was
     if state is None:
         before = evaluate(0)

@@ -14,6 +14,8 @@ These helpers compute, for the N completion columns:
   read at the same shifted column as the log-prob of a_t (the state before the token is chosen).
 - `sequence_scores(reward_model, sequences, attention_mask)`: the reward model's score at each
   row's last real token, i.e. the EOS that ends the completion (PITFALLS items 8, 19).
+- `values_and_scores(score_model, sequences, attention_mask, prompt_len)`: both of the above from
+  one forward, for PPO whose value model is the reward model itself (`--freeze-value`).
 - `gold_rewards(tokenizer, completion_ids, completion_mask, answers)`: the verifier's 0/1 reward.
 - `sampled_pairs(model, tokenizer, problems, ...)`: preference pairs from the policy's own answers,
   labelled by the verifier (`pair_up`): the comparisons of DPO's and the reward model's built-in data.
@@ -29,7 +31,7 @@ from tqdm import tqdm
 
 from .evaluate import chat_prompt_ids
 from .generate import generate
-from .model import token_logprobs
+from .model import last_token_index, token_logprobs
 from .tasks import verify
 
 
@@ -68,6 +70,14 @@ def completion_values(value_model, sequences, attention_mask, prompt_len: int):
 def sequence_scores(reward_model, sequences, attention_mask):
     """(B,) reward-model score at each row's last real token: the completion's EOS, if it has one."""
     return reward_model.score_last(sequences, attention_mask)
+
+
+def values_and_scores(score_model, sequences, attention_mask, prompt_len: int):
+    """`completion_values` (B, N) and `sequence_scores` (B,) of one ScoreModel from one forward:
+    its per-token scores read at the completion columns and at each row's last real token."""
+    scores = score_model(sequences, attention_mask=attention_mask)                   # (B, T)
+    last = scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)    # (B,)
+    return scores[:, prompt_len - 1:-1], last
 
 
 def gold_rewards(tokenizer, completion_ids, completion_mask, answers) -> torch.Tensor:

@@ -5,7 +5,8 @@ import torch
 from minipost import tasks
 from minipost.generate import generate
 from minipost.model import GPT, GPTConfig, ScoreModel
-from minipost.rollout import completion_logps, completion_values, gold_rewards, sequence_scores
+from minipost.rollout import (completion_logps, completion_values, gold_rewards, sequence_scores,
+                              values_and_scores)
 from minipost.tokenizer import train_tokenizer
 
 CFG = GPTConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -47,6 +48,9 @@ def test_values_and_scores_sit_on_the_shifted_columns():
     with torch.no_grad():
         values = completion_values(value, seq, mask, P)
         scores = sequence_scores(value, seq, mask)
+        both = values_and_scores(value, seq, mask, P)       # one forward for the two
+        torch.testing.assert_close(both[0], values, atol=0, rtol=0)
+        torch.testing.assert_close(both[1], scores, atol=0, rtol=0)
         for i, prompt in enumerate(PROMPTS):
             comp = g.completion_ids[i][g.completion_mask[i]].tolist()
             alone = torch.tensor([prompt + comp])

@@ -247,6 +247,30 @@ def test_value_warmup_moves_only_the_value_model(tiny_sft_dir, tiny_rm_dir, tmp_
     assert all(torch.equal(before[k], after[k]) for k in before)    # the policy did not move
 
 
+def test_frozen_value_model_is_the_reward_model(tiny_sft_dir, tiny_rm_dir, tmp_path):
+    """--freeze-value: no value loss or optimiser; the resume checkpoint holds the policy alone, and
+    a run resumed from it goes on."""
+    import train_ppo
+    from safetensors.torch import load_file
+
+    from minipost.resume import latest_checkpoint
+    out = tmp_path / "ppo"
+    res = train_ppo.main(tiny_args(tiny_sft_dir, tiny_rm_dir, out, freeze_value=True, lr=1e-3,
+                                   eval_every=0, save_every=1))
+    assert res["iterations"] == 2
+    it = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    it = [r for r in it if "policy/clipfrac" in r]
+    assert all("loss/value" not in r and "value/clipfrac" not in r for r in it)
+    assert "value/explained_variance" in it[0] and it[0]["policy/ratio_first_max_dev"] < 1e-4
+    ckpt = latest_checkpoint(out)
+    assert {k.split(".")[0] for k in load_file(str(ckpt / "model.safetensors"))} == {"policy"}
+    before, after = load_model(tiny_sft_dir).state_dict(), load_model(out).state_dict()
+    assert not all(torch.equal(before[k], after[k]) for k in before)   # the policy moved
+    res = train_ppo.main(tiny_args(tiny_sft_dir, tiny_rm_dir, out, freeze_value=True, lr=1e-3,
+                                   eval_every=0, max_steps=3, resume=str(out)))
+    assert res["iterations"] == 3
+
+
 def test_missing_reward_model_names_the_command(tiny_sft_dir, tmp_path):
     import train_ppo
     from minipost.cli import UserError
