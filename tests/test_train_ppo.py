@@ -279,22 +279,25 @@ def test_missing_reward_model_names_the_command(tiny_sft_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding,peft,port", [("ddp", "lora", 29531), ("fsdp", "lora", 29532),
-                                               ("fsdp", "none", 29533)])
-def test_train_ppo_under_torchrun_two_processes(sharding, peft, port, tiny_sft_dir, tiny_rm_dir,
-                                                tmp_path):
+@pytest.mark.parametrize("sharding,peft,port,value", [
+    ("ddp", "lora", 29531, "warmup"), ("fsdp", "lora", 29532, "warmup"),
+    ("fsdp", "none", 29533, "warmup"), ("fsdp", "none", 29534, "frozen")])
+def test_train_ppo_under_torchrun_two_processes(sharding, peft, port, value, tiny_sft_dir,
+                                                tiny_rm_dir, tmp_path):
     import os
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = tiny_args(tiny_sft_dir, tiny_rm_dir, tmp_path / "ddp", peft=peft)
     flags = ["--fsdp"] if sharding == "fsdp" else []
+    # the value model trained after one iteration alone, or never (the reward model, unsharded)
+    flags += ["--value-warmup", "1"] if value == "warmup" else ["--freeze-value"]
     for k in ("init", "reward_model", "out_dir", "n_prompts", "batch_size", "mini_batch_size",
               "max_new_tokens", "max_steps", "eval_problems", "eval_rm_problems", "peft"):
         flags += ["--" + k.replace("_", "-"), str(getattr(args, k))]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", str(port), "train_ppo.py", "--device", "cpu",
-                        "--threads", "1", "--value-warmup", "1", *flags], cwd=root, capture_output=True, text=True,
+                        "--threads", "1", *flags], cwd=root, capture_output=True, text=True,
                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     saved = "adapter_model.safetensors" if peft == "lora" else "model.safetensors"
