@@ -104,7 +104,7 @@ class Args:
     clip_eps: float = 0.2           # ε: policy ratio clipped to [1 − ε, 1 + ε]
     clip_eps_value: float = 0.2     # value predictions clipped to V_old ± ε
     value_warmup: int = 0           # first iterations train only the value model (policy fixed)
-    freeze_value: bool = False      # never train the value model: V(s_t) = the reward model's score of each prefix
+    freeze_value: bool = False      # value model = the reward model, untrained (V = its prefix scores)
     max_steps: int = 300            # iterations (rollout + K epochs of updates)
     max_minutes: float = 13.0       # stop training after this many minutes (0 = no limit)
     lr: float = 5e-6                # policy learning rate (peak)
