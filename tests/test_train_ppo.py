@@ -192,8 +192,9 @@ def test_train_ppo_with_a_reward_model_ensemble(tiny_sft_dir, tiny_rm_dir, tmp_p
     second = tmp_path / "rm2"
     save_model(rm, second, extra_config={"minipost": {"reward_mean": 0.5, "reward_std": 3.0}})
     out = tmp_path / "ppo"
+    # the value model: the first member, frozen (its own forward beside the ensemble's)
     res = train_ppo.main(tiny_args(tiny_sft_dir, f"{tiny_rm_dir},{second}", out, ensemble="min",
-                                   eval_every=0))
+                                   eval_every=0, freeze_value=True))
     assert res["iterations"] == 2
     it = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     it = [r for r in it if "policy/clipfrac" in r]
