@@ -306,9 +306,10 @@ def main(args: Args):
         loss.backward()
         gnorms = [clip_gradients(model, args.grad_clip) for model in trained.values()]
         if run.finite(step, loss, sum(gnorms)):   # else --skip-nonfinite: skipped
-            for name, opt in optimizers.items():
-                if name == "value" or policy_moves:
-                    opt.step()
+            if policy_moves:
+                opt_policy.step()
+            if train_value is not None:
+                optimizers["value"].step()
         return stats
 
     def check_first_ratio(stats):
