@@ -31,7 +31,7 @@ from minipost.cli import UserError, parse_args, peak_rss_mb, setup, user_errors
 from minipost.dpo import dpo_loss, sequence_logps
 from minipost.generate import generate
 from minipost.grpo import grpo_loss, group_advantages
-from minipost.model import GPT, GPTConfig, ScoreModel, set_gradient_checkpointing, token_logprobs
+from minipost.model import GPT, Block, GPTConfig, ScoreModel, set_gradient_checkpointing, token_logprobs
 from minipost.optim import make_optimizer
 from minipost.reward import bradley_terry_loss
 from minipost.sft import sft_loss
@@ -70,9 +70,10 @@ def bench_config(tiny: bool = False) -> GPTConfig:
 # ---------------------------------------------------------------------------- FLOPs
 def non_embedding_params(cfg: GPTConfig) -> int:
     """N: parameters of the blocks and the final norm (no token/position embeddings, no head)."""
-    with torch.device("meta"):
-        model = GPT(cfg)
-    return sum(p.numel() for p in model.model.layers.parameters()) + cfg.hidden_size
+    # One real block (a few MB, freed at once), not a whole model on the meta device: initialising
+    # meta tensors imports torch._dynamo and sympy, ~70 MB of every workload's peak RSS.
+    block = Block(cfg, layer_idx=0)
+    return cfg.num_hidden_layers * sum(p.numel() for p in block.parameters()) + cfg.hidden_size
 
 
 def flops_per_token(cfg: GPTConfig, T: int, train: bool = True, head_size: int | None = None) -> int:

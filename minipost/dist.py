@@ -160,8 +160,9 @@ def gathered(model: torch.nn.Module):
     numbers of forward passes (generation stops when its sequences end, evaluation shards may be
     uneven) without waiting on each other's all-gathers. Every rank must enter it. A no-op for
     an unsharded model, and inside another `gathered` of the same model."""
-    from torch.distributed.fsdp import FSDPModule
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    fsdp = sys.modules.get("torch.distributed.fsdp")   # not imported: nothing is sharded (and
+    units = [m for m in model.modules()                # importing it costs ~45 MB, as `_is_dtensor`)
+             if fsdp is not None and isinstance(m, fsdp.FSDPModule)]
     if not units or model in _GATHERED:          # unsharded, or inside an outer `gathered`
         yield model
         return
