@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minipost.model import GPT, GPTConfig, KVCache, token_logprobs, last_token_index
+from minipost.model import (GPT, GPTConfig, KVCache, decode_attention, last_token_index,
+                            token_logprobs)
 
 CONFIGS = {
     "llama": GPTConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -145,6 +146,22 @@ def test_gqa_matches_repeated_kv_heads():
     mha.load_state_dict(sd)
     x = torch.randint(0, 50, (2, 6))
     torch.testing.assert_close(gqa(x), mha(x))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
+def test_decode_attention_equals_sdpa(heads, kv_heads):
+    # One query per row against T cached keys: the written-out attention of a CPU decoding step
+    # gives SDPA's numbers, with and without a mask hiding some keys (left padding).
+    torch.manual_seed(0)
+    B, T, hd = 3, 7, 8
+    q = torch.randn(B, heads, 1, hd, dtype=torch.float64)
+    k, v = (torch.randn(B, kv_heads, T, hd, dtype=torch.float64) for _ in range(2))
+    mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
+    mask[0, ..., :3] = False
+    mask[2, ..., :1] = False
+    for m in (None, mask):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=kv_heads != heads)
+        torch.testing.assert_close(decode_attention(q, k, v, m), want)
 
 
 def saved_bytes(fn):
