@@ -81,9 +81,36 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # F.rms_norm is x / sqrt(mean(x²) + ε) as one fused kernel (forward and backward)
+        if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64):
+            return RMSNormFn.apply(x, self.weight, self.eps)
+        # low precision: normalise in fp32, round to x's dtype, then scale (as Hugging Face does)
         xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+class RMSNormFn(torch.autograd.Function):
+    """y = x̂·w with x̂ = x·r, r = 1/sqrt(mean(x²) + ε), and its gradient written out:
+
+        ∂L/∂w = Σ_rows dy·x̂        ∂L/∂x = r·(g − x̂·mean(g·x̂)),   g = dy·w
+
+    (from ∂r/∂x_j = −r³·x_j / d). The backward keeps x and r only; autograd's graph of the same
+    ops would also keep x̂, one more (B, T, d) tensor per norm, and runs more ops.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, eps: float):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)        # (..., 1)
+        ctx.save_for_backward(x, r, w)
+        return x * r * w
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, r, w = ctx.saved_tensors
+        x_hat = x * r
+        g = dy * w
+        dx = r * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
+        dw = (dy * x_hat).flatten(0, -2).sum(0)
+        return dx, dw, None
 
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
@@ -177,6 +204,28 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+class SiLUMulFn(torch.autograd.Function):
+    """h = silu(g)·u, the SwiGLU gate, keeping only g and u for the backward:
+
+        ∂L/∂u = dh·silu(g)        ∂L/∂g = dh·u·silu′(g),   silu′(g) = σ(g)·(1 + g·(1 − σ(g)))
+
+    Autograd's graph of `F.silu(g) * u` also keeps silu(g), a fourth (B, T, intermediate) tensor
+    beside g, u and h (which down_proj keeps): the largest saved activation of a block. The
+    backward recomputes silu(g) instead, and takes silu′ from aten's fused `silu_backward`, the
+    kernel autograd itself runs for F.silu: no slower than autograd's graph.
+    """
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, dh):
+        g, u = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(dh * u, g), dh * F.silu(g)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) · up(x)) for Llama/Qwen; GPT-2: down(gelu(up(x)))."""
 
@@ -192,7 +241,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.gated:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(SiLUMulFn.apply(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 

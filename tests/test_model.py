@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minipost.model import (GPT, GPTConfig, KVCache, decode_attention, last_token_index,
-                            token_logprobs)
+from minipost.model import (GPT, GPTConfig, KVCache, RMSNormFn, SiLUMulFn, decode_attention,
+                            last_token_index, token_logprobs)
 
 CONFIGS = {
     "llama": GPTConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -175,6 +175,40 @@ def saved_bytes(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, sum(seen.values())
+
+
+def test_rms_norm_and_swiglu_backward_formulas_match_finite_differences():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFn.apply(x, w, 1e-5), (x, w))
+    torch.testing.assert_close(RMSNormFn.apply(x, w, 1e-5), F.rms_norm(x, (5,), w, 1e-5))
+    g, u = (torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(SiLUMulFn.apply, (g, u))
+    torch.testing.assert_close(SiLUMulFn.apply(g, u), F.silu(g) * u)
+
+
+def test_written_out_norm_and_gate_keep_one_tensor_less_each(monkeypatch):
+    # The same loss and gradients as autograd's graph of the plain ops, and exactly one (B, T, d)
+    # tensor less per RMSNorm (x̂) and one (B, T, intermediate) less per SwiGLU (silu(g)).
+    x = torch.randint(0, 50, (3, 24))
+    results = []
+    for written_out in (True, False):
+        if not written_out:
+            monkeypatch.setattr(RMSNormFn, "apply",
+                                lambda x, w, eps: F.rms_norm(x, (x.shape[-1],), eps=eps) * w)
+            monkeypatch.setattr(SiLUMulFn, "apply", lambda g, u: F.silu(g) * u)
+        model = make("llama")
+        loss, n_saved = saved_bytes(lambda: model(x).logsumexp(-1).mean())
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}, n_saved))
+    (loss0, g0, saved0), (loss1, g1, saved1) = results
+    torch.testing.assert_close(loss0, loss1, rtol=0, atol=1e-12)
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], rtol=1e-10, atol=1e-12, msg=n)
+    cfg, tokens = CONFIGS["llama"], x.numel()
+    L, d, i = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+    assert saved1 - saved0 == 8 * tokens * ((2 * L + 1) * d + L * i), (saved0, saved1)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
