@@ -69,6 +69,19 @@ def test_each_workload_runs_tiny(workload, precompute):
         assert set(result["rows"][0]["phases_s"]) == {"generate", "score", "train"}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("workload", ["W1", "W4"])
+def test_compile_path_runs_tiny(workload):
+    # torch.compile through the written-out autograd Functions (training) and the decoding loop
+    # with its growing cache (dynamic shapes): ~25 s each, mostly compilation.
+    out = subprocess.run([sys.executable, "bench.py", "--workload", workload, "--steps", "1",
+                          "--warmup", "1", "--json", "--threads", "1", "--tiny", "--compile"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout.strip().splitlines()[-1])["rows"]
+    assert rows and all(r["throughput"] > 0 for r in rows)
+
+
 def test_table_has_mfu_against_the_w0_ceiling_and_ratios():
     def run(rows):
         return {"rows": rows, "peak_rss_mb": 500.0}
