@@ -6,9 +6,9 @@ human feedback" (arXiv 2203.02155), which is plain maximum likelihood on demonst
 where M is the set of target positions (`loss_mask` = 1).
 
 Alignment (PITFALLS item 1): the log-prob of token t comes from the logits at t−1, so the code
-compares `logits[:, :-1]` with `tokens[:, 1:]` and uses `loss_mask[:, 1:]`. `loss_mask` is aligned
-with `tokens`: `loss_mask[:, t] = 1` marks `tokens[:, t]` as a target. `loss_mask[:, 0]` is never
-used (nothing predicts the first token).
+scores `tokens[:, 1:]` against `logits[:, :-1]` (`token_logprobs`, without copying the logits) and
+uses `loss_mask[:, 1:]`. `loss_mask` is aligned with `tokens`: `loss_mask[:, t] = 1` marks
+`tokens[:, t]` as a target. `loss_mask[:, 0]` is never used (nothing predicts the first token).
 
 Gradient accumulation (PITFALLS item 4): the mean over a micro-batch's tokens is not the mean over
 the full batch when micro-batches hold different numbers of target tokens
@@ -17,7 +17,8 @@ loop can divide each micro-batch's sum by the global token count.
 """
 
 import torch
-import torch.nn.functional as F
+
+from .model import token_logprobs
 
 
 def sft_loss_sum(
@@ -39,11 +40,8 @@ def sft_loss_sum(
         all target tokens of the batch), and the fp32 scalar count of target tokens.
         Divide the sum by the count of the whole (accumulated) batch.
     """
-    B, T, V = logits.shape
-    pred = logits[:, :-1].float().reshape(-1, V)                # (B·(T−1), V) fp32 log-softmax inside CE
-    target = tokens[:, 1:].reshape(-1)                          # (B·(T−1),)
-    mask = loss_mask[:, 1:].reshape(-1).bool()                  # (B·(T−1),) shifted with the targets
-    ce = F.cross_entropy(pred, target, reduction="none")       # (B·(T−1),) −log p(x_t | x_<t)
+    ce = -token_logprobs(logits, tokens)                       # (B, T−1) −log p(x_t | x_<t), fp32
+    mask = loss_mask[:, 1:].bool()                              # (B, T−1) shifted with the targets
     loss_sum = torch.where(mask, ce, torch.zeros_like(ce)).sum()
     return loss_sum, mask.sum().float()
 
