@@ -163,7 +163,8 @@ def decode_attention(q, k, v, attn_mask=None):
     key may be seen. Each key/value head serves the G = H / H_kv query heads beside it (grouped-query
     attention), so the queries are viewed as (B, H_kv, G, hd) against their own keys: no copy of the
     keys per query head. The same numbers as SDPA, whose CPU kernel tiles for blocks of many
-    queries: 3% (32 rows) to 6% (64 rows) faster decoding in bench.py's W4 model.
+    queries: 3% (32 rows) to 6% (64 rows) faster decoding in bench.py's W4 model. Used in fp32 and
+    fp64 only: in bf16 SDPA keeps the scores in fp32, these matmuls would round them to bf16.
     """
     B, H, _, hd = q.shape
     H_kv = k.shape[1]
@@ -200,8 +201,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                      # (B, H_kv, T_past+T, hd)
-        if T == 1 and x.device.type == "cpu":   # one decoding step on a CPU: see decode_attention
-            y = decode_attention(q, k, v, attn_mask)
+        if T == 1 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
+            y = decode_attention(q, k, v, attn_mask)   # one full-precision decoding step on a CPU
         else:
             # No mask is the fast path: causal for a fresh sequence (training), and for one new
             # token after a cache (decoding) nothing to hide, as it may see every cached key.
