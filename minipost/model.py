@@ -99,7 +99,7 @@ class RMSNormFn(torch.autograd.Function):
     In-place ops (`mul_`, `sub_`, here and in `SiLUMulFn` and `apply_rope`) write into a buffer
     just made instead of allocating another (B, T, ·) one. Fewer short-lived large buffers leave
     glibc's heap less fragmented: at bench.py's W1 the process's peak RSS fell by ~100 MB and the
-    step by ~4% (a third of the heap had been free holes too small for the next buffer).
+    step by ~4% (before, a third of the heap at the peak was free holes between live buffers).
     """
 
     @staticmethod
