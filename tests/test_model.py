@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minipost.model import (GPT, GPTConfig, KVCache, RMSNormFn, SiLUMulFn, decode_attention,
-                            last_token_index, token_logprobs)
+from minipost.functions import RMSNormFn, SiLUMulFn
+from minipost.model import GPT, GPTConfig, KVCache, decode_attention, last_token_index, token_logprobs
 
 CONFIGS = {
     "llama": GPTConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
