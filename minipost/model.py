@@ -361,6 +361,11 @@ def last_token_index(attention_mask):
     return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
 
 
+def last_scores(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token scores (N, T) -> each row's score at its last real token (N,)."""
+    return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
 class ScoreModel(nn.Module):
     """Decoder + a scalar head: HF's `*ForSequenceClassification` with `num_labels = 1`.
 
@@ -399,6 +404,4 @@ class ScoreModel(nn.Module):
 
     def score_last(self, input_ids, attention_mask):
         """Score at each row's last real token (B,): the reward, whatever the padding side."""
-        scores = self(input_ids, attention_mask)                       # (B, T)
-        idx = last_token_index(attention_mask)
-        return scores.gather(1, idx[:, None]).squeeze(1)
+        return last_scores(self(input_ids, attention_mask), attention_mask)

@@ -28,7 +28,7 @@ they share (here, from the SFT model they all start from) no ensemble removes.
 import torch
 import torch.nn.functional as F
 
-from .model import ScoreModel, last_token_index
+from .model import ScoreModel, last_scores, last_token_index
 
 
 def bradley_terry_loss(
@@ -109,11 +109,6 @@ def pair_rewards(reward_model: ScoreModel, input_ids: torch.Tensor, attention_ma
         (chosen_rewards, rejected_rewards), each (B,), fp32: the score at each row's last real token.
     """
     return last_scores(reward_model(input_ids, attention_mask), attention_mask).chunk(2)
-
-
-def last_scores(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per-token scores (N, T) -> each row's score at its last real token (N,)."""
-    return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
 
 
 def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .evaluate import chat_prompt_ids
 from .generate import generate
-from .model import last_token_index, token_logprobs
+from .model import last_scores, token_logprobs
 from .tasks import verify
 
 
@@ -76,8 +76,7 @@ def values_and_scores(score_model, sequences, attention_mask, prompt_len: int):
     """`completion_values` (B, N) and `sequence_scores` (B,) of one ScoreModel from one forward:
     its per-token scores read at the completion columns and at each row's last real token."""
     scores = score_model(sequences, attention_mask=attention_mask)                   # (B, T)
-    last = scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)    # (B,)
-    return scores[:, prompt_len - 1:-1], last
+    return scores[:, prompt_len - 1:-1], last_scores(scores, attention_mask)
 
 
 def gold_rewards(tokenizer, completion_ids, completion_mask, answers) -> torch.Tensor:
