@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .functions import RMSNormFn, SiLUMulFn
+from .functions import rms_norm, silu_mul
 
 
 @dataclass
@@ -84,7 +84,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64):
-            return RMSNormFn.apply(x, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps)
         # low precision: normalise in fp32, round to x's dtype, then scale (as Hugging Face does)
         xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * xf.to(x.dtype)
@@ -197,7 +197,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.gated:
-            return self.down_proj(SiLUMulFn.apply(self.gate_proj(x), self.up_proj(x)))
+            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 

@@ -188,6 +188,18 @@ def test_rms_norm_and_swiglu_backward_formulas_match_finite_differences():
     torch.testing.assert_close(SiLUMulFn.apply(g, u), F.silu(g) * u)
 
 
+def test_no_grad_forward_skips_the_functions_with_the_same_numbers(monkeypatch):
+    # Decoding and reference forwards run the ops without the autograd Functions: bit for bit the
+    # logits of a forward that records the graph (a PPO/GRPO ratio starts at exactly 1).
+    model, x = make("llama"), torch.randint(0, 50, (3, 24))
+    with_graph = model(x)
+    assert with_graph.grad_fn is not None
+    for fn in (RMSNormFn, SiLUMulFn):
+        monkeypatch.setattr(fn, "apply", lambda *a: pytest.fail("Function used without grad"))
+    with torch.inference_mode():
+        assert torch.equal(model(x), with_graph.detach())
+
+
 def test_written_out_norm_and_gate_keep_one_tensor_less_each(monkeypatch):
     # The same loss and gradients as autograd's graph of the plain ops, and exactly one (B, T, d)
     # tensor less per RMSNorm (x̂) and one (B, T, intermediate) less per SwiGLU (silu(g)).
