@@ -21,7 +21,7 @@ from minipost.cli import (Metrics, UserError, difficulty_arg, parse_args, peak_r
                           user_errors, write_results)
 from minipost.evaluate import evaluate_base
 from minipost.model import GPT, GPTConfig, set_gradient_checkpointing
-from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
+from minipost.optim import clip_gradients, CosineSchedule, make_optimizer
 from minipost.resume import Run
 from minipost.tokenizer import train_tokenizer
 
@@ -101,7 +101,7 @@ def main(args: Args):
     set_gradient_checkpointing(model, args.grad_checkpointing)
     train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    scheduler = cosine_schedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+    scheduler = CosineSchedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
     if args.compile:
         train_model = torch.compile(train_model)
 

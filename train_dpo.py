@@ -54,7 +54,7 @@ from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.dpo import dpo_loss, sequence_logps
 from minipost.evaluate import chat_prompt_ids, complete, evaluate_task, heldout_problems
 from minipost.model import set_gradient_checkpointing, token_logprobs
-from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
+from minipost.optim import clip_gradients, CosineSchedule, make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.resume import Run
 from minipost.rollout import sampled_pairs
@@ -214,7 +214,7 @@ def main(args: Args):
     set_gradient_checkpointing(model, args.grad_checkpointing)
     train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    scheduler = cosine_schedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+    scheduler = CosineSchedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
 
     @torch.no_grad()
     def reference_logps(idx, batch):

@@ -39,7 +39,7 @@ from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
 from minipost.generate import generate
 from minipost.grpo import group_advantages, grpo_loss
 from minipost.model import set_gradient_checkpointing
-from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
+from minipost.optim import clip_gradients, CosineSchedule, make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.resume import Run, per_rank_state
 from minipost.rollout import completion_logps
@@ -270,7 +270,7 @@ def main(args: Args):
     # cosine: the late steps are small, so the policy that is saved is not one noisy step away
     # from a better one (greedy accuracy swings by ±5 points between evaluations at a constant LR)
     # (constant = a cosine that ends where it starts, so it does not depend on --max-steps)
-    scheduler = cosine_schedule(optimizer, args.warmup_steps, args.max_steps,
+    scheduler = CosineSchedule(optimizer, args.warmup_steps, args.max_steps,
                                 args.min_lr_ratio if args.lr_schedule == "cosine" else 1.0)
     if rt.is_main:
         print(f"policy {args.init} (peft={args.peft}, {trainable_summary(model)}); reference: "

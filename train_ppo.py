@@ -65,7 +65,7 @@ from minipost.data import load_jsonl
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
 from minipost.generate import generate
 from minipost.model import ScoreModel, set_gradient_checkpointing
-from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
+from minipost.optim import clip_gradients, CosineSchedule, make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped_rewards,
                           masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
@@ -226,7 +226,7 @@ def main(args: Args):
     if not args.freeze_value:
         optimizers["value"] = make_optimizer(value_model, args.value_lr, args.weight_decay)
     opt_policy = optimizers["policy"]
-    scheduler = cosine_schedule(opt_policy, args.warmup_steps,     # over the policy's iterations
+    scheduler = CosineSchedule(opt_policy, args.warmup_steps,     # over the policy's iterations
                                 args.max_steps - args.value_warmup,
                                 args.min_lr_ratio if args.lr_schedule == "cosine" else 1.0)
 

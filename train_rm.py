@@ -46,7 +46,7 @@ from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, d
                           user_errors, write_results)
 from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.model import set_gradient_checkpointing
-from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
+from minipost.optim import clip_gradients, CosineSchedule, make_optimizer
 from minipost.peft import add_peft, save_peft, trainable_summary
 from minipost.resume import Run
 from minipost.reward import (bradley_terry_loss, last_scores, pair_rewards, prefix_bradley_terry_loss,
@@ -189,7 +189,7 @@ def main(args: Args):
     set_gradient_checkpointing(model, args.grad_checkpointing)
     train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    scheduler = cosine_schedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+    scheduler = CosineSchedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
 
     # ------------------------------------------------------------------------ loss
     def batch_of(encoded, idx):

@@ -37,7 +37,7 @@ from minipost.data import (collate_packed, load_jsonl, pack_sequences, pad_batch
 from minipost.evaluate import evaluate_task, heldout_problems
 from minipost.lora import count_trainable
 from minipost.model import set_gradient_checkpointing
-from minipost.optim import clip_gradients, cosine_schedule, make_optimizer
+from minipost.optim import clip_gradients, CosineSchedule, make_optimizer
 from minipost.peft import add_peft, peft_options, save_peft, trainable_summary
 from minipost.resume import Run
 from minipost.sft import sft_loss_sum
@@ -203,7 +203,7 @@ def main(args: Args):
     set_gradient_checkpointing(model, args.grad_checkpointing)
     train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    scheduler = cosine_schedule(optimizer, args.warmup_steps, steps, args.min_lr_ratio)
+    scheduler = CosineSchedule(optimizer, args.warmup_steps, steps, args.min_lr_ratio)
 
     # ------------------------------------------------------------------------ eval
     problems = heldout_problems(args.difficulty, max(args.eval_problems, args.eval_quick))

@@ -2,24 +2,131 @@
 
 Decay applies to 2-D weights (projections, embeddings); norms' gains and biases are left alone, as
 in GPT-2/nanoGPT: shrinking a gain towards 0 is not regularisation, it changes the function.
+
+Both are written here rather than taken from `torch.optim`: building or stepping any
+`torch.optim.Optimizer` imports `torch._dynamo` and sympy (its methods are wrapped to keep the
+compiler out of them), ~70 MB of every training process's memory and a second of start-up, for a
+compiler none of the scripts runs by default. The state dict keeps torch.optim.AdamW's layout, so
+resume checkpoints and `minipost.dist`'s sharded state handling read it unchanged.
 """
 import math
 
 import torch
 
 
+class AdamW:
+    """Adam with decoupled weight decay (Loshchilov & Hutter 2019, arXiv 1711.05101, Algorithm 2).
+    For each parameter θ with gradient g, at step t = 1, 2, ...:
+
+        m ← β₁·m + (1 − β₁)·g               v ← β₂·v + (1 − β₂)·g²
+        θ ← θ·(1 − lr·λ) − lr · m̂ / (√v̂ + ε),   m̂ = m / (1 − β₁ᵗ),   v̂ = v / (1 − β₂ᵗ)
+
+    On CPU and CUDA the update runs as aten's fused kernel (`torch._fused_adamw_`, the one
+    `torch.optim.AdamW(fused=True)` calls): one pass over each parameter's memory for all five
+    lines. On other devices, or with `fused=False`, the same lines run as the tensor ops of
+    `_adamw_ops`. `param_groups`: dicts with "params" and any of lr, betas, eps, weight_decay.
+    """
+
+    def __init__(self, param_groups, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, fused: bool | None = None):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        self.fused = fused               # None: wherever aten has the kernel (CPU, CUDA)
+        self.param_groups = [{**defaults, **g, "params": list(g["params"])} for g in param_groups]
+        self.state = {}   # parameter -> {"step": float32 scalar tensor, "exp_avg", "exp_avg_sq"}
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p in self._params():
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2,
+                         weight_decay=group["weight_decay"], eps=group["eps"])
+            by_kind = {}     # one kernel call per device and dtype, as the fused kernel requires
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_kind.setdefault((p.device, p.dtype), []).append(p)
+            for (device, _), params in by_kind.items():
+                states = [self._state(p) for p in params]
+                steps = [s["step"] for s in states]
+                torch._foreach_add_(steps, 1.0)
+                # a sharded (FSDP) parameter updates its own shard: the local tensors
+                tensors = [[_local(t) for t in ts] for ts in (
+                    params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states])]
+                if self.fused if self.fused is not None else device.type in ("cpu", "cuda"):
+                    torch._fused_adamw_(*tensors, [], steps, amsgrad=False, maximize=False, **hyper)
+                else:
+                    _adamw_ops(*tensors, steps, **hyper)
+
+    def _state(self, p):
+        if p not in self.state:
+            self.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                             "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        return self.state[p]
+
+    def _params(self):
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def state_dict(self) -> dict:
+        """torch.optim's layout: state keyed by the parameter's position over all groups."""
+        index = {p: i for i, p in enumerate(self._params())}
+        groups, start = [], 0
+        for group in self.param_groups:
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": list(range(start, start + len(group["params"])))})
+            start += len(group["params"])
+        return {"state": {index[p]: dict(s) for p, s in self.state.items()},
+                "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict):
+        """Restore hyperparameters and moments (keys may be strings after JSON); moments move to
+        each parameter's device and dtype, steps stay float32."""
+        saved_groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("optimizer state does not match this model's parameter groups")
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({k: tuple(v) if k == "betas" else v
+                          for k, v in saved.items() if k != "params"})
+        params = self._params()
+        self.state = {}
+        for i, saved in state_dict["state"].items():
+            p = params[int(i)]
+            self.state[p] = {k: v.to(device=p.device,
+                                     dtype=torch.float32 if k == "step" else p.dtype)
+                             for k, v in saved.items()}
+
+
+def _adamw_ops(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps):
+    """AdamW's update as plain tensor ops (the docstring's lines, in order), one parameter at a time."""
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        t = step.item()
+        p.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)                                  # β₁·m + (1 − β₁)·g
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+
+
+def _local(t):
+    """A DTensor's local shard (in place updates land in the DTensor), any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95),
-                   eps: float = 1e-8) -> torch.optim.AdamW:
+                   eps: float = 1e-8) -> AdamW:
     """AdamW over the trainable parameters of `model` (shared parameters counted once)."""
     params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    # fused AdamW runs the update for all parameters in one kernel; on CPU it is also faster
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps,
-                             fused=fused)
+    return AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
 
 
 def clip_gradients(model, max_norm: float) -> torch.Tensor:
@@ -31,11 +138,37 @@ def clip_gradients(model, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def cosine_schedule(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
-    """LR multiplier: linear 0→1 over warmup, then cosine 1→min_ratio at total_steps."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+class CosineSchedule:
+    """Learning rate = base lr × factor(step): linear 0→1 over the warm-up steps, then a cosine
+    from 1 down to `min_ratio` at `total_steps`. `step()` after each optimiser step."""
+
+    def __init__(self, optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
+        self.optimizer, self.warmup_steps, self.total_steps = optimizer, warmup_steps, total_steps
+        self.min_ratio = min_ratio
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.last_epoch = 0          # optimiser steps taken (torch.optim's name, kept for resume)
+        self._apply()
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _apply(self):
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self.factor(self.last_epoch)
+
+    def step(self):
+        self.last_epoch += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"base_lrs": list(self.base_lrs), "last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict):
+        self.base_lrs, self.last_epoch = list(state["base_lrs"]), int(state["last_epoch"])
+        self._apply()
