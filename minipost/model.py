@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .functions import rms_norm, silu_mul
+from .functions import SwiGLUDownFn, rms_norm, silu_mul
 
 
 @dataclass
@@ -197,7 +197,11 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.gated:
-            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+            g, u, down = self.gate_proj(x), self.up_proj(x), self.down_proj
+            if torch.is_grad_enabled() and type(down) is nn.Linear and down.bias is None \
+                    and g.dtype == down.weight.dtype:   # training: keep g and u, not h as well
+                return SwiGLUDownFn.apply(g, u, down.weight)
+            return down(silu_mul(g, u))      # decoding, LoRA on down_proj, autocast
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 

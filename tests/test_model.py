@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minipost.functions import RMSNormFn, SiLUMulFn
+from minipost.functions import RMSNormFn, SiLUMulFn, SwiGLUDownFn
 from minipost.model import GPT, GPTConfig, KVCache, decode_attention, last_token_index, token_logprobs
 
 CONFIGS = {
@@ -186,6 +186,10 @@ def test_rms_norm_and_swiglu_backward_formulas_match_finite_differences():
     g, u = (torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
     assert torch.autograd.gradcheck(SiLUMulFn.apply, (g, u))
     torch.testing.assert_close(SiLUMulFn.apply(g, u), F.silu(g) * u)
+    w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SwiGLUDownFn.apply, (g, u, w))
+    assert torch.autograd.gradcheck(SwiGLUDownFn.apply, (g, u, w.detach()))   # frozen W
+    torch.testing.assert_close(SwiGLUDownFn.apply(g, u, w), F.linear(F.silu(g) * u, w))
 
 
 def test_no_grad_forward_skips_the_functions_with_the_same_numbers(monkeypatch):
@@ -194,7 +198,7 @@ def test_no_grad_forward_skips_the_functions_with_the_same_numbers(monkeypatch):
     model, x = make("llama"), torch.randint(0, 50, (3, 24))
     with_graph = model(x)
     assert with_graph.grad_fn is not None
-    for fn in (RMSNormFn, SiLUMulFn):
+    for fn in (RMSNormFn, SiLUMulFn, SwiGLUDownFn):
         monkeypatch.setattr(fn, "apply", lambda *a: pytest.fail("Function used without grad"))
     with torch.inference_mode():
         assert torch.equal(model(x), with_graph.detach())
@@ -202,7 +206,8 @@ def test_no_grad_forward_skips_the_functions_with_the_same_numbers(monkeypatch):
 
 def test_written_out_norm_and_gate_keep_one_tensor_less_each(monkeypatch):
     # The same loss and gradients as autograd's graph of the plain ops, and exactly one (B, T, d)
-    # tensor less per RMSNorm (x̂) and one (B, T, intermediate) less per SwiGLU (silu(g)).
+    # tensor less per RMSNorm (x̂) and two (B, T, intermediate) less per SwiGLU (silu(g), and h,
+    # the down projection's input).
     x = torch.randint(0, 50, (3, 24))
     results = []
     for written_out in (True, False):
@@ -210,6 +215,7 @@ def test_written_out_norm_and_gate_keep_one_tensor_less_each(monkeypatch):
             monkeypatch.setattr(RMSNormFn, "apply",
                                 lambda x, w, eps: F.rms_norm(x, (x.shape[-1],), eps=eps) * w)
             monkeypatch.setattr(SiLUMulFn, "apply", lambda g, u: F.silu(g) * u)
+            monkeypatch.setattr(SwiGLUDownFn, "apply", lambda g, u, w: F.linear(F.silu(g) * u, w))
         model = make("llama")
         loss, n_saved = saved_bytes(lambda: model(x).logsumexp(-1).mean())
         loss.backward()
@@ -220,7 +226,7 @@ def test_written_out_norm_and_gate_keep_one_tensor_less_each(monkeypatch):
         torch.testing.assert_close(g0[n], g1[n], rtol=1e-10, atol=1e-12, msg=n)
     cfg, tokens = CONFIGS["llama"], x.numel()
     L, d, i = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
-    assert saved1 - saved0 == 8 * tokens * ((2 * L + 1) * d + L * i), (saved0, saved1)
+    assert saved1 - saved0 == 8 * tokens * ((2 * L + 1) * d + 2 * L * i), (saved0, saved1)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
