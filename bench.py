@@ -34,6 +34,7 @@ from minipost.grpo import grpo_loss, group_advantages
 from minipost.model import GPT, Block, GPTConfig, ScoreModel, set_gradient_checkpointing, token_logprobs
 from minipost.optim import make_optimizer
 from minipost.reward import bradley_terry_loss
+from minipost.rollout import completion_logps
 from minipost.sft import sft_loss
 
 WORKLOADS = ["W0", "W1", "W2", "W3", "W4", "W5"]
@@ -274,13 +275,13 @@ def w5(args, cfg, rt, gen) -> list[dict]:
         advantages = group_advantages(rewards, G)
         sync(rt.device)
         t1 = time.perf_counter()
-        with torch.no_grad(), rt.autocast():
-            ref_logps = token_logprobs(ref_model(ids), ids)[:, P - 1:]     # (N, C)
+        with torch.no_grad(), rt.autocast():    # as train_grpo.py: completion_logps
+            ref_logps = completion_logps(ref_model, ids, None, P)         # (N, C)
         sync(rt.device)
         t2 = time.perf_counter()
 
         def loss_fn(net):
-            logps = token_logprobs(net(ids), ids)[:, P - 1:]               # (N, C)
+            logps = completion_logps(net, ids, None, P)                    # (N, C)
             loss, _ = grpo_loss(logps, rollout.logps, ref_logps, advantages,
                                 rollout.completion_mask, beta=0.04)
             return loss

@@ -110,7 +110,7 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0,
         # without left padding the model needs no mask: causal prefill, and each new token sees all
         padded = not bool(prompt_mask.all())   # one host sync, before the loop
         logits = model(prompt_ids, attention_mask=prompt_mask if padded else None,
-                       cache=cache)[:, -1]                                          # (B, V) prefill
+                       cache=cache, logits_to_keep=1)[:, -1]                        # (B, V) prefill
         for t in range(max_new_tokens):
             if temperature == 0:
                 logp = logits.float().log_softmax(-1)

@@ -91,12 +91,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
-    """cos/sin tables for RoPE at the given positions: (B, T) -> two (B, 1, T, head_dim)."""
+    """cos/sin tables for RoPE at the given positions: (B, T) -> two (B, T, 1, head_dim)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device,
                                              dtype=torch.float32) / head_dim))
     angles = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2)
     emb = torch.cat([angles, angles], dim=-1)            # (B, T, head_dim): HF's half-split layout
-    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+    return emb.cos()[:, :, None].to(dtype), emb.sin()[:, :, None].to(dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -166,9 +166,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, cfg.num_key_value_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # (B, H, T, hd) views of (B, T, H, hd) memory: SDPA returns its output in the same layout,
+        # so o_proj's input below is a view of it, not a copy (one (B, T, d) tensor less to keep)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                      # (B, H_kv, T_past+T, hd)
         if T == 1 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
@@ -329,10 +331,12 @@ class GPT(nn.Module):
         return self.model(input_ids, attention_mask, position_ids, segment_ids, cache)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
-                cache: KVCache | None = None):
-        """Logits (B, T, V). A left-padded batch gives each row's real tokens the logits it gets alone."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids,
-                                               segment_ids, cache))
+                cache: KVCache | None = None, logits_to_keep: int = 0):
+        """Logits (B, T, V). A left-padded batch gives each row's real tokens the logits it gets alone.
+        `logits_to_keep` = n > 0: only the last n positions' logits (B, n, V), as in Hugging Face:
+        a prefill needs the last one, a completion's log-probs the last N + 1."""
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, cache)
+        return self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; non-embedding excludes token/position embeddings and a tied head."""

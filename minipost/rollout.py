@@ -51,8 +51,10 @@ def completion_logps(model, sequences, attention_mask, prompt_len: int, temperat
     the caller masks out.
     """
     t = temperature if temperature > 0 else 1.0
-    logits = model(sequences, attention_mask=attention_mask)[:, prompt_len - 1:]   # (B, N+1, V)
-    logits = logits.float() / t
+    n = sequences.shape[1] - prompt_len + 1      # the LM head runs on positions P−1 … end only
+    logits = model(sequences, attention_mask=attention_mask, logits_to_keep=n).float()  # (B, N+1, V)
+    if t != 1.0:
+        logits = logits / t
     logps = token_logprobs(logits, sequences[:, prompt_len - 1:])                  # (B, N)
     if not with_entropy:
         return logps
