@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from minipost.cli import UserError, parse_args, peak_rss_mb, setup, user_errors
-from minipost.dpo import dpo_loss, sequence_logps
+from minipost.dpo import dpo_loss, pair_logps
 from minipost.generate import generate
 from minipost.grpo import grpo_loss, group_advantages
-from minipost.model import GPT, Block, GPTConfig, ScoreModel, set_gradient_checkpointing, token_logprobs
+from minipost.model import GPT, Block, GPTConfig, ScoreModel, set_gradient_checkpointing
 from minipost.optim import make_optimizer
 from minipost.reward import bradley_terry_loss
 from minipost.rollout import completion_logps
@@ -217,15 +217,17 @@ def w3(args, cfg, rt, gen) -> list[dict]:
     loss_mask = torch.zeros_like(ids)
     loss_mask[:, 64:] = 1
 
-    def ref_logps():
-        with torch.no_grad(), rt.autocast():
-            return sequence_logps(token_logprobs(ref_model(ids), ids), loss_mask)  # (2B,)
+    batch = {"input_ids": ids, "loss_mask": loss_mask}
+
+    def ref_logps():            # as train_dpo.py: pair_logps, the LM head on completions only
+        with torch.no_grad():
+            return torch.cat(pair_logps(ref_model, batch, rt.autocast))             # (2B,)
 
     precomputed = ref_logps() if args.precompute_ref else None
 
     def loss_fn(net):
         ref = precomputed if precomputed is not None else ref_logps()
-        logps = sequence_logps(token_logprobs(net(ids), ids), loss_mask)  # (2B,)
+        logps = torch.cat(pair_logps(net, batch, rt.autocast))                   # (2B,)
         losses, _, _ = dpo_loss(logps[:16], logps[16:], ref[:16], ref[16:], beta=0.1)
         return losses.mean()
 

@@ -51,9 +51,9 @@ from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, d
                           load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
                           user_errors, write_results)
 from minipost.data import collate_preference, encode_preference, load_jsonl
-from minipost.dpo import dpo_loss, sequence_logps
+from minipost.dpo import dpo_loss, pair_logps
 from minipost.evaluate import chat_prompt_ids, complete, evaluate_task, heldout_problems
-from minipost.model import set_gradient_checkpointing, token_logprobs
+from minipost.model import set_gradient_checkpointing
 from minipost.optim import clip_gradients, CosineSchedule, make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.resume import Run
@@ -108,19 +108,6 @@ class Args:
     keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
     resume: str = ""                # resume from this run directory (or one of its checkpoints)
     skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
-
-
-# ---------------------------------------------------------------------------- loss
-def pair_logps(model, batch, autocast=None):
-    """Summed completion log-probs of chosen and rejected, from one forward pass: two (B,).
-
-    The batch is right-padded (`data.collate_preference`), so causal attention alone keeps every
-    real token from seeing padding; no attention mask is needed (and the fast causal path is used).
-    """
-    with autocast() if autocast else torch.autocast("cpu", enabled=False):
-        logits = model(batch["input_ids"])                                     # (2B, T, V)
-    token_logps = token_logprobs(logits, batch["input_ids"])                   # (2B, T−1) fp32
-    return sequence_logps(token_logps, batch["loss_mask"]).chunk(2)            # SUM, not mean
 
 
 def main(args: Args):

@@ -18,6 +18,8 @@ Inputs are SUMS of token log-probs over each completion, as in the DPO paper and
 import torch
 import torch.nn.functional as F
 
+from .model import token_logprobs
+
 
 def sequence_logps(
     token_logps: torch.Tensor, loss_mask: torch.Tensor, mean: bool = False
@@ -39,10 +41,29 @@ def sequence_logps(
         (B,) per-sequence log-prob; masked-out positions never contribute (even if non-finite).
     """
     mask = loss_mask[:, 1:].bool()                                          # (B, T−1)
-    summed = torch.where(mask, token_logps, torch.zeros_like(token_logps)).sum(-1)  # (B,)
+    # summed in float64: the fp32 result then does not depend on where the completion sits in
+    # the row (a float32 sum's rounding does), so a pair scores the same in any batch
+    summed = torch.where(mask, token_logps.double(), 0.0).sum(-1).to(token_logps.dtype)  # (B,)
     if mean:
         return summed / mask.sum(-1).clamp(min=1).to(summed.dtype)
     return summed
+
+
+def pair_logps(model, batch, autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of chosen and rejected, from one forward pass: two (B,).
+
+    The batch is right-padded (`data.collate_preference`), so causal attention alone keeps every
+    real token from seeing padding; no attention mask is needed (and the fast causal path is used).
+    The LM head runs only from the column before the first token any row scores (`logits_to_keep`):
+    the prompts' logits are never read.
+    """
+    ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+    first = int(loss_mask.any(0).int().argmax())          # first scored column (one host sync)
+    start = max(first - 1, 0)                             # its token is scored by the logits here
+    with autocast() if autocast else torch.autocast("cpu", enabled=False):
+        logits = model(ids, logits_to_keep=ids.shape[1] - start)               # (2B, T−start, V)
+    token_logps = token_logprobs(logits, ids[:, start:])                       # fp32
+    return sequence_logps(token_logps, loss_mask[:, start:]).chunk(2)          # SUM, not mean
 
 
 def dpo_loss(

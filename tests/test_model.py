@@ -192,6 +192,16 @@ def test_rms_norm_and_swiglu_backward_formulas_match_finite_differences():
     torch.testing.assert_close(SwiGLUDownFn.apply(g, u, w), F.linear(F.silu(g) * u, w))
 
 
+def test_logits_to_keep_gives_the_last_positions_logits():
+    model, x = make("llama"), torch.randint(0, 50, (3, 24))
+    mask = torch.ones_like(x)
+    mask[0, :5] = 0                                   # left padding in one row
+    full = model(x, attention_mask=mask)
+    for n in (1, 7, 24):
+        torch.testing.assert_close(model(x, attention_mask=mask, logits_to_keep=n), full[:, -n:],
+                                   rtol=1e-6, atol=1e-6)
+
+
 def test_no_grad_forward_skips_the_functions_with_the_same_numbers(monkeypatch):
     # Decoding and reference forwards run the ops without the autograd Functions: bit for bit the
     # logits of a forward that records the graph (a PPO/GRPO ratio starts at exactly 1).
