@@ -35,7 +35,7 @@ from minipost.model import GPT, Block, GPTConfig, ScoreModel, set_gradient_check
 from minipost.optim import make_optimizer
 from minipost.reward import bradley_terry_loss
 from minipost.rollout import completion_logps
-from minipost.sft import sft_loss
+from minipost.sft import batch_loss_sum
 
 WORKLOADS = ["W0", "W1", "W2", "W3", "W4", "W5"]
 
@@ -185,8 +185,13 @@ def w1(args, cfg, rt, gen) -> list[dict]:
     ids = random_ids(gen, cfg, 16, 256, device=rt.device)
     loss_mask = torch.zeros_like(ids)
     loss_mask[:, 128:] = 1                                                 # completion tokens
-    times = time_steps(lambda: train_step(model, optimizer, lambda m: sft_loss(m(ids), ids, loss_mask),
-                                          rt), args, rt.device)
+    batch = {"input_ids": ids, "loss_mask": loss_mask}
+
+    def loss_fn(net):            # as train_sft.py: the LM head from the first target column
+        loss_sum, n = batch_loss_sum(net, batch, rt.autocast)
+        return loss_sum / n
+
+    times = time_steps(lambda: train_step(model, optimizer, loss_fn, rt), args, rt.device)
     return [row("SFT 16×256", times, ids.numel(), "tok/s", ids.numel() * flops_per_token(cfg, 256))]
 
 

@@ -40,7 +40,7 @@ from minipost.model import set_gradient_checkpointing
 from minipost.optim import clip_gradients, CosineSchedule, make_optimizer
 from minipost.peft import add_peft, peft_options, save_peft, trainable_summary
 from minipost.resume import Run
-from minipost.sft import sft_loss_sum
+from minipost.sft import batch_loss_sum
 
 
 # ---------------------------------------------------------------------------- Args
@@ -110,16 +110,6 @@ def collate(units, pad_id: int, device=None) -> dict:
 
 
 # ---------------------------------------------------------------------------- loss
-def batch_loss_sum(net, batch: dict, autocast=nullcontext):
-    """(summed CE over the batch's target tokens, their count). Right padding needs no attention
-    mask (causal attention already hides the pad after each row); packed rows pass their
-    restarting positions and segment ids, which keep documents apart."""
-    with autocast():
-        logits = net(batch["input_ids"], position_ids=batch.get("position_ids"),
-                     segment_ids=batch.get("segment_ids"))                  # (B, T, V)
-    return sft_loss_sum(logits, batch["input_ids"], batch["loss_mask"])
-
-
 def accumulate(net, micro_batches: list[dict], autocast=nullcontext) -> torch.Tensor:
     """Backward over a step's micro-batches; returns the step's mean loss (detached).
 

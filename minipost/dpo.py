@@ -18,7 +18,7 @@ Inputs are SUMS of token log-probs over each completion, as in the DPO paper and
 import torch
 import torch.nn.functional as F
 
-from .model import token_logprobs
+from .model import first_logit_column, token_logprobs
 
 
 def sequence_logps(
@@ -58,8 +58,7 @@ def pair_logps(model, batch, autocast=None) -> tuple[torch.Tensor, torch.Tensor]
     the prompts' logits are never read.
     """
     ids, loss_mask = batch["input_ids"], batch["loss_mask"]
-    first = int(loss_mask.any(0).int().argmax())          # first scored column (one host sync)
-    start = max(first - 1, 0)                             # its token is scored by the logits here
+    start = first_logit_column(loss_mask)
     with autocast() if autocast else torch.autocast("cpu", enabled=False):
         logits = model(ids, logits_to_keep=ids.shape[1] - start)               # (2B, T−start, V)
     token_logps = token_logprobs(logits, ids[:, start:])                       # fp32

@@ -362,6 +362,12 @@ def token_logprobs(logits, tokens):
     return logps.view(tokens.shape)[:, :-1]                       # (B, T-1)
 
 
+def first_logit_column(loss_mask) -> int:
+    """The first column whose logits a loss over `loss_mask` (B, T) reads: the one before the
+    first target token of any row (one host sync). `logits_to_keep=T − it` skips the prompt's."""
+    return max(int(loss_mask.any(0).int().argmax()) - 1, 0)
+
+
 def last_token_index(attention_mask):
     """Index of each row's last real token, for left or right padding: (B, T) -> (B,)."""
     T = attention_mask.shape[1]

@@ -16,9 +16,11 @@ the full batch when micro-batches hold different numbers of target tokens
 loop can divide each micro-batch's sum by the global token count.
 """
 
+from contextlib import nullcontext
+
 import torch
 
-from .model import token_logprobs
+from .model import first_logit_column, token_logprobs
 
 
 def sft_loss_sum(
@@ -42,7 +44,8 @@ def sft_loss_sum(
     """
     ce = -token_logprobs(logits, tokens)                       # (B, T−1) −log p(x_t | x_<t), fp32
     mask = loss_mask[:, 1:].bool()                              # (B, T−1) shifted with the targets
-    loss_sum = torch.where(mask, ce, torch.zeros_like(ce)).sum()
+    # summed in float64, so the fp32 result does not depend on which columns the batch holds
+    loss_sum = torch.where(mask, ce.double(), 0.0).sum().float()
     return loss_sum, mask.sum().float()
 
 
@@ -64,3 +67,18 @@ def sft_loss(logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor
     """
     loss_sum, n_tokens = sft_loss_sum(logits, tokens, loss_mask)
     return loss_sum / n_tokens.clamp(min=1.0)
+
+
+def batch_loss_sum(model, batch: dict, autocast=nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sft_loss_sum` of `model` on a batch {"input_ids", "loss_mask", and "position_ids",
+    "segment_ids" when packed}. Right padding needs no attention mask (causal attention already
+    hides the pad after each row); packed rows pass their restarting positions and segment ids,
+    which keep documents apart. The LM head runs from the column before the first target token
+    of any row (`logits_to_keep`): a prompt's logits are never read."""
+    ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+    start = first_logit_column(loss_mask)
+    with autocast():
+        logits = model(ids, position_ids=batch.get("position_ids"),
+                       segment_ids=batch.get("segment_ids"),
+                       logits_to_keep=ids.shape[1] - start)                  # (B, T − start, V)
+    return sft_loss_sum(logits, ids[:, start:], loss_mask[:, start:])

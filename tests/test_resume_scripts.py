@@ -85,7 +85,7 @@ def test_killed_and_resumed_run_is_bit_identical_to_a_straight_run(script, tiny_
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(script, tiny_sft_dir,
                                                                      tmp_path, monkeypatch):
     module = __import__(script)
-    name = "dpo_loss" if script == "train_dpo" else "sft_loss_sum"
+    name = "dpo_loss" if script == "train_dpo" else "batch_loss_sum"
     real, calls = getattr(module, name), {"n": 0}
 
     def poisoned(*a, **k):            # the 4th training step's loss is NaN
