@@ -2,8 +2,8 @@
 
 Autograd's graph of a composite op keeps every intermediate its backward may need. Written by hand,
 the gradient of RMSNorm needs only x and 1/rms, and that of the SwiGLU gate and down projection only
-g and u: at bench.py's W1 shape the activations saved for the backward fall from 528 to 347 MiB
-(−34%; tensors counted once per storage), at the same speed. `minipost.model` uses them when a
+g and u: at bench.py's W1 shape the activations saved for the backward fall from 504 to 323 MiB
+(−36%; tensors counted once per storage), at the same speed. `minipost.model` uses them when a
 gradient is wanted (RMSNormFn in fp32/fp64 only); `tests/test_model.py` checks each against finite
 differences (`gradcheck`) and counts the bytes they save.
 """
