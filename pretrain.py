@@ -21,7 +21,7 @@ from minipost.cli import (Metrics, UserError, difficulty_arg, parse_args, peak_r
                           user_errors, write_results)
 from minipost.evaluate import evaluate_base
 from minipost.model import GPT, GPTConfig, set_gradient_checkpointing
-from minipost.optim import clip_gradients, CosineSchedule, make_optimizer
+from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
 from minipost.resume import Run
 from minipost.tokenizer import train_tokenizer
 

@@ -54,7 +54,7 @@ from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.dpo import dpo_loss, pair_logps
 from minipost.evaluate import chat_prompt_ids, complete, evaluate_task, heldout_problems
 from minipost.model import set_gradient_checkpointing
-from minipost.optim import clip_gradients, CosineSchedule, make_optimizer
+from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.resume import Run
 from minipost.rollout import sampled_pairs

@@ -39,7 +39,7 @@ from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
 from minipost.generate import generate
 from minipost.grpo import group_advantages, grpo_loss
 from minipost.model import set_gradient_checkpointing
-from minipost.optim import clip_gradients, CosineSchedule, make_optimizer
+from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.resume import Run, per_rank_state
 from minipost.rollout import completion_logps

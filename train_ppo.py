@@ -65,7 +65,7 @@ from minipost.data import load_jsonl
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
 from minipost.generate import generate
 from minipost.model import ScoreModel, set_gradient_checkpointing
-from minipost.optim import clip_gradients, CosineSchedule, make_optimizer
+from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
 from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
 from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped_rewards,
                           masked_mean, ppo_policy_loss, ppo_value_loss, whiten)

@@ -46,7 +46,7 @@ from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, d
                           user_errors, write_results)
 from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.model import set_gradient_checkpointing
-from minipost.optim import clip_gradients, CosineSchedule, make_optimizer
+from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
 from minipost.peft import add_peft, save_peft, trainable_summary
 from minipost.resume import Run
 from minipost.reward import (bradley_terry_loss, last_scores, pair_rewards, prefix_bradley_terry_loss,

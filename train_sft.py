@@ -37,7 +37,7 @@ from minipost.data import (collate_packed, load_jsonl, pack_sequences, pad_batch
 from minipost.evaluate import evaluate_task, heldout_problems
 from minipost.lora import count_trainable
 from minipost.model import set_gradient_checkpointing
-from minipost.optim import clip_gradients, CosineSchedule, make_optimizer
+from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
 from minipost.peft import add_peft, peft_options, save_peft, trainable_summary
 from minipost.resume import Run
 from minipost.sft import batch_loss_sum
