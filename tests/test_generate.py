@@ -61,6 +61,20 @@ def test_eos_stops_a_row_and_is_inside_the_mask():
     assert not out.truncated[0]
 
 
+def test_outputs_are_ordinary_tensors_a_trainer_can_edit_and_differentiate_through():
+    # generate decodes under inference mode; what it returns must not be inference tensors
+    model = make("llama")
+    out = generate(model, PROMPTS, max_new_tokens=5, temperature=1.0, eos_token_id=7,
+                   generator=torch.Generator().manual_seed(0))
+    fields = [out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask, out.logps,
+              out.truncated]
+    assert not any(t.is_inference() for t in fields)
+    out.completion_ids[0, 0] = 1                          # in place, outside inference mode
+    w = torch.ones(1, requires_grad=True)
+    (w * out.logps).sum().backward()                      # saved for backward
+    assert torch.equal(w.grad, out.logps.sum().reshape(1))
+
+
 @pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7),
                                 dict(temperature=0.9, top_k=5), dict(temperature=1.3, top_p=0.8)])
 def test_sampled_logps_equal_recomputation_from_logits(kw):
