@@ -52,6 +52,7 @@ class AdamW:
                 if p.grad is not None:
                     by_kind.setdefault((p.device, p.dtype), []).append(p)
             for (device, _), params in by_kind.items():
+                fused = device.type in ("cpu", "cuda") if self.fused is None else self.fused
                 states = [self._state(p) for p in params]
                 steps = [s["step"] for s in states]
                 torch._foreach_add_(steps, 1.0)
@@ -59,7 +60,7 @@ class AdamW:
                 tensors = [[_local(t) for t in ts] for ts in (
                     params, [p.grad for p in params], [s["exp_avg"] for s in states],
                     [s["exp_avg_sq"] for s in states])]
-                if self.fused if self.fused is not None else device.type in ("cpu", "cuda"):
+                if fused:
                     torch._fused_adamw_(*tensors, [], steps, amsgrad=False, maximize=False, **hyper)
                 else:
                     _adamw_ops(*tensors, steps, **hyper)
