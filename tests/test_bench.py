@@ -69,6 +69,24 @@ def test_each_workload_runs_tiny(workload, precompute):
         assert set(result["rows"][0]["phases_s"]) == {"generate", "score", "train"}
 
 
+def test_floors_run_tiny_and_bound_mfu_by_the_ceiling(capsys):
+    args = bench.Args(workload="floors", steps=1, warmup=0, tiny=True, threads=1)
+    result = bench.main(args)
+    names = [r["name"] for r in result["rows"]]
+    assert names[0].startswith("matmul") and names[-1].startswith("W4 matmuls")
+    bounds = [r for r in result["rows"] if "mfu" in r]
+    assert [r["name"][:2] for r in bounds] == ["W1", "W2"]
+    for r in bounds:    # the floor's step time is its two parts', its MFU the model's FLOPs over it
+        i = result["rows"].index(r)
+        parts = result["rows"][i - 2]["step_s"] + result["rows"][i - 1]["step_s"]
+        assert r["step_s"] == pytest.approx(parts)
+        assert r["mfu"] == pytest.approx(0.8 * r["budget_80_s"] / r["step_s"])
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0] == "| floor | time | throughput |" and len(table) == 2 + len(names)
+    with pytest.raises(bench.UserError, match="floors"):
+        bench.main(bench.Args(workload="floors", impl="trl"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("workload", ["W1", "W4"])
 def test_compile_path_runs_tiny(workload):
