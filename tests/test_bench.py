@@ -76,11 +76,14 @@ def test_floors_run_tiny_and_bound_mfu_by_the_ceiling(capsys):
     assert names[0].startswith("matmul") and names[-1].startswith("W4 matmuls")
     bounds = [r for r in result["rows"] if "mfu" in r]
     assert [r["name"][:2] for r in bounds] == ["W1", "W2"]
-    for r in bounds:    # the floor's step time is its two parts', its MFU the model's FLOPs over it
-        i = result["rows"].index(r)
-        parts = result["rows"][i - 2]["step_s"] + result["rows"][i - 1]["step_s"]
-        assert r["step_s"] == pytest.approx(parts)
-        assert r["mfu"] == pytest.approx(0.8 * r["budget_80_s"] / r["step_s"])
+    cfg, ceiling = bench.bench_config(tiny=True), result["rows"][0]["flops_per_s"]
+    model_flops = [16 * 256 * bench.flops_per_token(cfg, 256),                 # W1: SFT 16 × 256
+                   32 * 128 * bench.flops_per_token(cfg, 128, head_size=1)]    # W2: RM 32 × 128
+    for r, flops in zip(bounds, model_flops):
+        matmuls, attention = result["rows"][result["rows"].index(r) - 2:][:2]
+        assert r["step_s"] == pytest.approx(matmuls["step_s"] + attention["step_s"])
+        assert r["mfu"] == pytest.approx(flops / r["step_s"] / ceiling)
+        assert r["budget_80_s"] == pytest.approx(flops / (0.8 * ceiling))
     table = capsys.readouterr().out.strip().splitlines()
     assert table[0] == "| floor | time | throughput |" and len(table) == 2 + len(names)
     with pytest.raises(bench.UserError, match="floors"):
