@@ -15,6 +15,8 @@ Inputs are SUMS of token log-probs over each completion, as in the DPO paper and
 `sequence_logps(..., mean=True)` instead — an explicit choice by the caller.
 """
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
@@ -49,7 +51,7 @@ def sequence_logps(
     return summed
 
 
-def pair_logps(model, batch, autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(model, batch, autocast=nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs of chosen and rejected, from one forward pass: two (B,).
 
     The batch is right-padded (`data.collate_preference`), so causal attention alone keeps every
@@ -59,7 +61,7 @@ def pair_logps(model, batch, autocast=None) -> tuple[torch.Tensor, torch.Tensor]
     """
     ids, loss_mask = batch["input_ids"], batch["loss_mask"]
     start = first_logit_column(loss_mask)
-    with autocast() if autocast else torch.autocast("cpu", enabled=False):
+    with autocast():
         logits = model(ids, logits_to_keep=ids.shape[1] - start)               # (2B, T−start, V)
     token_logps = token_logprobs(logits, ids[:, start:])                       # fp32
     return sequence_logps(token_logps, loss_mask[:, start:]).chunk(2)          # SUM, not mean
