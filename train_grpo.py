@@ -69,7 +69,7 @@ class Args:
     mask_truncated: bool = False    # leave completions that hit --max-new-tokens out of the loss
     micro_batch_size: int = 32      # rows per forward/backward (gradient accumulation)
     max_steps: int = 600            # optimiser steps (each of μ updates counts once per batch)
-    max_minutes: float = 15.0       # stop training after this many minutes (0 = no limit)
+    max_minutes: float = 15.0       # stop after this many minutes; the LR schedule follows it (0 = no limit)
     lr: float = 5e-5                # peak learning rate (1e-4 constant loses 16 points in 100 steps)
     warmup_steps: int = 5           # linear warm-up steps
     lr_schedule: str = "cosine"     # cosine (to --min-lr-ratio at --max-steps) | constant after warm-up
@@ -270,8 +270,10 @@ def main(args: Args):
     # cosine: the late steps are small, so the policy that is saved is not one noisy step away
     # from a better one (greedy accuracy swings by ±5 points between evaluations at a constant LR)
     # (constant = a cosine that ends where it starts, so it does not depend on --max-steps)
+    # the schedule follows whichever budget ends the run, --max-steps or --max-minutes
     scheduler = CosineSchedule(optimizer, args.warmup_steps, args.max_steps,
-                                args.min_lr_ratio if args.lr_schedule == "cosine" else 1.0)
+                                args.min_lr_ratio if args.lr_schedule == "cosine" else 1.0,
+                                max_minutes=args.max_minutes)
     if rt.is_main:
         print(f"policy {args.init} (peft={args.peft}, {trainable_summary(model)}); reference: "
               f"{'none (beta=0)' if ref_model is None else 'frozen'}; {len(pool)} train prompts")
@@ -301,7 +303,7 @@ def main(args: Args):
     # ------------------------------------------------------------------------ loop
     start, step, train_time = time.time(), run.start_step, 0.0
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, desc="grpo")
-    while step < args.max_steps:
+    while not scheduler.done():
         t0 = time.time()
         # rollout: B/world groups per rank; dynamic sampling keeps groups whose rewards differ
         keep, dropped, sampled, n_zero = [], [], [], 0
@@ -336,7 +338,9 @@ def main(args: Args):
 
         # μ optimiser steps on the same batch
         old_logps = None
-        for it in range(min(args.mu, args.max_steps - step)):
+        for it in range(args.mu):
+            if scheduler.done():
+                break
             optimizer.zero_grad(set_to_none=True)
             stats, old_logps = policy_update(train_model, mbs, normalizer, args, old_logps,
                                              ref_logps)
@@ -371,15 +375,14 @@ def main(args: Args):
                            lambda: {"before": before}):
             dist.cleanup()
             return {"stopped_at": step}
-        out_of_time = args.max_minutes and (time.time() - start) / 60 > args.max_minutes
-        if dist.all_reduce_mean({"stop": float(bool(out_of_time))})["stop"] > 0:
-            break
     bar.close()
     run.close()
 
     # ------------------------------------------------------------------------ eval
     after = evaluate("after") if args.eval_problems else {}
-    final = {"before": before, "after": after, "steps": step,
+    if rt.is_main:
+        print(f"stopped by {scheduler.stopped_by}: {step} steps in {scheduler.minutes():.1f} min")
+    final = {"before": before, "after": after, "steps": step, "stopped_by": scheduler.stopped_by,
              "minutes": (time.time() - start) / 60, "train_minutes": train_time / 60,
              "seconds_per_step": train_time / max(step, 1), "peak_rss_mb": peak_rss_mb()}
     metrics.log({"step": step, **{f"eval/{k}": v for k, v in after.items()},

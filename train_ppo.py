@@ -106,7 +106,7 @@ class Args:
     value_warmup: int = 0           # first iterations train only the value model (policy fixed)
     freeze_value: bool = False      # value model = the reward model, untrained (V = its prefix scores)
     max_steps: int = 300            # iterations (rollout + K epochs of updates)
-    max_minutes: float = 13.0       # stop training after this many minutes (0 = no limit)
+    max_minutes: float = 13.0       # stop after this many minutes; the LR schedule follows it (0 = no limit)
     lr: float = 5e-6                # policy learning rate (peak)
     lr_schedule: str = "constant"   # constant | cosine (to --min-lr-ratio at --max-steps)
     warmup_steps: int = 0           # linear warm-up of the policy LR, in iterations
@@ -226,9 +226,11 @@ def main(args: Args):
     if not args.freeze_value:
         optimizers["value"] = make_optimizer(value_model, args.value_lr, args.weight_decay)
     opt_policy = optimizers["policy"]
-    scheduler = CosineSchedule(opt_policy, args.warmup_steps,     # over the policy's iterations
-                                args.max_steps - args.value_warmup,
-                                args.min_lr_ratio if args.lr_schedule == "cosine" else 1.0)
+    # over the policy's iterations; the schedule follows whichever budget ends the run,
+    # --max-steps or --max-minutes
+    scheduler = CosineSchedule(opt_policy, args.warmup_steps, args.max_steps - args.value_warmup,
+                                args.min_lr_ratio if args.lr_schedule == "cosine" else 1.0,
+                                max_minutes=args.max_minutes)
 
     # ------------------------------------------------------------------------ rollout
     @torch.no_grad()
@@ -382,8 +384,7 @@ def main(args: Args):
         bar.set_postfix(rm=f"{m['reward/mean']:.2f}", gold=f"{m['gold/mean']:.2f}",
                         kl=f"{m['kl']:.2f}", clip=f"{m['policy/clipfrac']:.2f}",
                         ev=f"{m['value/explained_variance']:.2f}")
-        minutes = (time.time() - start) / 60
-        if args.max_minutes and dist.all_reduce_mean({"t": minutes})["t"] > args.max_minutes:
+        if scheduler.done():
             break
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
             evaluate(step + 1)
@@ -395,9 +396,13 @@ def main(args: Args):
     run.close()
     train_time = time.time() - start
     iterations = step + 1 if args.max_steps else 0
+    if rt.is_main:
+        print(f"stopped by {scheduler.stopped_by or 'max_steps'}: {iterations} iterations in "
+              f"{scheduler.minutes():.1f} min")
 
     final = evaluate(iterations)
-    results = {"iterations": iterations, "train_minutes": train_time / 60,
+    results = {"iterations": iterations, "stopped_by": scheduler.stopped_by or "max_steps",
+               "train_minutes": train_time / 60,
                "seconds_per_iteration": train_time / max(iterations, 1),
                "accuracy_before": before["eval/accuracy"], "accuracy": final["eval/accuracy"],
                "accuracy_ci95": final["eval/accuracy_ci95"], "well_formed": final["eval/well_formed"],

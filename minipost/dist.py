@@ -68,6 +68,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(x: float) -> float:
+    """The largest of a float over ranks (x itself without torchrun)."""
+    if not is_initialized():
+        return float(x)
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return float(t)
+
+
 def all_reduce_mean(metrics: dict) -> dict:
     """Average a dict of scalar metrics over ranks, in one collective call."""
     if not is_initialized() or not metrics:

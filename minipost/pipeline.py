@@ -4,12 +4,19 @@
     python -m minipost.pipeline --device cpu --threads 2 --out out
     python -m minipost.pipeline --start-at ppo        # re-run from a stage (earlier outputs kept)
     python -m minipost.pipeline --quick --out /tmp/q  # tiny settings, for tests (seconds a stage)
+    python -m minipost.pipeline --seeds 0 1 2         # once per seed: out/seed-0, ..., one scoreboard
 
 Each stage runs as its own process (`python <script> --init ... --out-dir ...`), exactly the
 command a user would type, so a stage's memory is returned when it ends and a failure names the
 stage and the command that re-runs it. `--device`, `--threads` and `--seed` are passed to every
 stage. At the end every stage's `results.json` (written by `cli.write_results`) is read and its
 held-out numbers are printed side by side and written to `<out>/scoreboard.md`.
+
+With `--seeds S1 S2 ...` the whole pipeline runs once per seed, each in `<out>/seed-S/` (its base
+model, SFT and every later stage all from that seed), and `<out>/scoreboard.md` (and `.json`) gives
+every stage's numbers as mean ± sd, min – max and each seed's value, rewritten after each seed.
+`--skip-done` reuses every stage that already has a `results.json`, so a killed run continues
+where it stopped.
 """
 import argparse
 import dataclasses
@@ -19,6 +26,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from minipost.stats import seed_table, summarize
 
 ROOT = Path(__file__).resolve().parent.parent   # the stage scripts live in the repository root
 
@@ -59,12 +68,13 @@ def flag(name: str, value) -> list[str]:
     return [name, str(value)]
 
 
-def stage_command(stage: str, script: str, inputs: dict, args) -> list[str]:
-    """The command line of one stage."""
-    out = Path(args.out)
+def stage_command(stage: str, script: str, inputs: dict, args, out=None, seed=None) -> list[str]:
+    """The command line of one stage, writing under `out` (default --out) with `seed`."""
+    out = Path(args.out if out is None else out)
     fields = script_fields(ROOT / script)
     opts = {"out_dir": out / stage, **{k: out / src for k, src in inputs.items()},
-            "device": args.device, "threads": args.threads, "seed": args.seed}
+            "device": args.device, "threads": args.threads,
+            "seed": args.seed if seed is None else seed}
     if args.quick:
         opts.update({**QUICK, **(QUICK_BASE if stage == "base" else {})})
     cmd = [sys.executable, str(ROOT / script)]
@@ -96,10 +106,18 @@ def headline(results: dict) -> dict:
         "minutes": _pick(results, "minutes", "train_minutes"),
         "peak_rss_mb": _pick(results, "peak_rss_mb"),
     }
+    for name, keys in EXTRAS.get(results.get("stage"), {}).items():
+        row[name] = _pick(results, *keys)
     return row
 
 
 METRIC = {"base": "pass@1, plain completion", "rm": "pairwise accuracy (correct > flawed)"}
+# a stage's other held-out numbers worth a line in the multi-seed scoreboard: name -> result keys
+EXTRAS = {"base": {"held-out loss": ("eval/loss",)},
+          "rm": {"identity pairs": ("eval_identity/accuracy",),
+                 "policy's own pairs": ("eval_policy/accuracy",)},
+          "dpo": {"identity": ("eval/identity",)},
+          "ppo": {"final KL": ("kl",)}}
 
 
 def scoreboard(out) -> str:
@@ -123,22 +141,35 @@ def scoreboard(out) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="out", help="root directory; stage S writes <out>/<S>")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda, passed to every stage")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per stage (0 = default)")
-    p.add_argument("--seed", type=int, default=0, help="seed passed to every stage")
-    p.add_argument("--quick", action="store_true", help="tiny settings (tests, smoke runs)")
-    p.add_argument("--start-at", default="base", choices=[s for s, _, _ in STAGES],
-                   help="first stage to run; the earlier ones' outputs must exist")
-    args = p.parse_args(argv)
+def seed_scoreboard(out, seeds) -> tuple[str, dict]:
+    """Every stage's numbers over seeds (`<out>/seed-S/<stage>/results.json`): markdown and JSON."""
+    rows, summary = {}, {}
+    for stage, _, _ in STAGES:
+        for s in seeds:
+            path = Path(out) / f"seed-{s}" / stage / "results.json"
+            if not path.exists():
+                continue
+            r = headline(json.loads(path.read_text()))
+            if r["before"] is not None and r["after"] is not None:
+                r["gain"] = r["after"] - r["before"]
+            for name in ("before", "after", "gain", "well_formed", *EXTRAS.get(stage, {}),
+                         "minutes"):
+                if isinstance(r.get(name), (int, float)):
+                    rows.setdefault(f"{stage}: {name}", {})[s] = float(r[name])
+    for name, by_seed in rows.items():
+        summary[name] = summarize([by_seed[s] for s in seeds if s in by_seed])
+        summary[name]["seeds"] = [s for s in seeds if s in by_seed]
+    return seed_table(rows, seeds), summary
 
+
+def run_stages(args, out: Path, seed: int) -> None:
+    """Every stage from --start-at on, one process each, into `out` with `seed`."""
     names = [s for s, _, _ in STAGES]
-    t0 = time.time()
     for stage, script, inputs in STAGES[names.index(args.start_at):]:
-        cmd = stage_command(stage, script, inputs, args)
+        if args.skip_done and (out / stage / "results.json").exists():
+            print(f"=== {stage}: {out / stage} is done, reused (--skip-done)", flush=True)
+            continue
+        cmd = stage_command(stage, script, inputs, args, out, seed)
         print(f"\n=== {stage}: {' '.join(cmd[1:])}", flush=True)
         start = time.time()
         rc = subprocess.run(cmd, cwd=ROOT).returncode
@@ -147,10 +178,50 @@ def main(argv=None) -> str:
                      f"--start-at {stage}")
         print(f"=== {stage} done in {(time.time() - start) / 60:.1f} min", flush=True)
 
-    board = scoreboard(args.out)
-    (Path(args.out) / "scoreboard.md").write_text(
-        f"# minipost scoreboard\n\nHeld-out numbers of every stage "
-        f"({(time.time() - t0) / 60:.1f} minutes in all).\n\n{board}")
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out", help="root directory; stage S writes <out>/<S>")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda, passed to every stage")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per stage (0 = default)")
+    p.add_argument("--seed", type=int, default=0, help="seed passed to every stage")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run the whole pipeline once per seed into <out>/seed-S and write one "
+                        "scoreboard of mean, spread and each seed's value (overrides --seed)")
+    p.add_argument("--skip-done", action="store_true",
+                   help="reuse every stage whose results.json exists (continue a stopped run)")
+    p.add_argument("--quick", action="store_true", help="tiny settings (tests, smoke runs)")
+    p.add_argument("--start-at", default="base", choices=[s for s, _, _ in STAGES],
+                   help="first stage to run; the earlier ones' outputs must exist")
+    args = p.parse_args(argv)
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds {' '.join(map(str, args.seeds))}: each seed once")
+
+    t0 = time.time()
+    out = Path(args.out)
+    if args.seeds is None:                    # the one-seed quick path: <out>/<stage>
+        run_stages(args, out, args.seed)
+        board = scoreboard(out)
+        (out / "scoreboard.md").write_text(
+            f"# minipost scoreboard\n\nHeld-out numbers of every stage "
+            f"({(time.time() - t0) / 60:.1f} minutes in all).\n\n{board}")
+        print("\n" + board)
+        return board
+
+    for i, seed in enumerate(args.seeds):
+        print(f"\n##### seed {seed} ({i + 1} of {len(args.seeds)})", flush=True)
+        seed_start = time.time()
+        run_stages(args, out / f"seed-{seed}", seed)
+        (out / f"seed-{seed}" / "scoreboard.md").write_text(
+            f"# minipost scoreboard, seed {seed}\n\n{scoreboard(out / f'seed-{seed}')}")
+        print(f"##### seed {seed} done in {(time.time() - seed_start) / 60:.1f} min", flush=True)
+        board, summary = seed_scoreboard(out, args.seeds[:i + 1])
+        (out / "scoreboard.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "scoreboard.md").write_text(
+            f"# minipost scoreboard over seeds {' '.join(map(str, args.seeds[:i + 1]))}\n\n"
+            f"Every stage's held-out numbers: mean ± sample standard deviation, range, and each "
+            f"seed's value ({(time.time() - t0) / 60:.1f} minutes in all).\n\n{board}")
     print("\n" + board)
     return board
 

@@ -112,3 +112,49 @@ def test_a_training_step_does_not_import_the_compiler():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parent.parent)
     assert out.stdout.strip() == "[]"
+
+
+def test_cosine_schedule_follows_the_clock_when_the_time_budget_ends_the_run(monkeypatch):
+    # 100 steps allowed in 10 minutes; each step takes a minute, so the clock ends the run at
+    # step 10 and the cosine must follow the clock: progress = minutes / 10, not steps / 100
+    now = [0.0]
+    monkeypatch.setattr("minipost.optim.time.time", lambda: now[0])
+    opt = AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=1.0)
+    sched = CosineSchedule(opt, warmup_steps=0, total_steps=100, min_ratio=0.1, max_minutes=10)
+    lrs = []
+    while not sched.done():
+        now[0] += 60.0
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    assert sched.last_epoch == 10 and sched.stopped_by == "max_minutes"
+    # after k minutes: 0.1 + 0.45·(1 + cos(π·k/10)); the last step lands on the floor, 0.1
+    assert lrs == pytest.approx([0.1 + 0.45 * (1 + math.cos(math.pi * k / 10)) for k in range(1, 11)])
+
+
+def test_cosine_schedule_follows_the_steps_when_they_end_the_run_first(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr("minipost.optim.time.time", lambda: now[0])
+    opt = AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=1.0)
+    sched = CosineSchedule(opt, warmup_steps=0, total_steps=4, min_ratio=0.0, max_minutes=60)
+    while not sched.done():
+        now[0] += 1.0                       # a second a step: the clock is far from its budget
+        sched.step()
+    assert sched.stopped_by == "max_steps" and sched.get_last_lr()[0] == pytest.approx(0.0)
+
+
+def test_cosine_schedule_resumes_its_clock(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr("minipost.optim.time.time", lambda: now[0])
+    opt = AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=1.0)
+    sched = CosineSchedule(opt, warmup_steps=0, total_steps=100, min_ratio=0.1, max_minutes=10)
+    for _ in range(4):
+        now[0] += 60.0
+        sched.step()
+    state = sched.state_dict()
+    now[0] += 3600.0                        # time between the stop and the resume does not count
+    sched2 = CosineSchedule(opt, warmup_steps=0, total_steps=100, min_ratio=0.1, max_minutes=10)
+    sched2.load_state_dict(state)
+    assert sched2.minutes() == pytest.approx(4.0)
+    now[0] += 60.0
+    sched2.step()
+    assert sched2.get_last_lr()[0] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def args_of(*argv):
     import argparse
-    ns = argparse.Namespace(out="o", device="cpu", threads=1, seed=3, quick=False, start_at="base")
+    ns = argparse.Namespace(out="o", device="cpu", threads=1, seed=3, quick=False, start_at="base",
+                            seeds=None, skip_done=False)
     for k, v in zip(argv[::2], argv[1::2]):
         setattr(ns, k, v)
     return ns
@@ -66,3 +67,50 @@ def test_pipeline_end_to_end_with_tiny_flags(tmp_path):
         assert (tmp_path / stage / "results.json").exists(), stage
     assert "missing" not in board
     assert (tmp_path / "scoreboard.md").read_text().count("\n|") >= len(pipeline.STAGES) + 1
+
+
+def test_seed_scoreboard_gives_mean_spread_and_each_seed(tmp_path):
+    for seed, (before, after) in {0: (0.5, 0.7), 1: (0.6, 0.7)}.items():
+        write(tmp_path / f"seed-{seed}", "grpo", {"before": {"accuracy": before},
+                                                   "after": {"accuracy": after}, "minutes": 10})
+    write(tmp_path / "seed-0", "base", {"eval/accuracy": 0.3, "eval/loss": 0.45})
+    board, summary = pipeline.seed_scoreboard(tmp_path, [0, 1])
+    # gains 0.2 and 0.1: mean 0.15, sd √((0.05² + 0.05²) / 1) = 0.0707
+    assert summary["grpo: gain"]["mean"] == pytest.approx(0.15)
+    assert summary["grpo: gain"]["sd"] == pytest.approx(0.0707, abs=1e-4)
+    assert summary["base: held-out loss"]["seeds"] == [0]
+    assert "| grpo: gain | 0.150 ± 0.071 | 0.100 – 0.200 | 0.200 | 0.100 |" in board
+
+
+def test_seeds_run_each_seed_in_its_own_folder_and_write_one_scoreboard(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, cwd):        # a stage "runs": it writes its results.json from its flags
+        out, seed = Path(cmd[cmd.index("--out-dir") + 1]), int(cmd[cmd.index("--seed") + 1])
+        calls.append((out.parent.name, out.name))
+        write(out.parent, out.name, {"eval/accuracy": 0.1 * seed, "start/accuracy": 0.0})
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(pipeline.subprocess, "run", fake_run)
+    pipeline.main(["--seeds", "1", "2", "--out", str(tmp_path)])
+    stages = [s for s, _, _ in pipeline.STAGES]
+    assert calls == [(f"seed-{s}", st) for s in (1, 2) for st in stages]
+    summary = json.loads((tmp_path / "scoreboard.json").read_text())
+    assert summary["sft: after"]["values"] == pytest.approx([0.1, 0.2])
+    assert (tmp_path / "seed-1" / "scoreboard.md").exists()
+    assert "seed 1 | seed 2" in (tmp_path / "scoreboard.md").read_text()
+    # --skip-done: a second run reuses every finished stage
+    calls.clear()
+    pipeline.main(["--seeds", "1", "2", "--out", str(tmp_path), "--skip-done"])
+    assert calls == []
+
+
+@pytest.mark.slow
+def test_pipeline_two_seeds_end_to_end_with_tiny_flags(tmp_path):
+    board = pipeline.main(["--quick", "--seeds", "0", "1", "--out", str(tmp_path),
+                           "--device", "cpu", "--threads", "1"])
+    for seed in (0, 1):
+        for stage, _, _ in pipeline.STAGES:
+            assert (tmp_path / f"seed-{seed}" / stage / "results.json").exists(), (seed, stage)
+    summary = json.loads((tmp_path / "scoreboard.json").read_text())
+    assert summary["grpo: after"]["seeds"] == [0, 1] and "seed 0 | seed 1" in board
