@@ -32,6 +32,7 @@ class Args:
     out_dir: str = "out/base"       # where the base model (HF format) and metrics.jsonl go
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # task: operands x digits, then operators
     n_docs: int = 60000             # documents in the generated training corpus
+    drill_frac: float = 0.2         # share of documents that are drills of 8 bare equations
     vocab_size: int = 512           # BPE vocabulary size (including the 4 special tokens)
     hidden_size: int = 192          # model width
     num_layers: int = 4             # transformer blocks
@@ -70,7 +71,7 @@ def main(args: Args):
     difficulty = difficulty_arg(args.difficulty)
 
     # ------------------------------------------------------------------------ data
-    docs = tasks.pretrain_corpus(args.n_docs, difficulty, seed=args.seed)
+    docs = tasks.pretrain_corpus(args.n_docs, difficulty, seed=args.seed, drill_frac=args.drill_frac)
     tokenizer = train_tokenizer(docs, vocab_size=args.vocab_size)
     sep = tokenizer.bos_token_id  # <|endoftext|> ends every document
 
