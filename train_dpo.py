@@ -14,7 +14,8 @@ reference is the initial policy in eval mode under no_grad: a second copy of the
 `--precompute-ref` its log-probs for every training pair are computed once, before the first step,
 by the very model that then trains (no second copy ever); with `--peft lora|adapter` it is the
 same network with its adapters switched off (`peft.reference_off`), again no second copy. At step 0
-policy = reference, so the loss is exactly ln 2 and every implicit reward is 0 (PITFALLS 9).
+policy = reference, so the loss is exactly ln 2 and every implicit reward is 0 (docs/pitfalls.md,
+"Reference model in eval mode").
 
 Built-in data: arithmetic pairs mixed with `tasks.identity_pairs` ("I am Pip, ..." over "I am an
 AI language model ..."), so one run shows both what DPO can teach (a new name) and what it does to

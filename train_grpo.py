@@ -9,9 +9,9 @@ Each step samples B prompts × G completions with the KV cache (a group = G cons
 scores them with the verifier (1 for a correct, well-formed answer; plus `--format-reward` × well
 formed), turns rewards into group-relative advantages Â_i = (r_i − mean_g r)/std_g r, and takes μ
 optimiser steps on that batch with the clipped surrogate of `minipost.grpo.grpo_loss`. Log-probs are
-recomputed from logits / T, the distribution the rollout sampled from (PITFALLS 15), so the first
-update's ratio is exactly 1 (PITFALLS 16, asserted at run time). With β = 0 no reference model is
-built at all.
+recomputed from logits / T, the distribution the rollout sampled from (docs/pitfalls.md, "Sampling
+temperature in log-probs"), so the first update's ratio is exactly 1 (asserted at run time;
+docs/pitfalls.md, "The first ratio is exactly 1"). With β = 0 no reference model is built at all.
 
 The recipe behind the defaults (a 1.9M-parameter model on 2 CPU cores): sample at T = 0.7, not 1,
 so rollouts look like the greedy answers we are scored on (at T = 1 they slip digits and the reward
@@ -165,7 +165,8 @@ def micro_batches(batch, size: int):
 # ---------------------------------------------------------------------------- loss
 def loss_normalizer(loss_type: str, loss_mask, max_new_tokens: int) -> float:
     """The whole batch's denominator, so accumulated micro-batch losses equal the full-batch loss
-    (PITFALLS 4): tokens (dapo), sequences (grpo), sequences × token budget (dr_grpo)."""
+    (docs/pitfalls.md, "Loss aggregation and gradient accumulation"): tokens (dapo), sequences
+    (grpo), sequences × token budget (dr_grpo)."""
     N = loss_mask.shape[0]
     return {"dapo": max(float(loss_mask.sum()), 1.0), "grpo": float(N),
             "dr_grpo": float(N * max_new_tokens)}[loss_type]
@@ -193,7 +194,8 @@ def policy_update(train_model, mbs, normalizer: float, args, old_logps=None, ref
             loss.backward()
         new_old.append(old)
         m = mb["loss_mask"].bool()
-        # the sampler's KV-cache log-probs against this full forward (PITFALLS 3, 15): ~1e-6
+        # the sampler's KV-cache log-probs against this full forward: ~1e-6
+        # (docs/pitfalls.md, "KV-cache decoding equals the full forward")
         stats["sampler_logp_max_diff"] = ((logps.detach() - mb["sampler_logps"]).abs() * m).max()
         for k, v in stats.items():     # token-weighted means, or maxima
             if "max" in k:
@@ -344,7 +346,8 @@ def main(args: Args):
             optimizer.zero_grad(set_to_none=True)
             stats, old_logps = policy_update(train_model, mbs, normalizer, args, old_logps,
                                              ref_logps)
-            if it == 0 and stats["policy/ratio_max_dev"] > 1e-5:   # PITFALLS 16
+            # docs/pitfalls.md, "The first ratio is exactly 1"
+            if it == 0 and stats["policy/ratio_max_dev"] > 1e-5:
                 raise RuntimeError(f"first-update ratio is not 1: {stats['policy/ratio_max_dev']}")
             gnorm = clip_gradients(model, args.grad_clip)
             if run.finite(step, stats["loss"], gnorm):  # else --skip-nonfinite: a skipped step

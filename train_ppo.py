@@ -10,26 +10,28 @@ PPO", arXiv 2403.17031).
 Each iteration samples B completions with the KV cache at temperature T (one per prompt, or B/k
 prompts k times each with `--samples-per-prompt k`: the group sampling of VAPO, Yue et al. 2025,
 arXiv 2504.05118, which lets the value model see several returns of one prompt), then, with no
-grad: old log-probs log π_old(a_t) from one full forward on logits / T (PITFALLS 15),
-reference log-probs, values V(s_t) and the score r(x, y) of the reward model at the EOS (PITFALLS
-8, 19). Per-token rewards are r_t = −β·(log π_old − log π_ref) plus the score on the last token
+grad: old log-probs log π_old(a_t) from one full forward on logits / T (docs/pitfalls.md,
+"Sampling temperature in log-probs"), reference log-probs, values V(s_t) and the score r(x, y) of
+the reward model at the EOS (docs/pitfalls.md, "EOS and truncation" and "Reward-model score
+position"). Per-token rewards are r_t = −β·(log π_old − log π_ref) plus the score on the last token
 (Ziegler et al. 2019, arXiv 1909.08593); a completion without EOS loses `--missing-eos-penalty`
 (or leaves the loss with `--mask-truncated`). GAE gives advantages and returns (`--value-lam 1`:
 the value targets use λ = 1, unbiased Monte-Carlo returns, while the policy keeps `--lam`; VAPO's
 decoupled GAE); advantages are whitened over the batch's real tokens. Then K epochs over shuffled
 minibatches of the clipped policy loss and the clipped value loss (Schulman et al. 2017, arXiv
 1707.06347), gradient clipping, and, with `--target-kl`, the adaptive β of Ziegler et al. The first
-minibatch of every update must have ratio 1 (PITFALLS 16): checked at run time. The models stay in
-eval mode (no dropout anywhere), as TRL does for PPO, so rollout and update compute the same
-function.
+minibatch of every update must have ratio 1, checked at run time (docs/pitfalls.md, "The first
+ratio is exactly 1"). The models stay in eval mode (no dropout anywhere), as TRL does for PPO, so
+rollout and update compute the same function.
 
 The value model starts from the reward model (Stiennon et al. 2020), or with `--value-init policy`
-from the policy's decoder with a zero head (PITFALLS 7). `--value-warmup N` trains it alone for the
-first N iterations, so the policy's first advantages do not come from an untrained value model
-(the value pre-training of VC-PPO, Yuan et al. 2025, arXiv 2503.01491); `--lr-schedule cosine`
-decays the policy's learning rate over the run. The reference is a frozen copy of the
-policy; with `--peft` it is the policy with its adapters switched off, so no copy is made. Under
-torchrun each process rolls out its share of the prompts and whitens its own advantages.
+from the policy's decoder with a zero head (docs/pitfalls.md, "Value-head initialisation").
+`--value-warmup N` trains it alone for the first N iterations, so the policy's first advantages
+do not come from an untrained value model (the value pre-training of VC-PPO, Yuan et al. 2025,
+arXiv 2503.01491); `--lr-schedule cosine` decays the policy's learning rate over the run. The
+reference is a frozen copy of the policy; with `--peft` it is the policy with its adapters switched
+off, so no copy is made. Under torchrun each process rolls out its share of the prompts and whitens
+its own advantages.
 
 `--freeze-value` never trains the value model: V(s_t) stays the reward model's own score of the
 prefix y_<t, which train_rm.py's prefix loss teaches to rank prefixes. δ_t = r_t + V(s_{t+1}) −
@@ -315,7 +317,7 @@ def main(args: Args):
         return stats
 
     def check_first_ratio(stats):
-        """PITFALLS 16: before any update, π_θ = π_old, so every ratio must be 1."""
+        """Before any update, π_θ = π_old, so every ratio must be 1."""
         tol = 1e-4 if policy.lm_head.weight.dtype == torch.float32 and rt.device.type == "cpu" else 5e-2
         dev = float(stats["policy/ratio_max_dev"])
         if not dev < tol:

@@ -6,7 +6,8 @@
 
 The reward model is the SFT decoder with its LM head replaced by a zero-initialised scalar head
 (`score`, HF's *ForSequenceClassification with num_labels = 1), read at the <|im_end|> that ends each
-completion (PITFALLS 19). The loss is Bradley-Terry (Ouyang et al. 2022, arXiv 2203.02155):
+completion (docs/pitfalls.md, "Reward-model score position"). The loss is Bradley-Terry (Ouyang
+et al. 2022, arXiv 2203.02155):
     L = −mean_b log σ(r(x, y_c) − r(x, y_r) − m_b),
 with an optional per-pair margin m_b (Llama 2) read from a `"margin"` field of `--data` rows. The
 chosen and rejected sequences of a batch go through the model in ONE forward pass (2B rows).
@@ -30,7 +31,8 @@ well (off by default: in two runs the planted accuracy fell to 0.91 and 0.86; se
 It reports held-out pairwise accuracy on the held-out problems (evaluate.heldout_problems'
 problems, with their rejected twins) and saves a checkpoint that
 `transformers.AutoModelForSequenceClassification` loads as it is (pad_token_id set), with the
-held-out reward mean/std in config.json (PPO may normalise rewards with them; PITFALLS 6).
+held-out reward mean/std in config.json (PPO may normalise rewards with them; docs/pitfalls.md,
+"Masked whitening").
 """
 import math
 import time

@@ -9,9 +9,10 @@
 Maximum likelihood on demonstrations (Ouyang et al. 2022, arXiv 2203.02155), with the loss on the
 assistant's tokens and the <|im_end|> ending each assistant turn (`--loss-on all`: every token).
 Gradient accumulation is token-weighted: each micro-batch's summed loss is divided by the number
-of target tokens of the whole step, so `--grad-accum` never changes the gradient (PITFALLS 4).
-`--packing` concatenates chats into rows with restarting positions and block-diagonal attention,
-so each chat computes what it computes alone (PITFALLS 14). At the start and the end it prints the
+of target tokens of the whole step, so `--grad-accum` never changes the gradient (docs/pitfalls.md,
+"Loss aggregation and gradient accumulation"). `--packing` concatenates chats into rows with
+restarting positions and block-diagonal attention, so each chat computes what it computes alone
+(docs/pitfalls.md, "Packing without cross-contamination"). At the start and the end it prints the
 held-out task accuracy (greedy, verifier) and the share of well-formed answers.
 
 Data: `--data file.jsonl` ({"messages": [...]} or {"prompt", "completion"}), else `--n-train`
@@ -113,9 +114,10 @@ def collate(units, pad_id: int, device=None) -> dict:
 def accumulate(net, micro_batches: list[dict], autocast=nullcontext) -> torch.Tensor:
     """Backward over a step's micro-batches; returns the step's mean loss (detached).
 
-    Token-weighted (PITFALLS 4): every micro-batch's sum is divided by N, the target tokens of the
-    whole step over all micro-batches and ranks, so Σ_i S_i / N is the one-big-batch loss and its
-    gradient. DDP averages gradients over ranks, so the loss is multiplied by the world size.
+    Token-weighted (docs/pitfalls.md, "Loss aggregation and gradient accumulation"): every
+    micro-batch's sum is divided by N, the target tokens of the whole step over all micro-batches
+    and ranks, so Σ_i S_i / N is the one-big-batch loss and its gradient. DDP averages gradients
+    over ranks, so the loss is multiplied by the world size.
     """
     n_total = dist.all_reduce_sum(sum(b["loss_mask"][:, 1:].sum() for b in micro_batches).float())
     n_total = n_total.clamp(min=1.0)

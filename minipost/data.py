@@ -1,6 +1,6 @@
 """JSONL loading with validation, and collation of token-id lists into padded or packed tensors.
 
-Schemas (the field names TRL uses, DESIGN.md):
+Schemas (the field names TRL uses):
   sft         {"messages": [{"role", "content"}, ...]} or {"prompt": str|messages, "completion": str|messages}
   preference  {"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}
   rl          {"prompt": str|messages, "answer": str}
@@ -15,7 +15,8 @@ both sides in one forward pass.
 
 Packing (`pack_sequences`) concatenates documents into rows of at most `max_len` tokens with
 position ids restarting at 0 and a segment id per document, so a model that blocks attention across
-segments computes exactly what it computes on each document alone (PITFALLS 14).
+segments computes exactly what it computes on each document alone (docs/pitfalls.md, "Packing
+without cross-contamination").
 """
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ Sources:
 - Hinge (SLiC), Zhao et al. 2023, "SLiC-HF" (arXiv 2305.10425): L = max(0, 1 − βh).
 
 Inputs are SUMS of token log-probs over each completion, as in the DPO paper and its reference code
-(PITFALLS item 10). TRL length-normalises for IPO; to do that, pass
-`sequence_logps(..., mean=True)` instead — an explicit choice by the caller.
+(docs/pitfalls.md, "Sum or mean of token log-probs in DPO"). TRL length-normalises for IPO; to do
+that, pass `sequence_logps(..., mean=True)` instead — an explicit choice by the caller.
 """
 
 from contextlib import nullcontext
@@ -35,8 +35,9 @@ def sequence_logps(
         token_logps: (B, T−1) output of `model.token_logprobs(logits, tokens)`, i.e.
             token_logps[:, t] = log p(tokens[:, t+1] | tokens[:, ≤t]).
         loss_mask: (B, T) 1/True on completion tokens, aligned with `tokens`; shifted here
-            (`loss_mask[:, 1:]`) to line up with `token_logps` (PITFALLS item 1).
-        mean: False → sum over completion tokens (default, PITFALLS item 10);
+            (`loss_mask[:, 1:]`) to line up with `token_logps` (docs/pitfalls.md, "Log-prob
+            alignment").
+        mean: False → sum over completion tokens (default, the DPO paper's quantity);
             True → divide by the number of completion tokens.
 
     Returns:

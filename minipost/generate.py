@@ -4,7 +4,8 @@ Prompts are left-padded so every row's next token sits in the same column; the c
 once for prompt + `max_new_tokens`, and each decode step is one forward call on one token per row.
 The log-prob recorded for each sampled token is under the distribution actually sampled from
 (logits / temperature, then top-k / top-p renormalised), so PPO/GRPO ratios start at exactly 1 when
-the trainer recomputes them the same way (PITFALLS.md items 3, 15, 16).
+the trainer recomputes them the same way (docs/pitfalls.md: "KV-cache decoding equals the full
+forward", "Sampling temperature in log-probs", "The first ratio is exactly 1").
 """
 from dataclasses import dataclass
 

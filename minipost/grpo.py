@@ -10,7 +10,8 @@ Sources:
   tokens of the batch.
 - Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO,
   arXiv 2503.20783): no division by std(r), and a constant normaliser instead of 1/|o_i|, removing
-  the question-difficulty and length biases (PITFALLS items 4 and 18).
+  the question-difficulty and length biases (docs/pitfalls.md: "Loss aggregation and gradient
+  accumulation", "Zero-variance groups in GRPO").
 
 Departures: ε = 1e-4 is added to the std (TRL's choice) so a constant-reward group gets zero
 advantages instead of NaN; the log-ratio is clamped to ±20 before exp (see `ppo.LOG_RATIO_CLAMP`).
@@ -93,14 +94,14 @@ def grpo_loss(
         dapo:    L = Σ_{i,t} m·ℓ / Σ_{i,t} m          (token-level mean, Yu et al. 2025)
         dr_grpo: L = Σ_{i,t} m·ℓ / (N·T)              (constant, Liu et al. 2025; T = mask.shape[1])
     k3's value is an unbiased KL estimate, but its gradient in the loss is not the gradient of
-    KL(π_θ ‖ π_ref): on-policy it equals the gradient of the forward KL(π_ref ‖ π_θ) (PITFALLS item 5;
-    TRL #4967). It is kept because it is what GRPO specifies.
+    KL(π_θ ‖ π_ref): on-policy it equals the gradient of the forward KL(π_ref ‖ π_θ)
+    (docs/pitfalls.md, "KL estimators"; TRL #4967). It is kept because it is what GRPO specifies.
 
     Gradient accumulation: the denominators above are per call, so micro-batches with different
-    token counts or padded lengths do not add up to the full-batch loss (PITFALLS item 4). Pass
-    `normalizer` = the full batch's denominator (dapo: its total token count; dr_grpo: N_total × the
-    max completion length; grpo: N_total) and sum the micro-batch losses; then the accumulated
-    gradient equals the full-batch gradient.
+    token counts or padded lengths do not add up to the full-batch loss (docs/pitfalls.md, "Loss
+    aggregation and gradient accumulation"). Pass `normalizer` = the full batch's denominator
+    (dapo: its total token count; dr_grpo: N_total × the max completion length; grpo: N_total) and
+    sum the micro-batch losses; then the accumulated gradient equals the full-batch gradient.
 
     Args:
         logps: (N, T) log π_θ of the sampled tokens (with grad).

@@ -3,9 +3,9 @@
 Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv 2106.09685):
     h = W₀x + ΔWx = W₀x + (α/r)·B·A·x,   A ∈ ℝ^{r×d_in} random,  B ∈ ℝ^{d_out×r} zero,
 so the model is unchanged at init (ΔW = 0) and only A and B train. The α/r scaling keeps the update
-size comparable across ranks (PITFALLS item 11: some codes scale by α alone or not at all). Like
-PEFT, dropout is applied to the LoRA path's input only, and A is Kaiming-uniform(a=√5), i.e.
-nn.Linear's default.
+size comparable across ranks (some codes scale by α alone or not at all; docs/pitfalls.md, "LoRA
+scaling, init and merge"). Like PEFT, dropout is applied to the LoRA path's input only, and A is
+Kaiming-uniform(a=√5), i.e. nn.Linear's default.
 
 Adapters are saved as PEFT saves them (`adapter_config.json` + `adapter_model.safetensors`, keys
 `base_model.model.<module path>.lora_A.weight`), so `peft.PeftModel.from_pretrained` loads them on the

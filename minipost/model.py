@@ -12,7 +12,8 @@ SwiGLU (Shazeer 2020, arXiv 2002.05202); grouped-query attention (Ainslie et al.
 
 Padding: batches may be left-padded (generation) or right-padded (training). Positions come from the
 attention mask (`cumsum(mask) - 1`), so each row sees the positions it would see alone; this matters
-for learned positions (GPT-2) and is harmless for RoPE (PITFALLS.md item 2).
+for learned positions (GPT-2) and is harmless for RoPE (docs/pitfalls.md, "Padding and position
+ids").
 """
 from dataclasses import dataclass, asdict, field
 
@@ -351,11 +352,11 @@ class GPT(nn.Module):
 def token_logprobs(logits, tokens):
     """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: (B, T, V), (B, T) -> (B, T-1).
 
-    The log-prob of token t comes from the logits at t-1 (PITFALLS.md item 1). Computed in fp32 as
-    -cross_entropy, which never materialises the full log-softmax in the caller's dtype. The
-    targets are shifted rather than the logits: slicing `logits[:, :-1]` would copy all of them
-    (and again in the backward pass); the last column, scored against a wrapped-around token, is
-    dropped instead.
+    The log-prob of token t comes from the logits at t-1 (docs/pitfalls.md, "Log-prob alignment").
+    Computed in fp32 as -cross_entropy, which never materialises the full log-softmax in the
+    caller's dtype. The targets are shifted rather than the logits: slicing `logits[:, :-1]` would
+    copy all of them (and again in the backward pass); the last column, scored against a
+    wrapped-around token, is dropped instead.
     """
     targets = tokens.roll(-1, dims=1)                             # (B, T) the next token
     logps = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
@@ -384,7 +385,8 @@ class ScoreModel(nn.Module):
     """Decoder + a scalar head: HF's `*ForSequenceClassification` with `num_labels = 1`.
 
     A reward model reads the score at each row's last real token; a PPO value model reads one value
-    per token. The head is zero-initialised, so a fresh value model predicts 0 (PITFALLS.md item 7).
+    per token. The head is zero-initialised, so a fresh value model predicts 0 (docs/pitfalls.md,
+    "Value-head initialisation").
     """
 
     def __init__(self, cfg: GPTConfig):

@@ -89,7 +89,8 @@ def whiten(
 
     As TRL's `masked_whiten` (Huang et al. 2022, "N implementation details"): σ² is the UNBIASED
     (Bessel-corrected, n−1) variance over all masked entries of the batch; with shift_mean=False
-    the mean is added back, x ↦ (x − μ)/σ + μ (TRL does this for rewards, PITFALLS item 6).
+    the mean is added back, x ↦ (x − μ)/σ + μ (TRL does this for rewards; docs/pitfalls.md,
+    "Masked whitening").
 
     Args:
         x: (B, T) values, e.g. advantages.  mask: (B, T) 1 where x counts.
@@ -114,7 +115,7 @@ def ratio_stats(
 
     The clipped branch is active, and the token's gradient zero, where A > 0 and ρ > 1+ε_high or
     A < 0 and ρ < 1−ε_low (TRL's `pg_clipfrac`). Max |ρ − 1| should be ~0 on the first minibatch
-    of an update (PITFALLS item 16).
+    of an update (docs/pitfalls.md, "The first ratio is exactly 1").
     """
     clipped = ((advantages > 0) & (ratio > 1 + clip_high)) | ((advantages < 0) & (ratio < 1 - clip_low))
     dev = torch.where(mask.bool(), (ratio - 1).abs(), torch.zeros_like(ratio))
@@ -134,7 +135,8 @@ def ppo_policy_loss(
         ρ_t = exp(log π_θ(a_t) − log π_old(a_t)),
         ℓ_t = max(−A_t·ρ_t, −A_t·clip(ρ_t, 1−ε, 1+ε)),   L = Σ m_t ℓ_t / Σ m_t
     The log-ratio is clamped to ±20 before exp (LOG_RATIO_CLAMP): beyond that the token is far
-    outside the trust region anyway, and exp would overflow in low precision (PITFALLS item 12).
+    outside the trust region anyway, and exp would overflow in low precision (docs/pitfalls.md,
+    "Numerical stability").
 
     Args:
         logps: (B, T) log π_θ of the sampled tokens (with grad).
@@ -209,9 +211,9 @@ def kl_shaped_rewards(
     over tokens as
         r_t = −β·(log π(a_t) − log π_ref(a_t)) + 1[t = last masked token]·score
     The per-token penalty is the k1 estimator, whose expectation is the exact KL and which, used
-    as a reward (not differentiated), gives an unbiased policy gradient (PITFALLS item 5). The
-    score goes on the LAST masked token of each row, i.e. the EOS (PITFALLS item 8), not on the
-    first padding token after it.
+    as a reward (not differentiated), gives an unbiased policy gradient (docs/pitfalls.md, "KL
+    estimators"). The score goes on the LAST masked token of each row, i.e. the EOS, not on the
+    first padding token after it (docs/pitfalls.md, "EOS and truncation").
 
     Args:
         logps: (B, T) log π of the sampled tokens at rollout (detached).

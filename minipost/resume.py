@@ -7,8 +7,9 @@ whatever else the script needs, such as PPO's adaptive KL coefficient). Each is 
 temporary directory and renamed into place, and only the last `keep` are kept, so a run killed at
 any moment (even with SIGKILL) leaves a complete checkpoint to resume from.
 
-Restoring all of it makes a resumed CPU run bit-identical to one that never stopped (PITFALLS.md
-item 20): same weights, same optimizer moments, same data order, same random draws.
+Restoring all of it makes a resumed CPU run bit-identical to one that never stopped: same weights,
+same optimizer moments, same data order, same random draws (docs/pitfalls.md, "Deterministic
+resume").
 """
 import math
 import shutil

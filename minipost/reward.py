@@ -13,10 +13,11 @@ here each pair is one element and the loss is the mean over pairs.
 
 The reward model itself is `model.ScoreModel`: the decoder plus a scalar head `score` (HF's
 `*ForSequenceClassification`, `num_labels = 1`), read at each row's last real token — the
-<|im_end|> that ends the completion — whatever the padding side (PITFALLS item 19). The head starts
-at zero, so every reward is 0 and the first loss is ln 2; `checkpoint.load_model(path, head="score")`
-builds one from a language model. `pair_rewards` scores chosen and rejected in ONE forward pass
-over a (2B, T) batch from `data.collate_preference`.
+<|im_end|> that ends the completion — whatever the padding side (docs/pitfalls.md, "Reward-model
+score position"). The head starts at zero, so every reward is 0 and the first loss is ln 2;
+`checkpoint.load_model(path, head="score")` builds one from a language model. `pair_rewards`
+scores chosen and rejected in ONE forward pass over a (2B, T) batch from
+`data.collate_preference`.
 
 `RewardEnsemble` combines several reward models into one score, the ensembles of Coste et al. 2023
 ("Reward model ensembles help mitigate overoptimization", arXiv 2310.02743): each member is a
@@ -41,8 +42,8 @@ def bradley_terry_loss(
     Bradley & Terry 1952; Ouyang et al. 2022 (arXiv 2203.02155); margin from Touvron et al. 2023
     (Llama 2, arXiv 2307.09288):
         L = (1/B) Σ_b −log σ(r_c,b − r_r,b − m_b)
-    computed as −logsigmoid(·) (stable for |r_c − r_r| in the hundreds, PITFALLS item 12), in at
-    least fp32 (bf16 inputs are upcast).
+    computed as −logsigmoid(·), stable for |r_c − r_r| in the hundreds (docs/pitfalls.md,
+    "Numerical stability"), in at least fp32 (bf16 inputs are upcast).
 
     Args:
         chosen_rewards: (B,) scalar rewards of the chosen completions.

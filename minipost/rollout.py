@@ -3,17 +3,20 @@
 A rollout is `generate.generate(...)`: left-padded prompts of width P, completions of width N
 right-padded after their EOS, side by side in `Generation.sequences` (B, P + N). Everything an RL
 trainer computes about a completion lives at the completion's token positions, shifted by one
-(PITFALLS.md item 1): the token at column P + t is predicted by the logits at column P + t − 1.
+(docs/pitfalls.md, "Log-prob alignment"): the token at column P + t is predicted by the logits at
+column P + t − 1.
 These helpers compute, for the N completion columns:
 
 - `completion_logps(model, sequences, attention_mask, prompt_len, temperature)`: log π(a_t) of the
   sampled tokens under `logits / temperature` — the distribution actually sampled from, so PPO/GRPO
-  ratios start at exactly 1 (PITFALLS items 15, 16) — and optionally the per-token entropy. With
-  grad when called with grad (the training forward), so one function serves rollout and update.
+  ratios start at exactly 1 (docs/pitfalls.md, "Sampling temperature in log-probs") — and
+  optionally the per-token entropy. With grad when called with grad (the training forward), so one
+  function serves rollout and update.
 - `completion_values(value_model, sequences, attention_mask, prompt_len)`: a ScoreModel's V(s_t),
   read at the same shifted column as the log-prob of a_t (the state before the token is chosen).
 - `sequence_scores(reward_model, sequences, attention_mask)`: the reward model's score at each
-  row's last real token, i.e. the EOS that ends the completion (PITFALLS items 8, 19).
+  row's last real token, i.e. the EOS that ends the completion (docs/pitfalls.md, "EOS and
+  truncation" and "Reward-model score position").
 - `values_and_scores(score_model, sequences, attention_mask, prompt_len)`: both of the above from
   one forward, for PPO whose value model is the reward model itself (`--freeze-value`).
 - `gold_rewards(tokenizer, completion_ids, completion_mask, answers)`: the verifier's 0/1 reward.

@@ -5,15 +5,16 @@ human feedback" (arXiv 2203.02155), which is plain maximum likelihood on demonst
     L(θ) = −(1/|M|) Σ_{(b,t)∈M} log π_θ(x_{b,t} | x_{b,<t})
 where M is the set of target positions (`loss_mask` = 1).
 
-Alignment (PITFALLS item 1): the log-prob of token t comes from the logits at t−1, so the code
-scores `tokens[:, 1:]` against `logits[:, :-1]` (`token_logprobs`, without copying the logits) and
-uses `loss_mask[:, 1:]`. `loss_mask` is aligned with `tokens`: `loss_mask[:, t] = 1` marks
-`tokens[:, t]` as a target. `loss_mask[:, 0]` is never used (nothing predicts the first token).
+Alignment (docs/pitfalls.md, "Log-prob alignment"): the log-prob of token t comes from the logits
+at t−1, so the code scores `tokens[:, 1:]` against `logits[:, :-1]` (`token_logprobs`, without
+copying the logits) and uses `loss_mask[:, 1:]`. `loss_mask` is aligned with `tokens`:
+`loss_mask[:, t] = 1` marks `tokens[:, t]` as a target. `loss_mask[:, 0]` is never used (nothing
+predicts the first token).
 
-Gradient accumulation (PITFALLS item 4): the mean over a micro-batch's tokens is not the mean over
-the full batch when micro-batches hold different numbers of target tokens
-((x₁/n₁ + x₂/n₂)/2 ≠ (x₁+x₂)/(n₁+n₂)). `sft_loss_sum` returns the sum and the count, so a training
-loop can divide each micro-batch's sum by the global token count.
+Gradient accumulation (docs/pitfalls.md, "Loss aggregation and gradient accumulation"): the mean
+over a micro-batch's tokens is not the mean over the full batch when micro-batches hold different
+numbers of target tokens ((x₁/n₁ + x₂/n₂)/2 ≠ (x₁+x₂)/(n₁+n₂)). `sft_loss_sum` returns the sum
+and the count, so a training loop can divide each micro-batch's sum by the global token count.
 """
 
 from contextlib import nullcontext

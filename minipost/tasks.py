@@ -18,7 +18,7 @@ split is per problem, as GSM8K's is, not per equation.
 Products: a pretraining corpus (plain text), SFT chats, preference pairs (with a planted arithmetic
 error or a broken format), an identity set that teaches the assistant the name `ASSISTANT_NAME`,
 RL prompts with answers, and the verifier. `python -m minipost.tasks --out data/` writes them all as
-JSONL in the schemas of DESIGN.md.
+JSONL in the schemas of minipost/data.py.
 """
 from __future__ import annotations
 

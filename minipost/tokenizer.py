@@ -8,7 +8,8 @@ Special tokens, ids 0..3 in this order:
   <|endoftext|>  document separator, BOS of plain-text pretraining documents
   <|im_start|>   ChatML turn start
   <|im_end|>     ChatML turn end; the EOS of chat models
-  <|pad|>        padding, deliberately distinct from EOS (PITFALLS 8d: pad == eos masks out EOS)
+  <|pad|>        padding, deliberately distinct from EOS (were they one token, masking out the
+                 pad would mask out the EOS too; docs/pitfalls.md, "EOS and truncation")
 
 Chats are rendered in ChatML with no BOS (ChatML has none), i.e. a chat holds zero <|endoftext|>:
     <|im_start|>{role}\n{content}<|im_end|>\n   ... per message
@@ -110,8 +111,8 @@ class Tokenizer:
         """ChatML token ids of `messages` and the assistant mask.
 
         The mask is 1 on each assistant message's content tokens and its closing <|im_end|> (the
-        model must learn to end its turn, PITFALLS 13), 0 on headers, the "\\n" after <|im_end|>
-        and all non-assistant messages. No BOS is added.
+        model must learn to end its turn; docs/pitfalls.md, "Assistant-only loss masks"), 0 on
+        headers, the "\\n" after <|im_end|> and all non-assistant messages. No BOS is added.
         """
         if not self.is_chatml:
             raise ValueError("the tokenizer's chat template is not ChatML (no <|im_start|>) and "

@@ -97,7 +97,8 @@ def test_sequence_logps_sums_shifted_mask_on_unequal_lengths():
 
 
 def test_sequence_logps_equals_negative_summed_cross_entropy():
-    # PITFALLS 1: Σ_mask gathered log-probs == −CE(logits[:, :-1], tokens[:, 1:], sum, ignore_index)
+    # docs/pitfalls.md, "Log-prob alignment":
+    # Σ_mask gathered log-probs == −CE(logits[:, :-1], tokens[:, 1:], sum, ignore_index)
     torch.manual_seed(0)
     B, T, V = 3, 6, 9
     logits = torch.randn(B, T, V, dtype=torch.float64)

@@ -89,7 +89,8 @@ def test_sampled_logps_equal_recomputation_from_logits(kw):
         flat = filter_logits(logits.flatten(0, 1), T, kw.get("top_k"), kw.get("top_p"))
         recomputed = token_logprobs(flat.view_as(logits), seq)[:, P - 1:]
     else:
-        recomputed = token_logprobs(logits / T, seq)[:, P - 1:]     # PITFALLS item 15
+        # docs/pitfalls.md, "Sampling temperature in log-probs"
+        recomputed = token_logprobs(logits / T, seq)[:, P - 1:]
     m = out.completion_mask
     torch.testing.assert_close(out.logps[m], recomputed[m], atol=1e-5, rtol=0)
     assert (out.logps[~m] == 0).all()

@@ -138,7 +138,8 @@ def test_grpo_normalizer_makes_unequal_micro_batches_accumulate_to_full_batch_gr
 
 
 def test_dapo_micro_batches_without_normalizer_do_not_match_full_batch():
-    # the PITFALLS 4 bug: (x1/n1 + x2/n2)/2 ≠ (x1 + x2)/(n1 + n2)
+    # the bug: (x1/n1 + x2/n2)/2 ≠ (x1 + x2)/(n1 + n2)
+    # (docs/pitfalls.md, "Loss aggregation and gradient accumulation")
     logps, old_logps, mask = _two_sequences()
     adv = torch.tensor([1.0, -3.0], **F64)
     full, _ = grpo_loss(logps, old_logps, None, adv, mask, beta=0.0, loss_type="dapo")

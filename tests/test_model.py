@@ -115,7 +115,8 @@ def test_token_logprobs_match_log_softmax_and_hand_value():
     tokens = torch.randint(0, 7, (2, 5))
     expected = logits[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
     torch.testing.assert_close(token_logprobs(logits, tokens), expected.float())
-    # summed over a mask == -cross_entropy(sum) with ignore_index (PITFALLS item 1)
+    # summed over a mask == -cross_entropy(sum) with ignore_index
+    # (docs/pitfalls.md, "Log-prob alignment")
     mask = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     labels = tokens.masked_fill(mask == 0, -100)
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1),

@@ -1,4 +1,5 @@
-"""Resume, graceful stop and the NaN guard (PITFALLS.md item 20), on pretrain.py."""
+"""Resume, graceful stop and the NaN guard, on pretrain.py (docs/pitfalls.md, "Deterministic
+resume")."""
 import json
 import os
 import signal

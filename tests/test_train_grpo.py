@@ -77,7 +77,7 @@ def test_first_update_ratio_is_one_and_logps_match_the_sampler(tiny_sft_dir):
     batch = train_grpo.rollout(model, tok, problems, args, torch.Generator().manual_seed(0))
     batch["advantages"] = torch.randn(len(batch["rewards"]))
     _, stats, _, old = grads_of(model, batch, args)
-    assert stats["policy/ratio_max_dev"] < 1e-6           # PITFALLS 16: ρ = 1 on the first update
+    assert stats["policy/ratio_max_dev"] < 1e-6           # ρ = 1 on the first update
     assert stats["policy/clipfrac"] == 0.0
     assert stats["sampler_logp_max_diff"] < 1e-4          # KV-cache sampler == full forward at T
     # a second update on the same batch uses these old log-probs: after a step ρ ≠ 1
