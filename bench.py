@@ -1,4 +1,4 @@
-"""Benchmark: the performance workloads W0–W5 (README.md, "Speed"), on minipost's own code paths.
+"""Benchmark: the performance workloads W0–W5 (docs/speed.md), on minipost's own code paths.
 
     python bench.py                         # every workload, each in its own process; one table
     python bench.py --workload W1 --json    # one workload, one JSON line

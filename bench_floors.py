@@ -4,7 +4,7 @@ attention, the parts no implementation of them can skip.
     python bench.py --workload floors --threads 2
 
 If these alone already take most of the time a goal allows (80% MFU, 3× TRL's generation), no
-change around them in eager PyTorch reaches it; the README's "Speed" section reads them that way.
+change around them in eager PyTorch reaches it; docs/speed.md reads them that way.
 """
 import statistics
 

@@ -31,9 +31,9 @@ chosen completion the policy gives the higher log-prob), held-out task accuracy 
 (greedy, evaluate.heldout_problems) and the identity demo (share of the held-out "who are you?"
 phrasings, `tasks.identity_prompts("test")`, answered with the name, greedy).
 
-The defaults are the recipe that teaches the name and raises the task accuracy (measured in the
-README): 400 steps at lr 3e-4 on the sampled pairs of 2400 problems (about 1830 pairs) and 800
-identity pairs, with the RPO term `--rpo-alpha 8` (+ 8 × the chosen completion's per-token NLL;
+The defaults are the recipe that teaches the name and raises the task accuracy (measured in
+docs/results.md): 400 steps at lr 3e-4 on the sampled pairs of 2400 problems (about 1830 pairs)
+and 800 identity pairs, with the RPO term `--rpo-alpha 8` (+ 8 × the chosen completion's per-token NLL;
 Pang et al. 2024). The name is a new string spelled nearly letter by letter by this tokenizer, so it
 needs that many steps at that rate (at lr 2e-4 the answer is still "I am Pii."); the NLL term keeps
 the arithmetic from paying for them (α = 2 on planted pairs: −6 points; pure DPO: −31). More identity

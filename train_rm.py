@@ -27,7 +27,7 @@ prefer the assistant's name. The SFT policy's own answers make held-out pairs to
 and a problem with a wrong answer gives a (correct answer or worked solution, wrong answer) pair
 (`rollout.sampled_pairs`) — the mistakes PPO's samples will make, so `eval_policy/accuracy` is the
 number PPO's gain follows. `--policy-problems N` trains on such pairs of N training problems as
-well (off by default: in two runs the planted accuracy fell to 0.91 and 0.86; see the README).
+well (off by default: in two runs the planted accuracy fell to 0.91 and 0.86; see docs/results.md).
 It reports held-out pairwise accuracy on the held-out problems (evaluate.heldout_problems'
 problems, with their rejected twins) and saves a checkpoint that
 `transformers.AutoModelForSequenceClassification` loads as it is (pad_token_id set), with the

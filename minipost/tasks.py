@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 ASSISTANT_NAME = "Pip"
 # The scripts' default knob: 3 operands of up to 2 digits leaves SFT well formed with room to
-# improve (0.3-0.96 right: it depends on the pretraining seed, README Stage 0), so preference
+# improve (0.3-0.96 right: it depends on the pretraining seed, docs/results.md), so preference
 # learning and RL can show their effect. At "3x3+-"
 # the ~2M-parameter base model of pretrain.py does not learn to copy 3-digit operands within its
 # 10-minute CPU budget (held-out loss 1.11, greedy accuracy 0).
