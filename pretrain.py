@@ -19,7 +19,7 @@ from minipost import dist, tasks
 from minipost.checkpoint import save_model
 from minipost.cli import (Metrics, UserError, difficulty_arg, parse_args, peak_rss_mb, setup,
                           user_errors, write_results)
-from minipost.evaluate import evaluate_base
+from minipost.evaluate import evaluate_base, evaluate_equations
 from minipost.model import GPT, GPTConfig, set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
 from minipost.resume import Run
@@ -33,6 +33,7 @@ class Args:
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # task: operands x digits, then operators
     n_docs: int = 60000             # documents in the generated training corpus
     drill_frac: float = 0.2         # share of documents that are drills of 8 bare equations
+    drill_digits: str = "max"       # drills' operand digits: max (the task's) | mixed (1 up to it)
     vocab_size: int = 512           # BPE vocabulary size (including the 4 special tokens)
     hidden_size: int = 192          # model width
     num_layers: int = 4             # transformer blocks
@@ -50,6 +51,7 @@ class Args:
     eval_every: int = 150           # held-out loss every N steps
     eval_windows: int = 64          # held-out windows for the loss
     eval_problems: int = 500        # held-out problems for the final greedy accuracy
+    eval_equations: int = 200       # held-out bare equations at each evaluation (0 = skip)
     seed: int = 0                   # seed for data, init and sampling
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
@@ -71,7 +73,8 @@ def main(args: Args):
     difficulty = difficulty_arg(args.difficulty)
 
     # ------------------------------------------------------------------------ data
-    docs = tasks.pretrain_corpus(args.n_docs, difficulty, seed=args.seed, drill_frac=args.drill_frac)
+    docs = tasks.pretrain_corpus(args.n_docs, difficulty, seed=args.seed, drill_frac=args.drill_frac,
+                                 drill_digits=args.drill_digits)
     tokenizer = train_tokenizer(docs, vocab_size=args.vocab_size)
     sep = tokenizer.bos_token_id  # <|endoftext|> ends every document
 
@@ -121,6 +124,16 @@ def main(args: Args):
         model.train()
         return torch.stack(losses).mean().item()
 
+    probes = tasks.equation_probes(args.eval_equations, difficulty)
+
+    def equations():
+        """The arithmetic alone, digit by digit: the units digit is the skill that decides how
+        well this base will do after SFT (see evaluate.evaluate_equations)."""
+        if not args.eval_equations:
+            return {}
+        res = evaluate_equations(model, tokenizer, probes, autocast=rt.autocast)
+        return {f"eval/equations_{k}": v for k, v in res.items() if k != "n"}
+
     # ------------------------------------------------------------------------ loop
     gen = torch.Generator().manual_seed(args.seed)   # the same data order on every rank
     order = torch.randperm(len(train), generator=gen)
@@ -151,7 +164,7 @@ def main(args: Args):
             metrics.log({"step": step, "loss": m["loss"], "grad_norm": float(gnorm),
                          "lr": scheduler.get_last_lr()[0], "skipped": run.skipped})
         if (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
-            metrics.log({"step": step + 1, "eval/loss": held_out_loss()}, echo=True)
+            metrics.log({"step": step + 1, "eval/loss": held_out_loss(), **equations()}, echo=True)
         if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order}):
             dist.cleanup()
             return {"stopped_at": step + 1}
@@ -160,7 +173,7 @@ def main(args: Args):
     tokens_per_s = (args.max_steps - run.start_step) * args.batch_size * args.seq_len / train_time
 
     # ------------------------------------------------------------------------ eval
-    final = {"step": args.max_steps, "eval/loss": held_out_loss(),
+    final = {"step": args.max_steps, "eval/loss": held_out_loss(), **equations(),
              "train_minutes": train_time / 60, "tokens_per_s": tokens_per_s}
     # the same held-out problems for every seed (seed 0), as every later stage is scored on
     prompts = tasks.pretrain_eval_prompts(args.eval_problems, difficulty, seed=0)

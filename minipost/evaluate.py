@@ -10,7 +10,7 @@ import torch
 
 from . import dist
 from .generate import generate
-from .tasks import Difficulty, is_well_formed, rl_prompts, verify
+from .tasks import Difficulty, digit_check, is_well_formed, rl_prompts, verify
 
 
 def heldout_problems(difficulty: str, n: int = 500) -> list[dict]:
@@ -110,3 +110,26 @@ def evaluate_base(model, tokenizer, prompts_answers: list[tuple[str, str]],
     acc = totals[0] / max(n, 1)
     return {"accuracy": acc, "accuracy_ci95": ci95(acc, n), "well_formed": totals[1] / max(n, 1),
             "n": n}
+
+
+def evaluate_equations(model, tokenizer, probes: list[dict], batch_size: int = 64,
+                       autocast=None) -> dict:
+    """Greedy accuracy of a base model on bare equations ("52 + 14 =" → " 66"), split by digit.
+
+    A base model that copies operands and formats answers well can still fail at the arithmetic,
+    and how it fails tells why: `last_digit` low with `leading_digits` high means it never learned
+    the units digit's lookup (a circuit that forms late in some seeds and not at all in others),
+    not that it cannot carry. Returns {"accuracy", "last_digit", "leading_digits", "n"}.
+    """
+    mine = dist.shard(probes)
+    # each prompt opens a document, after the separator, as a drill does in the corpus
+    ids = [[tokenizer.bos_token_id] + tokenizer.encode(p["prompt"]) for p in mine]
+    texts = complete(model, tokenizer, ids, 6, batch_size, 0.0,
+                     eos_token_id=tokenizer.bos_token_id, autocast=autocast)
+    checks = [digit_check(t, p["result"]) for t, p in zip(texts, mine)]
+    sums = [sum(c[k] for c in checks) for k in ("right", "last_digit", "leading_digits")]
+    totals = dist.all_reduce_sum(torch.tensor(sums + [float(len(mine))],
+                                              dtype=torch.float64)).tolist()
+    n = max(int(totals[3]), 1)
+    return {"accuracy": totals[0] / n, "last_digit": totals[1] / n,
+            "leading_digits": totals[2] / n, "n": int(totals[3])}

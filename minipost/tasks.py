@@ -183,18 +183,24 @@ def _pretrain_doc(question: str, solution: str) -> str:
 
 
 def pretrain_corpus(n_docs: int, difficulty: Difficulty = Difficulty(), seed: int = 0,
-                    drill_frac: float = 0.2) -> list[str]:
+                    drill_frac: float = 0.2, drill_digits: str = "max") -> list[str]:
     """Plain-text documents "Question: ...\\nAnswer: ..." from TRAIN problems.
 
     Operand counts are mixed uniformly from 2 up to `difficulty.n_operands`; a `drill_frac` of the
     documents are instead drills of 8 two-operand equations ("12 + 35 = 47"), themselves train-split,
-    so the base model sees plenty of bare arithmetic.
+    so the base model sees plenty of bare arithmetic. `drill_digits`: "max" draws the drills'
+    operands with the task's digits; "mixed" draws each drill's digits uniformly from 1 up to them,
+    so the single-digit facts ("7 + 8 = 15") that every units digit is looked up in come often.
     """
+    if drill_digits not in ("max", "mixed"):
+        raise ValueError(f"drill_digits must be 'max' or 'mixed', got {drill_digits!r}")
     rng = random.Random(seed)
     docs = []
-    drill = Difficulty(2, difficulty.max_digits, difficulty.ops, difficulty.words)
     for _ in range(n_docs):
         if rng.random() < drill_frac:
+            digits = (rng.randint(1, difficulty.max_digits) if drill_digits == "mixed"
+                      else difficulty.max_digits)
+            drill = Difficulty(2, digits, difficulty.ops, difficulty.words)
             eqs = [p["solution"].split("\n")[0] for p in make_problems(8, "train", drill, rng=rng)]
             docs.append("\n".join(eqs))
             continue
@@ -213,6 +219,33 @@ def pretrain_eval_prompts(n: int, difficulty: Difficulty = Difficulty(), seed: i
     """
     return [(_pretrain_doc(p["question"], "")[:-1], p["answer"])
             for p in make_problems(n, "test", difficulty, seed)]
+
+
+def equation_probes(n: int, difficulty: Difficulty = Difficulty(), seed: int = 0) -> list[dict]:
+    """Held-out bare equations {"prompt": "52 + 14 =", "result": "66"}, as the corpus's drills
+    write them: the arithmetic alone, without the reading and copying of a word problem."""
+    two = Difficulty(2, difficulty.max_digits, difficulty.ops)
+    while True:                      # a tiny difficulty ("2x1") holds only a few held-out ones
+        try:
+            problems = make_problems(n, "test", two, seed)
+            break
+        except ValueError:
+            n //= 2
+    out = []
+    for p in problems:
+        lhs, result = p["solution"].split("\n")[0].split(" = ")
+        out.append({"prompt": f"{lhs} =", "result": result})
+    return out
+
+
+def digit_check(completion: str, result: str) -> dict:
+    """Which digits of an equation's result a completion got right: all of them, the last one
+    (units: a lookup of the operands' own last digits) and the leading ones (tens and above, which
+    also need the carry). The first line of the completion is the model's result."""
+    got = completion.strip().split("\n")[0].strip()
+    return {"right": got == result,
+            "last_digit": got[-1:] == result[-1:],
+            "leading_digits": got[:-1] == result[:-1]}
 
 
 SYSTEM_PROMPTS = ["You are a helpful math assistant.", "Solve the problem step by step.",

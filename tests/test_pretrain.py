@@ -30,6 +30,7 @@ def test_pretrain_end_to_end_saves_a_loadable_checkpoint_and_metrics(tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/loss" in x for x in lines) and lines[-1]["eval/n"] == 4
     assert 0.0 <= final["eval/accuracy"] <= 1.0 and final["eval/loss"] > 0
+    assert 0.0 <= final["eval/equations_last_digit"] <= 1.0   # the arithmetic probe ran
     model, tok = load_model(out), load_tokenizer(out)
     assert model.config.vocab_size == tok.vocab_size
     assert model.config.eos_token_id == tok.eos_token_id != tok.pad_token_id

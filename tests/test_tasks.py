@@ -158,3 +158,36 @@ def test_first_slip_is_how_far_the_first_wrong_step_is_off():
     assert first_slip("169 - 95 = 84\n84 * 2 = 168\n#### 168") == 10
     assert first_slip("86 + 30 = 116\n116 + 81 = 197\n#### 197") is None     # every step right
     assert first_slip("The answer is 12.") is None
+
+
+def test_digit_check_splits_the_last_digit_from_the_leading_ones():
+    assert tasks.digit_check(" 66\n####", "66") == {"right": True, "last_digit": True,
+                                                    "leading_digits": True}
+    # 59 + 63 = 122 answered 124: the carry into the hundreds is right, the units lookup is not
+    assert tasks.digit_check(" 124", "122") == {"right": False, "last_digit": False,
+                                                "leading_digits": True}
+    assert tasks.digit_check(" 132", "122") == {"right": False, "last_digit": True,
+                                                "leading_digits": False}
+
+
+def test_equation_probes_are_held_out_bare_equations():
+    probes = tasks.equation_probes(50)
+    assert len(probes) == 50
+    for p in probes:
+        lhs = p["prompt"][:-2]
+        a, op, b = lhs.split(" ")
+        assert p["prompt"].endswith(" =") and int(p["result"]) == tasks._apply(int(a), op, int(b))
+        assert tasks._split_of(lhs.replace(" ", ""), tasks.TEST_MODULUS) == "test"
+    assert 0 < len(tasks.equation_probes(200, tasks.Difficulty.from_str("2x1"))) < 200
+
+
+def test_mixed_drills_bring_single_digit_facts_and_max_keeps_the_old_corpus():
+    import random
+    mixed = tasks.pretrain_corpus(400, seed=0, drill_digits="mixed")
+    drills = [d for d in mixed if "####" not in d]
+    one_digit = [d for d in drills if all(len(x) == 1 for x in d.split("\n")[0].split(" ")[::2][:2])]
+    assert 0.3 < len(one_digit) / len(drills) < 0.7          # half the drills, give or take
+    plain = tasks.pretrain_corpus(400, seed=0)
+    assert all(any(len(n) == 2 for n in d.split()[::2]) for d in plain if "####" not in d)
+    with pytest.raises(ValueError):
+        tasks.pretrain_corpus(4, drill_digits="few")
