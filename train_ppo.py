@@ -20,8 +20,9 @@ decoupled GAE); advantages are whitened over the batch's real tokens. Then K epo
 minibatches of the clipped policy loss and the clipped value loss (Schulman et al. 2017, arXiv
 1707.06347), gradient clipping, and, with `--target-kl`, the adaptive β of Ziegler et al. The first
 minibatch of every update must have ratio 1 (PITFALLS 16): checked at run time. The models stay in
-eval mode (no dropout anywhere), as TRL does for PPO, so rollout and update compute the same
-function.
+eval mode (no dropout anywhere, `--lora-dropout` included: the PEFT layers are put in eval mode
+once added, not only by the first evaluation, which a resumed run skips), as TRL does for PPO, so
+rollout and update compute the same function.
 
 The value model starts from the reward model (Stiennon et al. 2020), or with `--value-init policy`
 from the policy's decoder with a zero head (PITFALLS 7). `--value-warmup N` trains it alone for the
@@ -215,6 +216,8 @@ def main(args: Args):
     add_peft(policy, args)
     if not args.freeze_value:
         add_peft(value_model, args, modules_to_save=("score",))
+    for model in trained.values():   # the new PEFT layers (LoRA dropout too) start in train mode
+        model.eval()
     if rt.is_main:
         print(f"policy: {trainable_summary(policy)}; value model: " +
               ("the reward model, frozen" if args.freeze_value else trainable_summary(value_model)))
