@@ -31,6 +31,9 @@ It reports held-out pairwise accuracy on the held-out problems (evaluate.heldout
 problems, with their rejected twins) and saves a checkpoint that
 `transformers.AutoModelForSequenceClassification` loads as it is (pad_token_id set), with the
 held-out reward mean/std in config.json (PPO may normalise rewards with them; PITFALLS 6).
+With `--peft lora` it saves an adapter of PEFT task type SEQ_CLS with the `score` head in
+modules_to_save: `peft.AutoPeftModelForSequenceClassification.from_pretrained(out, num_labels=1)`
+loads it on its base (num_labels, since the base is a language model, whose config has none).
 """
 import math
 import time

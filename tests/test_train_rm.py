@@ -85,6 +85,25 @@ def test_train_rm_with_lora_trains_the_head_and_loads_back(tiny_sft_dir, tmp_pat
     assert torch.isfinite(model.score_last(ids, torch.ones_like(ids))).all()
 
 
+def test_train_rm_lora_output_loads_in_peft_as_a_sequence_classifier(tiny_sft_dir, tmp_path):
+    """PEFT's AutoPeftModelForSequenceClassification takes the adapter (task_type SEQ_CLS, the
+    trained `score` head in modules_to_save) and scores as minipost does."""
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "rm"
+    train_rm.main(train_rm.Args(init=tiny_sft_dir, out_dir=str(out), peft="lora", lora_r=2,
+                                **TINY))
+    assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    # the base is the SFT language model, whose config.json has no num_labels (2 by default)
+    hf = peft.AutoPeftModelForSequenceClassification.from_pretrained(str(out), num_labels=1).eval()
+    ours = load_model(out, head="score").eval()
+    ids = torch.tensor([[5, 6, 7, 8, 2], [9, 10, 11, 12, 2]])     # no pad token: scored at the end
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits[:, 0]
+        got = ours.score_last(ids, torch.ones_like(ids))
+    assert got.abs().max() > 0                                   # the trained head, not a fresh one
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
 def test_train_rm_plain_bradley_terry_starts_at_ln2(tiny_sft_dir, tmp_path):
     """--prefix-weight 0 --lm-weight 0: the loss is Bradley-Terry alone, ln 2 at a zero head."""
     out = tmp_path / "rm"
