@@ -156,7 +156,8 @@ def main(args: Args):
             return {"stopped_at": step + 1}
     run.close()
     train_time = time.time() - start
-    tokens_per_s = (args.max_steps - run.start_step) * args.batch_size * args.seq_len / train_time
+    tokens_per_s = ((args.max_steps - run.start_step) * args.batch_size * args.seq_len
+                    / max(train_time, 1e-9))   # a resumed run that had finished: no steps, ~0 s
 
     # ------------------------------------------------------------------------ eval
     final = {"step": args.max_steps, "eval/loss": held_out_loss(),

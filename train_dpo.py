@@ -307,8 +307,10 @@ def main(args: Args):
     train_time = time.time() - start
 
     # ------------------------------------------------------------------------ eval
+    first = first or {}                  # --max-steps 0: the loop that sets it never ran
     final = {"step": args.max_steps, **before, **evaluate(ref_held_out)[1],
-             "loss_step0": first["loss/dpo"], "rewards/margins_step0": first["rewards/margins"],
+             "loss_step0": first.get("loss/dpo"),
+             "rewards/margins_step0": first.get("rewards/margins"),
              "train_minutes": train_time / 60,
              "pairs_per_s": (args.max_steps - run.start_step) * args.batch_size
              / max(train_time, 1e-9),

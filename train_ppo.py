@@ -346,13 +346,17 @@ def main(args: Args):
     # ------------------------------------------------------------------------ loop
     gen = torch.Generator().manual_seed(args.seed)    # the same prompt order on every rank
     order, pos = torch.randperm(len(prompts), generator=gen), 0
-    kl_coef, start, step = args.kl_coef, time.time(), 0
+    kl_coef, start = args.kl_coef, time.time()
     run = Run(args, rt, metrics, torch.nn.ModuleDict(trained), optimizers, scheduler)
     state = run.restore()                             # --resume: everything as it was
+    # iterations done and the last one's KL, which the results report: set here, not only by the
+    # loop, which a resumed run that already reached --max-steps never enters
+    done, kl = run.start_step, 0.0
     if state is None:
         before = evaluate(0)
     else:                                             # the prompt sampler and the adaptive β too
         before, kl_coef = state["extra"]["before"], state["extra"]["kl_coef"]
+        kl = state["extra"].get("kl", math.nan)       # (not saved by older checkpoints)
         order, pos = state["data"]["order"], state["data"]["pos"]
         gen.set_state(state["data"]["generator"])
     bar = tqdm(range(run.start_step, args.max_steps), disable=not rt.is_main, desc="ppo",
@@ -382,6 +386,7 @@ def main(args: Args):
                                          args.kl_horizon)
         metrics.log({"step": step + 1, **m, "kl_coef": kl_coef, "lr": scheduler.get_last_lr()[0],
                      "skipped": run.skipped})
+        done, kl = step + 1, m["kl"]
         bar.set_postfix(rm=f"{m['reward/mean']:.2f}", gold=f"{m['gold/mean']:.2f}",
                         kl=f"{m['kl']:.2f}", clip=f"{m['policy/clipfrac']:.2f}",
                         ev=f"{m['value/explained_variance']:.2f}")
@@ -392,20 +397,20 @@ def main(args: Args):
             evaluate(step + 1)
         if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order,
                                               "pos": pos},
-                           lambda: {"before": before, "kl_coef": kl_coef}):
+                           lambda: {"before": before, "kl_coef": kl_coef, "kl": kl}):
             dist.cleanup()
             return {"stopped_at": step + 1}
     run.close()
     train_time = time.time() - start
-    iterations = step + 1 if args.max_steps else 0
+    iterations = done
 
     final = evaluate(iterations)
     results = {"iterations": iterations, "train_minutes": train_time / 60,
-               "seconds_per_iteration": train_time / max(iterations, 1),
+               "seconds_per_iteration": train_time / max(iterations - run.start_step, 1),
                "accuracy_before": before["eval/accuracy"], "accuracy": final["eval/accuracy"],
                "accuracy_ci95": final["eval/accuracy_ci95"], "well_formed": final["eval/well_formed"],
                "reward_before": before.get("eval/reward"), "reward": final.get("eval/reward"),
-               "kl": m["kl"] if iterations else 0.0, "kl_coef": kl_coef, "peak_rss_mb": peak_rss_mb()}
+               "kl": kl, "kl_coef": kl_coef, "peak_rss_mb": peak_rss_mb()}
     metrics.log(results, echo=True)
 
     # ------------------------------------------------------------------------ save

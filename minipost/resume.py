@@ -167,8 +167,11 @@ class Run:
     `args` needs --save-every, --keep, --resume, --skip-nonfinite and --out-dir. A checkpoint is
     written every `save_every` steps and when SIGINT/SIGTERM arrives (then the run stops). It also
     records how many metrics lines were written, so a resumed run cuts the file back to exactly
-    them. Under torchrun every rank joins (per-rank RNG states and `per_rank` tensors are gathered)
-    and rank 0 writes; the stop decision is all-reduced, so no rank waits alone in a collective.
+    them. A run resumed from a checkpoint of its last step never enters its loop: what comes after
+    the loop (final evaluation, results, save) must not read variables only the loop sets; what it
+    reports of the last step goes into `extra`. Under torchrun every rank joins (per-rank RNG
+    states and `per_rank` tensors are gathered) and rank 0 writes; the stop decision is
+    all-reduced, so no rank waits alone in a collective.
     """
 
     def __init__(self, args, rt, metrics, model, optimizer, scheduler=None):
