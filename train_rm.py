@@ -31,6 +31,8 @@ It reports held-out pairwise accuracy on the held-out problems (evaluate.heldout
 problems, with their rejected twins) and saves a checkpoint that
 `transformers.AutoModelForSequenceClassification` loads as it is (pad_token_id set), with the
 held-out reward mean/std in config.json (PPO may normalise rewards with them; PITFALLS 6).
+Its chat template ends a chat at the <|im_end|> the score is read at (`tokenizer.score_tokenizer`),
+so `apply_chat_template` + AutoModelForSequenceClassification score a chat as minipost does.
 With `--peft lora` it saves an adapter of PEFT task type SEQ_CLS with the `score` head in
 modules_to_save: `peft.AutoPeftModelForSequenceClassification.from_pretrained(out, num_labels=1)`
 loads it on its base (num_labels, since the base is a language model, whose config has none).
@@ -56,6 +58,7 @@ from minipost.reward import (bradley_terry_loss, last_scores, pair_rewards, pref
                              reward_metrics)
 from minipost.rollout import sampled_pairs
 from minipost.sft import sft_loss_sum
+from minipost.tokenizer import score_tokenizer
 
 
 # ---------------------------------------------------------------------------- Args
@@ -314,7 +317,8 @@ def main(args: Args):
     to_save = dist.full_model(model)                     # FSDP: gathered on rank 0
     if rt.is_main:
         write_results(args.out_dir, "rm", final)
-        save_peft(to_save, args.out_dir, args.peft, args.merge, tokenizer,
+        # its chat template ends a chat at the <|im_end|> scored, for transformers' readers too
+        save_peft(to_save, args.out_dir, args.peft, args.merge, score_tokenizer(tokenizer),
                   base_model_name_or_path=args.init,
                   extra_config={"minipost": {"stage": "rm", "args": asdict(args), "results": final,
                                              "reward_mean": final["eval/reward_mean"],
