@@ -169,6 +169,10 @@ def main(args: Args):
     rows = (load_jsonl(args.data, "rl") if args.data else
             tasks.rl_prompts(args.n_prompts, "train", difficulty, seed=args.seed))
     prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in rows]
+    if len(prompts) < args.batch_size // k:           # a batch draws distinct prompts
+        raise UserError(f"{args.data or '--n-prompts'}: {len(prompts)} prompts, fewer than the "
+                        f"{args.batch_size // k} distinct ones a batch takes (--batch-size "
+                        f"{args.batch_size} / --samples-per-prompt {k})")
     answers = [r["answer"] for r in rows]
     heldout = heldout_problems(args.difficulty, args.eval_problems)
 
