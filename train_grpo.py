@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import load_model
-from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg,
+from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg, due,
                           load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
                           user_errors, write_results)
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
@@ -80,7 +80,7 @@ class Args:
     min_lr_ratio: float = 0.1       # final LR as a fraction of the peak (cosine)
     weight_decay: float = 0.0       # AdamW weight decay on matrices
     grad_clip: float = 1.0          # max global gradient norm (0 = off)
-    eval_every: int = 100           # held-out greedy pass@1 every N steps (0 = only before/after)
+    eval_every: int = 100           # held-out greedy pass@1 every N steps (0 = never: before/after only)
     eval_problems: int = 500        # held-out problems (evaluate.heldout_problems)
     pass_k: int = 8                 # k of held-out pass@k, sampled at --temperature (0 = skip)
     seed: int = 0                   # seed for prompts and sampling
@@ -339,7 +339,7 @@ def main(args: Args):
     start, step, train_time = time.time(), run.start_step, 0.0
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, desc="grpo")
     while step < args.max_steps:
-        t0 = time.time()
+        t0, step_before = time.time(), step
         # rollout: B/world groups per rank; dynamic sampling keeps groups whose rewards differ
         keep, dropped, sampled, n_zero = [], [], [], 0
         with dist.gathered(model):   # FSDP: ranks may refill a different number of times
@@ -401,7 +401,7 @@ def main(args: Args):
         metrics.log(rec)
         bar.set_postfix(reward=f"{m['reward/mean']:.2f}", acc=f"{m['reward/sampled_accuracy']:.2f}",
                         zero_std=f"{m['frac_reward_zero_std']:.2f}", len=f"{lengths.mean():.0f}")
-        if args.eval_every and step % args.eval_every < args.mu and step < args.max_steps:
+        if due(args.eval_every, step_before, step) and step < args.max_steps:   # μ steps a batch
             metrics.log({"step": step, **{f"eval/{k}": v for k, v in evaluate("mid").items()}},
                         echo=True)
         if run.end_of_step(step, lambda: {"per_rank": [gen.get_state()]},

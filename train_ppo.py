@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import load_model, load_reward_models, reward_members
-from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg,
+from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg, due,
                           load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint,
                           same_tokenizer, setup, user_errors, write_results)
 from minipost.data import load_jsonl
@@ -115,7 +115,7 @@ class Args:
     value_lr: float = 1e-4          # value model learning rate (constant)
     weight_decay: float = 0.0       # AdamW weight decay on matrices
     grad_clip: float = 1.0          # max gradient norm, per model (0 = off)
-    eval_every: int = 50            # held-out greedy accuracy every N iterations (0 = before/after)
+    eval_every: int = 50            # held-out greedy accuracy every N iterations (0 = never: before/after only)
     eval_problems: int = 500        # held-out problems (evaluate.heldout_problems)
     eval_rm_problems: int = 128     # held-out problems whose greedy answers the RM scores
     seed: int = 0                   # seed for prompts and sampling
@@ -397,7 +397,7 @@ def main(args: Args):
         minutes = (time.time() - start) / 60
         if args.max_minutes and dist.all_reduce_mean({"t": minutes})["t"] > args.max_minutes:
             break
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
+        if due(args.eval_every, step, step + 1) and step + 1 < args.max_steps:
             evaluate(step + 1)
         if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order,
                                               "pos": pos},

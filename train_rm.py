@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import load_model
-from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg,
+from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg, due,
                           load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
                           user_errors, write_results)
 from minipost.data import collate_preference, encode_preference, load_jsonl
@@ -86,7 +86,7 @@ class Args:
     warmup_steps: int = 20          # linear warm-up steps
     weight_decay: float = 0.0       # AdamW weight decay on matrices
     grad_clip: float = 1.0          # max global gradient norm (0 = off)
-    eval_every: int = 100           # held-out pairwise accuracy every N steps
+    eval_every: int = 100           # held-out pairwise accuracy every N steps (0 = never: before/after only)
     eval_problems: int = 500        # held-out problems, each as a (correct, flawed) pair
     seed: int = 0                   # seed for data and shuffling
     device: str = "auto"            # auto | cpu | cuda | cuda:N
@@ -290,7 +290,7 @@ def main(args: Args):
                             margin=f"{m['rewards/margins']:.2f}")
             metrics.log({"step": step, **m, "grad_norm": float(gnorm),
                          "lr": scheduler.get_last_lr()[0], "skipped": run.skipped})
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
+        if due(args.eval_every, step, step + 1) and step + 1 < args.max_steps:
             metrics.log({"step": step + 1, **held_out_eval(held_out)}, echo=True)
         if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order},
                            lambda: {"before": before}):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from . import dist
 from .checkpoint import atomic_dir, load_state, rng_state, save_state, set_rng_state
-from .cli import UserError
+from .cli import UserError, due
 
 
 class NonFiniteError(UserError):
@@ -232,8 +232,7 @@ class Run:
         stop = self.stop is not None and self.stop.requested
         if self.rt.world_size > 1:
             stop = bool(dist.all_reduce_sum(torch.tensor([float(stop)])) > 0)
-        every = self.args.save_every
-        if stop or (every and step // every > self.last_saved // every):
+        if stop or due(self.args.save_every, self.last_saved, step):
             self.save(step, data_state(), extra())
         if stop:
             self.close()

@@ -174,3 +174,22 @@ def test_a_run_of_zero_steps_evaluates_and_saves(script, tiny_sft_dir, tmp_path)
     finally:
         torch.set_num_threads(threads)
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("script", sorted(FINISHED))
+def test_eval_every_and_save_every_0_mean_never(script, tiny_sft_dir, tmp_path):
+    """One meaning in every script: no evaluation between the start and the end, no checkpoint."""
+    module = __import__(script)
+    flags = {**COMMON, **FINISHED[script], "max_steps": 3, "eval_every": 0, "save_every": 0}
+    if script != "pretrain":
+        flags["init"] = tiny_sft_dir
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        module.main(module.Args(out_dir=str(out), **flags))
+    finally:
+        torch.set_num_threads(threads)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    midway = [x for x in lines if 0 < x.get("step", 0) < 3]
+    assert midway and not [k for x in midway for k in x if k.startswith("eval")]
+    assert not (out / "checkpoints").exists()
