@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import save_model
-from minipost.cli import (Metrics, UserError, difficulty_arg, parse_args, peak_rss_mb, setup,
-                          user_errors, write_results)
+from minipost.cli import (Metrics, UserError, check_common_flags, difficulty_arg, due, parse_args,
+                          peak_rss_mb, setup, user_errors, write_results)
 from minipost.evaluate import evaluate_base, evaluate_equations
 from minipost.model import GPT, GPTConfig, set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
@@ -48,7 +48,7 @@ class Args:
     warmup_steps: int = 30          # linear warm-up steps
     weight_decay: float = 0.1       # AdamW weight decay on matrices
     grad_clip: float = 1.0          # max global gradient norm (0 = off)
-    eval_every: int = 150           # held-out loss every N steps
+    eval_every: int = 150           # held-out loss every N steps (0 = never: only the final one)
     eval_windows: int = 64          # held-out windows for the loss
     eval_problems: int = 500        # held-out problems for the final greedy accuracy
     eval_equations: int = 200       # held-out bare equations at each evaluation (0 = skip)
@@ -67,6 +67,7 @@ class Args:
 def main(args: Args):
     rt = setup(args)
     metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
+    check_common_flags(args)                          # negative --eval-every / --save-every, ...
     if args.batch_size % rt.world_size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the "
                         f"{rt.world_size} processes")
@@ -163,14 +164,15 @@ def main(args: Args):
             bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             metrics.log({"step": step, "loss": m["loss"], "grad_norm": float(gnorm),
                          "lr": scheduler.get_last_lr()[0], "skipped": run.skipped})
-        if (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
+        if due(args.eval_every, step, step + 1) and step + 1 < args.max_steps:
             metrics.log({"step": step + 1, "eval/loss": held_out_loss(), **equations()}, echo=True)
         if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order}):
             dist.cleanup()
             return {"stopped_at": step + 1}
     run.close()
     train_time = time.time() - start
-    tokens_per_s = (args.max_steps - run.start_step) * args.batch_size * args.seq_len / train_time
+    tokens_per_s = ((args.max_steps - run.start_step) * args.batch_size * args.seq_len
+                    / max(train_time, 1e-9))   # a resumed run that had finished: no steps, ~0 s
 
     # ------------------------------------------------------------------------ eval
     final = {"step": args.max_steps, "eval/loss": held_out_loss(), **equations(),

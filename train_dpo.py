@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import load_model
-from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg,
+from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg, due,
                           load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
                           user_errors, write_results)
 from minipost.data import collate_preference, encode_preference, load_jsonl
@@ -87,7 +87,7 @@ class Args:
     warmup_steps: int = 10          # linear warm-up steps
     weight_decay: float = 0.0       # AdamW weight decay on matrices
     grad_clip: float = 1.0          # max global gradient norm (0 = off)
-    eval_every: int = 0             # held-out preference accuracy every N steps (0 = before/after)
+    eval_every: int = 0             # held-out preference accuracy every N steps (0 = never: before/after only)
     eval_pairs: int = 200           # held-out pairs for the preference accuracy
     eval_problems: int = 500        # held-out problems for the task accuracy (0 = skip)
     max_new_tokens: int = 64        # generation budget of the sampled pairs and the evaluations
@@ -298,7 +298,7 @@ def main(args: Args):
                             margin=f"{m['rewards/margins']:.2f}")
             metrics.log({"step": step, **m, "grad_norm": float(gnorm),
                          "lr": scheduler.get_last_lr()[0], "skipped": run.skipped})
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
+        if due(args.eval_every, step, step + 1) and step + 1 < args.max_steps:
             metrics.log({"step": step + 1, **evaluate(ref_held_out, tasks_too=False)[1]}, echo=True)
         if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order},
                            lambda: {"ref_held_out": ref_held_out, "before": before, "first": first}):
@@ -308,8 +308,10 @@ def main(args: Args):
     train_time = time.time() - start
 
     # ------------------------------------------------------------------------ eval
+    first = first or {}                  # --max-steps 0: the loop that sets it never ran
     final = {"step": args.max_steps, **before, **evaluate(ref_held_out)[1],
-             "loss_step0": first["loss/dpo"], "rewards/margins_step0": first["rewards/margins"],
+             "loss_step0": first.get("loss/dpo"),
+             "rewards/margins_step0": first.get("rewards/margins"),
              "train_minutes": train_time / 60,
              "pairs_per_s": (args.max_steps - run.start_step) * args.batch_size
              / max(train_time, 1e-9),

@@ -10,8 +10,13 @@ scores them with the verifier (1 for a correct, well-formed answer; plus `--form
 formed), turns rewards into group-relative advantages Â_i = (r_i − mean_g r)/std_g r, and takes μ
 optimiser steps on that batch with the clipped surrogate of `minipost.grpo.grpo_loss`. Log-probs are
 recomputed from logits / T, the distribution the rollout sampled from (docs/pitfalls.md, "Sampling
-temperature in log-probs"), so the first update's ratio is exactly 1 (asserted at run time;
-docs/pitfalls.md, "The first ratio is exactly 1"). With β = 0 no reference model is built at all.
+temperature in log-probs"), so the first
+update's ratio is 1 against the policy that sampled. That update takes its π_old from the
+recomputation itself, so what is checked at run time is the recomputation: on the first update of
+every batch the trainer's log-probs must equal those the sampler recorded, to the rounding of a
+KV-cache decode against a full forward (`sampler_tolerance`), or the run stops with an error.
+Hence no `--lora-dropout` here: dropout in the training forward is another distribution. With
+β = 0 no reference model is built at all.
 
 The recipe behind the defaults (a 1.9M-parameter model on 2 CPU cores): sample at T = 0.7, not 1,
 so rollouts look like the greedy answers we are scored on (at T = 1 they slip digits and the reward
@@ -32,7 +37,7 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import load_model
-from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg,
+from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg, due,
                           load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
                           user_errors, write_results)
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
@@ -76,7 +81,7 @@ class Args:
     min_lr_ratio: float = 0.1       # final LR as a fraction of the peak (cosine)
     weight_decay: float = 0.0       # AdamW weight decay on matrices
     grad_clip: float = 1.0          # max global gradient norm (0 = off)
-    eval_every: int = 100           # held-out greedy pass@1 every N steps (0 = only before/after)
+    eval_every: int = 100           # held-out greedy pass@1 every N steps (0 = never: before/after only)
     eval_problems: int = 500        # held-out problems (evaluate.heldout_problems)
     pass_k: int = 8                 # k of held-out pass@k, sampled at --temperature (0 = skip)
     seed: int = 0                   # seed for prompts and sampling
@@ -88,7 +93,7 @@ class Args:
     peft: str = "none"              # none | lora | adapter: train only a PEFT module
     lora_r: int = 8                 # LoRA rank r
     lora_alpha: float = 16.0        # LoRA α (the update is scaled by α/r)
-    lora_dropout: float = 0.0       # dropout on the LoRA input (0 keeps the first ratio at 1)
+    lora_dropout: float = 0.0       # must be 0: dropout would not reproduce the sampler's log-probs
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
     adapter_dim: int = 16           # bottleneck width of --peft adapter
     merge: bool = False             # --peft lora: also save the merged model to out_dir/merged
@@ -177,7 +182,8 @@ def policy_update(train_model, mbs, normalizer: float, args, old_logps=None, ref
     detached log-probs, which are the old log-probs of later updates on the same batch.
 
     old_logps None: this is the first update on the batch; the detached current log-probs are the
-    old ones, so ρ = 1 exactly (μ = 1 is then the on-policy GRPO gradient).
+    old ones, so ρ = 1 exactly (μ = 1 is then the on-policy GRPO gradient). That they are the
+    sampler's is reported as `sampler_logp_max_diff`, for `check_sampler_match`.
     """
     sums, new_old, total_loss = {}, [], 0.0
     sync = getattr(train_model, "no_sync", None)
@@ -207,6 +213,34 @@ def policy_update(train_model, mbs, normalizer: float, args, old_logps=None, ref
     out = {k: float(v) if "max" in k else float(v / n) for k, v in sums.items()}
     out["loss"] = float(total_loss)
     return out, new_old
+
+
+def sampler_tolerance(dtype, device) -> float:
+    """The largest |log π_trainer − log π_sampler| that `check_sampler_match` lets pass.
+
+    Before its first update on a batch the policy is the one that sampled it, so the two log-probs
+    differ only by rounding: the sampler decodes one token at a time against its KV cache, the
+    trainer runs one full forward over prompt + completion, and their matmuls and attention add up
+    in other orders. fp32 on a CPU: below 1e-4 (4e-6 on the tests' 2-layer model, 8e-5 on a 6-layer
+    width-256 one with peaked logits), so 1e-3. bf16 (weights, or autocast on a GPU) keeps 8
+    mantissa bits: the same two models drift 0.05 and 0.4 nats on their worst token, so 1 nat. A
+    real mismatch moves them further: scoring at T = 1 what was sampled at T = 0.7 costs 1 to 3
+    nats on those models, a shifted position or a dropped mask more.
+    """
+    return 1e-3 if dtype == torch.float32 and device.type == "cpu" else 1.0
+
+
+def check_sampler_match(stats: dict, tol: float):
+    """On a batch's first update the trainer's log-probs must be those the sampler recorded
+    (`stats["sampler_logp_max_diff"]` < `tol`), else π_old is not the policy that sampled and the
+    clipped ratio optimises noise. Raises RuntimeError."""
+    diff = stats["sampler_logp_max_diff"]
+    if not diff < tol:
+        raise RuntimeError(
+            f"first update of a batch: the trainer's log-probs differ from the sampler's log-probs "
+            f"by up to {diff:.3g} >= {tol:g}. The training forward does not reproduce the "
+            "distribution that sampled (temperature, dropout, train/eval mode, dtype or padding "
+            "differ): GRPO would be optimising noise.")
 
 
 def make_reference(model, args):
@@ -250,6 +284,9 @@ def main(args: Args):
         raise UserError("--micro-batch-size and --mu must be >= 1")
     if args.lr_schedule not in ("cosine", "constant"):
         raise UserError(f"--lr-schedule {args.lr_schedule!r}: expected cosine or constant")
+    if args.peft == "lora" and args.lora_dropout:   # check_sampler_match would stop the run
+        raise UserError(f"--lora-dropout {args.lora_dropout}: GRPO needs 0; dropout in the training "
+                        "forward would not reproduce the log-probs the sampler recorded")
     difficulty_arg(args.difficulty)
     train_difficulty = difficulty_arg(args.train_difficulty or args.difficulty)
 
@@ -264,6 +301,7 @@ def main(args: Args):
     tokenizer = load_script_tokenizer(args.init, args.chat_template)   # pads with EOS if no pad
     model = load_model(args.init, dtype=dtype, device=rt.device)
     check_vocab(tokenizer, model, args.init)
+    tol = sampler_tolerance(dtype, rt.device)   # KV-cache decode vs full forward: rounding only
     model = add_peft(model, args)
     ref_model = make_reference(model, args)
     set_gradient_checkpointing(model, args.grad_checkpointing)
@@ -306,7 +344,7 @@ def main(args: Args):
     start, step, train_time = time.time(), run.start_step, 0.0
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, desc="grpo")
     while not scheduler.done():
-        t0 = time.time()
+        t0, step_before = time.time(), step
         # rollout: B/world groups per rank; dynamic sampling keeps groups whose rewards differ
         keep, dropped, sampled, n_zero = [], [], [], 0
         with dist.gathered(model):   # FSDP: ranks may refill a different number of times
@@ -346,9 +384,8 @@ def main(args: Args):
             optimizer.zero_grad(set_to_none=True)
             stats, old_logps = policy_update(train_model, mbs, normalizer, args, old_logps,
                                              ref_logps)
-            # docs/pitfalls.md, "The first ratio is exactly 1"
-            if it == 0 and stats["policy/ratio_max_dev"] > 1e-5:
-                raise RuntimeError(f"first-update ratio is not 1: {stats['policy/ratio_max_dev']}")
+            if it == 0:                 # π_θ is still the sampling policy: it must score as one
+                check_sampler_match(stats, tol)
             gnorm = clip_gradients(model, args.grad_clip)
             if run.finite(step, stats["loss"], gnorm):  # else --skip-nonfinite: a skipped step
                 optimizer.step()
@@ -371,7 +408,7 @@ def main(args: Args):
         metrics.log(rec)
         bar.set_postfix(reward=f"{m['reward/mean']:.2f}", acc=f"{m['reward/sampled_accuracy']:.2f}",
                         zero_std=f"{m['frac_reward_zero_std']:.2f}", len=f"{lengths.mean():.0f}")
-        if args.eval_every and step % args.eval_every < args.mu and step < args.max_steps:
+        if due(args.eval_every, step_before, step) and step < args.max_steps:   # μ steps a batch
             metrics.log({"step": step, **{f"eval/{k}": v for k, v in evaluate("mid").items()}},
                         echo=True)
         if run.end_of_step(step, lambda: {"per_rank": [gen.get_state()]},

@@ -20,8 +20,10 @@ the value targets use λ = 1, unbiased Monte-Carlo returns, while the policy kee
 decoupled GAE); advantages are whitened over the batch's real tokens. Then K epochs over shuffled
 minibatches of the clipped policy loss and the clipped value loss (Schulman et al. 2017, arXiv
 1707.06347), gradient clipping, and, with `--target-kl`, the adaptive β of Ziegler et al. The first
-minibatch of every update must have ratio 1, checked at run time (docs/pitfalls.md, "The first
-ratio is exactly 1"). The models stay in eval mode (no dropout anywhere), as TRL does for PPO, so
+minibatch of every update must have ratio 1 (docs/pitfalls.md, "The first ratio is exactly
+1"): checked at run time. The models stay in
+eval mode (no dropout anywhere, `--lora-dropout` included: the PEFT layers are put in eval mode
+once added, not only by the first evaluation, which a resumed run skips), as TRL does for PPO, so
 rollout and update compute the same function.
 
 The value model starts from the reward model (Stiennon et al. 2020), or with `--value-init policy`
@@ -60,7 +62,7 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import load_model, load_reward_models, reward_members
-from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg,
+from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg, due,
                           load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint,
                           same_tokenizer, setup, user_errors, write_results)
 from minipost.data import load_jsonl
@@ -116,7 +118,7 @@ class Args:
     value_lr: float = 1e-4          # value model learning rate (constant)
     weight_decay: float = 0.0       # AdamW weight decay on matrices
     grad_clip: float = 1.0          # max gradient norm, per model (0 = off)
-    eval_every: int = 50            # held-out greedy accuracy every N iterations (0 = before/after)
+    eval_every: int = 50            # held-out greedy accuracy every N iterations (0 = never: before/after only)
     eval_problems: int = 500        # held-out problems (evaluate.heldout_problems)
     eval_rm_problems: int = 128     # held-out problems whose greedy answers the RM scores
     seed: int = 0                   # seed for prompts and sampling
@@ -170,6 +172,10 @@ def main(args: Args):
     rows = (load_jsonl(args.data, "rl") if args.data else
             tasks.rl_prompts(args.n_prompts, "train", difficulty, seed=args.seed))
     prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in rows]
+    if len(prompts) < args.batch_size // k:           # a batch draws distinct prompts
+        raise UserError(f"{args.data or '--n-prompts'}: {len(prompts)} prompts, fewer than the "
+                        f"{args.batch_size // k} distinct ones a batch takes (--batch-size "
+                        f"{args.batch_size} / --samples-per-prompt {k})")
     answers = [r["answer"] for r in rows]
     heldout = heldout_problems(args.difficulty, args.eval_problems)
 
@@ -217,6 +223,8 @@ def main(args: Args):
     add_peft(policy, args)
     if not args.freeze_value:
         add_peft(value_model, args, modules_to_save=("score",))
+    for model in trained.values():   # the new PEFT layers (LoRA dropout too) start in train mode
+        model.eval()
     if rt.is_main:
         print(f"policy: {trainable_summary(policy)}; value model: " +
               ("the reward model, frozen" if args.freeze_value else trainable_summary(value_model)))
@@ -347,18 +355,24 @@ def main(args: Args):
     # ------------------------------------------------------------------------ loop
     gen = torch.Generator().manual_seed(args.seed)    # the same prompt order on every rank
     order, pos = torch.randperm(len(prompts), generator=gen), 0
-    kl_coef, start, step = args.kl_coef, time.time(), 0
+    kl_coef, start = args.kl_coef, time.time()
     run = Run(args, rt, metrics, torch.nn.ModuleDict(trained), optimizers, scheduler)
     state = run.restore()                             # --resume: everything as it was
+    # iterations done and the last one's KL, which the results report: set here, not only by the
+    # loop, which a resumed run that already reached --max-steps never enters
+    done, kl = run.start_step, 0.0
     if state is None:
         before = evaluate(0)
     else:                                             # the prompt sampler and the adaptive β too
         before, kl_coef = state["extra"]["before"], state["extra"]["kl_coef"]
+        kl = state["extra"].get("kl", math.nan)       # (not saved by older checkpoints)
         order, pos = state["data"]["order"], state["data"]["pos"]
         gen.set_state(state["data"]["generator"])
     bar = tqdm(range(run.start_step, args.max_steps), disable=not rt.is_main, desc="ppo",
                initial=run.start_step, total=args.max_steps)
     for step in bar:
+        if step >= args.value_warmup and scheduler.done():   # the clock may end it before the steps
+            break
         n_new = args.batch_size // k                   # distinct prompts, each sampled k times
         if pos + n_new > len(order):
             order, pos = torch.randperm(len(prompts), generator=gen), 0
@@ -383,21 +397,20 @@ def main(args: Args):
                                          args.kl_horizon)
         metrics.log({"step": step + 1, **m, "kl_coef": kl_coef, "lr": scheduler.get_last_lr()[0],
                      "skipped": run.skipped})
+        done, kl = step + 1, m["kl"]
         bar.set_postfix(rm=f"{m['reward/mean']:.2f}", gold=f"{m['gold/mean']:.2f}",
                         kl=f"{m['kl']:.2f}", clip=f"{m['policy/clipfrac']:.2f}",
                         ev=f"{m['value/explained_variance']:.2f}")
-        if scheduler.done():
-            break
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
+        if due(args.eval_every, step, step + 1) and step + 1 < args.max_steps:
             evaluate(step + 1)
         if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order,
                                               "pos": pos},
-                           lambda: {"before": before, "kl_coef": kl_coef}):
+                           lambda: {"before": before, "kl_coef": kl_coef, "kl": kl}):
             dist.cleanup()
             return {"stopped_at": step + 1}
     run.close()
     train_time = time.time() - start
-    iterations = step + 1 if args.max_steps else 0
+    iterations = done
     if rt.is_main:
         print(f"stopped by {scheduler.stopped_by or 'max_steps'}: {iterations} iterations in "
               f"{scheduler.minutes():.1f} min")
@@ -405,11 +418,11 @@ def main(args: Args):
     final = evaluate(iterations)
     results = {"iterations": iterations, "stopped_by": scheduler.stopped_by or "max_steps",
                "train_minutes": train_time / 60,
-               "seconds_per_iteration": train_time / max(iterations, 1),
+               "seconds_per_iteration": train_time / max(iterations - run.start_step, 1),
                "accuracy_before": before["eval/accuracy"], "accuracy": final["eval/accuracy"],
                "accuracy_ci95": final["eval/accuracy_ci95"], "well_formed": final["eval/well_formed"],
                "reward_before": before.get("eval/reward"), "reward": final.get("eval/reward"),
-               "kl": m["kl"] if iterations else 0.0, "kl_coef": kl_coef, "peak_rss_mb": peak_rss_mb()}
+               "kl": kl, "kl_coef": kl_coef, "peak_rss_mb": peak_rss_mb()}
     metrics.log(results, echo=True)
 
     # ------------------------------------------------------------------------ save

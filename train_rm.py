@@ -33,6 +33,11 @@ problems, with their rejected twins) and saves a checkpoint that
 `transformers.AutoModelForSequenceClassification` loads as it is (pad_token_id set), with the
 held-out reward mean/std in config.json (PPO may normalise rewards with them; docs/pitfalls.md,
 "Masked whitening").
+Its chat template ends a chat at the <|im_end|> the score is read at (`tokenizer.score_tokenizer`),
+so `apply_chat_template` + AutoModelForSequenceClassification score a chat as minipost does.
+With `--peft lora` it saves an adapter of PEFT task type SEQ_CLS with the `score` head in
+modules_to_save: `peft.AutoPeftModelForSequenceClassification.from_pretrained(out, num_labels=1)`
+loads it on its base (num_labels, since the base is a language model, whose config has none).
 """
 import math
 import time
@@ -43,7 +48,7 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import load_model
-from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg,
+from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg, due,
                           load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
                           user_errors, write_results)
 from minipost.data import collate_preference, encode_preference, load_jsonl
@@ -55,6 +60,7 @@ from minipost.reward import (bradley_terry_loss, last_scores, pair_rewards, pref
                              reward_metrics)
 from minipost.rollout import sampled_pairs
 from minipost.sft import sft_loss_sum
+from minipost.tokenizer import score_tokenizer
 
 
 # ---------------------------------------------------------------------------- Args
@@ -82,7 +88,7 @@ class Args:
     warmup_steps: int = 20          # linear warm-up steps
     weight_decay: float = 0.0       # AdamW weight decay on matrices
     grad_clip: float = 1.0          # max global gradient norm (0 = off)
-    eval_every: int = 100           # held-out pairwise accuracy every N steps
+    eval_every: int = 100           # held-out pairwise accuracy every N steps (0 = never: before/after only)
     eval_problems: int = 500        # held-out problems, each as a (correct, flawed) pair
     seed: int = 0                   # seed for data and shuffling
     device: str = "auto"            # auto | cpu | cuda | cuda:N
@@ -286,7 +292,7 @@ def main(args: Args):
                             margin=f"{m['rewards/margins']:.2f}")
             metrics.log({"step": step, **m, "grad_norm": float(gnorm),
                          "lr": scheduler.get_last_lr()[0], "skipped": run.skipped})
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
+        if due(args.eval_every, step, step + 1) and step + 1 < args.max_steps:
             metrics.log({"step": step + 1, **held_out_eval(held_out)}, echo=True)
         if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order},
                            lambda: {"before": before}):
@@ -313,7 +319,8 @@ def main(args: Args):
     to_save = dist.full_model(model)                     # FSDP: gathered on rank 0
     if rt.is_main:
         write_results(args.out_dir, "rm", final)
-        save_peft(to_save, args.out_dir, args.peft, args.merge, tokenizer,
+        # its chat template ends a chat at the <|im_end|> scored, for transformers' readers too
+        save_peft(to_save, args.out_dir, args.peft, args.merge, score_tokenizer(tokenizer),
                   base_model_name_or_path=args.init,
                   extra_config={"minipost": {"stage": "rm", "args": asdict(args), "results": final,
                                              "reward_mean": final["eval/reward_mean"],

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import load_model
-from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg,
+from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg, due,
                           load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
                           user_errors, write_results)
 from minipost.data import (collate_packed, load_jsonl, pack_sequences, pad_batch, record_lines,
@@ -65,7 +65,7 @@ class Args:
     warmup_steps: int = 30          # linear warm-up steps
     weight_decay: float = 0.0       # AdamW weight decay on matrices
     grad_clip: float = 1.0          # max global gradient norm (0 = off)
-    eval_every: int = 200           # held-out loss + quick accuracy every N steps (0 = off)
+    eval_every: int = 200           # held-out loss + quick accuracy every N steps (0 = never: start/end only)
     eval_chats: int = 200           # held-out chats for the held-out loss
     eval_quick: int = 64            # held-out problems for the quick accuracy during training
     eval_problems: int = 500        # held-out problems for the start/end accuracy (0 = skip)
@@ -256,7 +256,7 @@ def main(args: Args):
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             metrics.log({"step": step + 1, "loss": loss.item(), "grad_norm": float(gnorm),
                           "learning_rate": scheduler.get_last_lr()[0], "skipped": run.skipped})
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps:
+        if due(args.eval_every, step, step + 1) and step + 1 < steps:
             record = {"step": step + 1, "eval/loss": held_out_loss()}
             if args.eval_quick:
                 record.update({k: v for k, v in task_eval(args.eval_quick).items()

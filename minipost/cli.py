@@ -96,6 +96,13 @@ def user_errors():
         os._exit(0)
 
 
+def due(every: int, start: int, end: int) -> bool:
+    """True when training, going from `start` to `end` completed steps, passed a multiple of
+    `every`: the steps `--eval-every N` and `--save-every N` fall on (GRPO moves μ steps at a time).
+    One meaning in every script: 0 is never (check_common_flags refuses a negative value)."""
+    return every > 0 and end // every > start // every
+
+
 def difficulty_arg(text: str):
     """`--difficulty` parsed, or a one-line UserError naming the flag."""
     from .tasks import Difficulty

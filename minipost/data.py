@@ -3,7 +3,8 @@
 Schemas (the field names TRL uses):
   sft         {"messages": [{"role", "content"}, ...]} or {"prompt": str|messages, "completion": str|messages}
   preference  {"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}
-  rl          {"prompt": str|messages, "answer": str}
+  rl          {"prompt": str|messages, "answer": str}; the prompt may not be empty (nothing to
+              answer), where an sft or preference prompt may
 
 `load_jsonl` stops at the first bad line with a `DataError` "{file}:{line}: {what is wrong}", so a
 run fails before training starts. SFT rows come back normalised to {"messages": [...]};
@@ -88,6 +89,13 @@ def _check_text_or_messages(row: dict, field: str, last: str | None) -> str | No
     return f"field '{field}' must be a string or a list of messages, got {type(value).__name__}"
 
 
+def _is_blank(prompt) -> bool:
+    """True for a prompt with no text: "" or whitespace, or messages whose contents all are."""
+    if isinstance(prompt, str):
+        return not prompt.strip()
+    return all(not m["content"].strip() for m in prompt)
+
+
 def _validate(row, schema: str) -> tuple[str | None, dict | None]:
     """(error, normalised row)."""
     if not isinstance(row, dict):
@@ -119,6 +127,8 @@ def _validate(row, schema: str) -> tuple[str | None, dict | None]:
         return err, (None if err else row)
     if schema == "rl":
         err = _check_text_or_messages(row, "prompt", "user")
+        if err is None and _is_blank(row["prompt"]):   # a policy cannot be asked nothing
+            err = "field 'prompt' is empty: an RL prompt is a question to answer"
         if err is None and "answer" not in row:
             err = "missing field 'answer'"
         if err is None and not isinstance(row["answer"], str):

@@ -92,15 +92,20 @@ def grpo_loss(
     Aggregation (m = mask, |o_i| = Σ_t m_{i,t}):
         grpo:    L = (1/N) Σ_i (1/|o_i|) Σ_t m·ℓ      (per-sequence mean, then mean over sequences)
         dapo:    L = Σ_{i,t} m·ℓ / Σ_{i,t} m          (token-level mean, Yu et al. 2025)
-        dr_grpo: L = Σ_{i,t} m·ℓ / (N·T)              (constant, Liu et al. 2025; T = mask.shape[1])
+        dr_grpo: L = Σ_{i,t} m·ℓ / C                  (constant, Liu et al. 2025: `normalizer`)
     k3's value is an unbiased KL estimate, but its gradient in the loss is not the gradient of
     KL(π_θ ‖ π_ref): on-policy it equals the gradient of the forward KL(π_ref ‖ π_θ)
     (docs/pitfalls.md, "KL estimators"; TRL #4967). It is kept because it is what GRPO specifies.
 
+    Dr. GRPO's C must be a constant of the run, N × the completion budget (`--max-new-tokens`), so
+    it is required: the batch's padded width T = mask.shape[1], the only constant-looking number in
+    reach, changes with the longest completion of each batch, which would bring back the length
+    bias Dr. GRPO removes.
+
     Gradient accumulation: the denominators above are per call, so micro-batches with different
     token counts or padded lengths do not add up to the full-batch loss (docs/pitfalls.md, "Loss
     aggregation and gradient accumulation"). Pass `normalizer` = the full batch's denominator
-    (dapo: its total token count; dr_grpo: N_total × the max completion length; grpo: N_total) and
+    (dapo: its total token count; dr_grpo: N_total × the completion budget; grpo: N_total) and
     sum the micro-batch losses; then the accumulated gradient equals the full-batch gradient.
 
     Args:
@@ -113,17 +118,20 @@ def grpo_loss(
         clip_eps_high: ε_h, DAPO's "clip-higher"; None → ε.
         beta: β, KL coefficient (0 disables the penalty but "kl" is still reported).
         loss_type: "grpo", "dapo" or "dr_grpo".
-        normalizer: replaces the denominator (N for grpo, Σ m for dapo, N·T for dr_grpo).
+        normalizer: replaces the denominator (N for grpo, Σ m for dapo); dr_grpo's C, required.
 
     Returns:
         (loss, stats): scalar loss; detached stats "kl" (token mean of k3, if ref_logps is given),
         "policy/clipfrac" (fraction of tokens whose clipped branch is active), "policy/ratio_max_dev"
         (max |ρ−1| over masked tokens).
     Raises:
-        ValueError: unknown `loss_type`.
+        ValueError: unknown `loss_type`; dr_grpo without `normalizer`.
     """
     if loss_type not in ("grpo", "dapo", "dr_grpo"):
         raise ValueError(f"unknown loss_type {loss_type!r}; expected 'grpo', 'dapo' or 'dr_grpo'")
+    if loss_type == "dr_grpo" and normalizer is None:
+        raise ValueError("loss_type='dr_grpo' needs normalizer = N × the completion budget (max new "
+                         "tokens): its denominator is a constant, not the batch's padded width")
     clip_high = clip_eps if clip_eps_high is None else clip_eps_high
     m = mask.bool()
     N, T = m.shape
@@ -144,7 +152,7 @@ def grpo_loss(
     elif loss_type == "dapo":
         loss = per_token.sum() / (m.sum().clamp(min=1) if normalizer is None else normalizer)
     else:  # dr_grpo
-        loss = per_token.sum() / (N * T if normalizer is None else normalizer)
+        loss = per_token.sum() / normalizer
     clipfrac, max_dev = ratio_stats(ratio.detach(), adv.expand(N, T), m, clip_eps, clip_high)
     stats["policy/clipfrac"] = clipfrac
     stats["policy/ratio_max_dev"] = max_dev

@@ -117,14 +117,22 @@ def _find_modules(model: nn.Module, names) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def _matches(path: str, target: str) -> bool:
+    """PEFT's match of a `target_modules` list entry: the module path itself or a dotted suffix of
+    it ("q_proj" and "self_attn.q_proj" both match `model.layers.0.self_attn.q_proj`)."""
+    return path == target or path.endswith("." + target)
+
+
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                targets=DEFAULT_TARGETS, modules_to_save=()) -> nn.Module:
     """Wrap the target nn.Linear layers in LoRALinear and freeze everything else; returns `model`.
 
     Args:
         r, alpha, dropout: rank, scale (the update is multiplied by α/r), dropout on the LoRA input.
-        targets: names matched against the last component of each module path (`q_proj` matches
-            `model.layers.0.self_attn.q_proj`), or a string, a regex on the full path (as in PEFT).
+        targets: names matched against the end of each module path, whole dotted components
+            (`q_proj` and `self_attn.q_proj` match `model.layers.0.self_attn.q_proj`), or a string,
+            a regex on the full path; both as PEFT matches its `target_modules`. They are kept on
+            the model (`lora_targets`) for `save_lora`, so a load wraps the same layers.
             The LM head and embeddings are never targets by default: a tied head shares the
             embedding matrix, and merging LoRA into it would change the embeddings, so tied layers
             are refused.
@@ -137,7 +145,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
         match = lambda path: re.fullmatch(targets, path) is not None
     else:
         targets = tuple(targets)
-        match = lambda path: path.rsplit(".", 1)[-1] in targets
+        match = lambda path: any(_matches(path, t) for t in targets)
     linears = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.Linear)]
     chosen = [(p, m) for p, m in linears if match(p)]
     if not chosen:
@@ -162,6 +170,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
         for p in m.parameters():
             p.requires_grad_(True)
     model.lora_modules_to_save = list(modules_to_save)  # read by lora_state_dict / save_lora
+    model.lora_targets = targets                         # read by save_lora
     return model
 
 
@@ -178,8 +187,10 @@ def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
             if unload:
                 parent, _, child = path.rpartition(".")
                 setattr(model.get_submodule(parent), child, m.base_layer)
-    if unload and hasattr(model, "lora_modules_to_save"):
-        del model.lora_modules_to_save
+    if unload:
+        for attr in ("lora_modules_to_save", "lora_targets"):
+            if hasattr(model, attr):
+                delattr(model, attr)
     return model
 
 
@@ -235,12 +246,25 @@ def count_trainable(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+def _saved_targets(model: nn.Module, layers) -> str | list[str]:
+    """`target_modules` for adapter_config.json: the regex apply_lora was given, or its names that
+    wrapped a layer (the last name components when the model does not say)."""
+    targets = getattr(model, "lora_targets", None)
+    if isinstance(targets, str):   # the last components would wrap every layer of those names
+        return targets
+    if targets is None:
+        return sorted({p.rsplit(".", 1)[-1] for p in layers})
+    return sorted(t for t in targets if any(_matches(p, t) for p in layers))
+
+
 def save_lora(model: nn.Module, path: str, base_model_name_or_path: str = "",
               task_type: str = "CAUSAL_LM"):
     """Write `adapter_config.json` + `adapter_model.safetensors` in PEFT's format, atomically.
 
     task_type: PEFT's task type, "CAUSAL_LM" for a language model, "SEQ_CLS" for a reward model.
-    `path` is replaced as a whole.
+    `path` is replaced as a whole. `target_modules` is what `apply_lora` was given, so a load wraps
+    exactly these layers: a regex as the string itself (PEFT reads a string as a regex on the full
+    path, as `load_lora` does); names as the list of those that matched a layer.
     """
     layers = {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
     if not layers:
@@ -252,7 +276,7 @@ def save_lora(model: nn.Module, path: str, base_model_name_or_path: str = "",
     modules_to_save = list(getattr(model, "lora_modules_to_save", ()))
     config = {
         "peft_type": "LORA", "task_type": task_type, "r": r, "lora_alpha": alpha,
-        "lora_dropout": dropout, "target_modules": sorted({p.rsplit(".", 1)[-1] for p in layers}),
+        "lora_dropout": dropout, "target_modules": _saved_targets(model, layers),
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "base_model_name_or_path": base_model_name_or_path,
         "modules_to_save": modules_to_save or None, "use_rslora": False, "init_lora_weights": True,
@@ -268,7 +292,8 @@ def load_lora(model: nn.Module, path: str) -> nn.Module:
     """Apply LoRA as `path/adapter_config.json` says and load its weights (strict); returns `model`.
 
     Reads adapters written by `save_lora` or by PEFT, as long as they use plain LoRA (no rsLoRA, DoRA,
-    bias training, per-layer ranks).
+    bias training, per-layer ranks). `target_modules` is read as PEFT reads it: a list of names
+    (or dotted path suffixes), or a string, a regex that the full module path must match.
     """
     with open(os.path.join(path, "adapter_config.json")) as f:
         cfg = json.load(f)

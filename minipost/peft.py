@@ -9,7 +9,9 @@ dispatches, saves and loads, so a script needs three lines:
     save_peft(model, args.out_dir, args.peft, args.merge, tokenizer, base_model_name_or_path=args.init)
 
 What a PEFT output directory holds, and how a later stage starts from it:
-- LoRA: `adapter_config.json` + `adapter_model.safetensors` in PEFT's format, plus the tokenizer.
+- LoRA: `adapter_config.json` + `adapter_model.safetensors` in PEFT's format, plus the tokenizer;
+  task_type "SEQ_CLS" for a score (reward) model, so PEFT's AutoPeftModelForSequenceClassification
+  takes it, else "CAUSAL_LM".
   `checkpoint.load_model(dir)` (so every `--init`) loads the base named by
   `base_model_name_or_path`, applies the adapter and merges it: later stages can `--init` from a
   LoRA output directly. `merge=True` also writes the merged full checkpoint to `dir/merged`
@@ -27,6 +29,7 @@ import torch.nn as nn
 from .adapters import apply_adapters, load_adapters, save_adapters
 from .lora import (DEFAULT_TARGETS, apply_lora, count_trainable, disable_adapters, load_lora,
                    merge_lora, save_lora)
+from .model import ScoreModel
 
 KINDS = ("none", "lora", "adapter")
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json",
@@ -100,6 +103,8 @@ def save_peft(model: nn.Module, out_dir, kind: str, merge: bool = False, tokeniz
     extra_config: the run's record (`{"minipost": {...}}`); it goes into config.json for a full
     model and into `minipost.json` beside an adapter (PEFT's adapter_config.json stays PEFT's).
     merge: LoRA only; also write the merged full checkpoint to `out_dir/merged`.
+    A LoRA adapter of a ScoreModel is saved with PEFT's task_type "SEQ_CLS" (PEFT's
+    AutoPeftModelForSequenceClassification refuses "CAUSAL_LM"), any other with "CAUSAL_LM".
     Files of the other kind left by an earlier run in `out_dir` are removed, so the directory is
     never both a model and an adapter.
     """
@@ -114,8 +119,11 @@ def save_peft(model: nn.Module, out_dir, kind: str, merge: bool = False, tokeniz
         save_model(model, out, tokenizer, extra_config=extra_config)
         _remove(out, ADAPTER_FILES)
         return
-    save = save_lora if kind == "lora" else save_adapters
-    save(model, str(out), base_model_name_or_path=str(base_model_name_or_path))
+    if kind == "lora":   # PEFT picks its model class (and its head) by the task type
+        save_lora(model, str(out), base_model_name_or_path=str(base_model_name_or_path),
+                  task_type="SEQ_CLS" if isinstance(model, ScoreModel) else "CAUSAL_LM")
+    else:
+        save_adapters(model, str(out), base_model_name_or_path=str(base_model_name_or_path))
     _remove(out, MODEL_FILES)
     if tokenizer is not None:
         tokenizer.save(str(out))

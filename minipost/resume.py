@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from . import dist
 from .checkpoint import atomic_dir, load_state, rng_state, save_state, set_rng_state
-from .cli import UserError
+from .cli import UserError, due
 
 
 class NonFiniteError(UserError):
@@ -168,8 +168,11 @@ class Run:
     `args` needs --save-every, --keep, --resume, --skip-nonfinite and --out-dir. A checkpoint is
     written every `save_every` steps and when SIGINT/SIGTERM arrives (then the run stops). It also
     records how many metrics lines were written, so a resumed run cuts the file back to exactly
-    them. Under torchrun every rank joins (per-rank RNG states and `per_rank` tensors are gathered)
-    and rank 0 writes; the stop decision is all-reduced, so no rank waits alone in a collective.
+    them. A run resumed from a checkpoint of its last step never enters its loop: what comes after
+    the loop (final evaluation, results, save) must not read variables only the loop sets; what it
+    reports of the last step goes into `extra`. Under torchrun every rank joins (per-rank RNG
+    states and `per_rank` tensors are gathered) and rank 0 writes; the stop decision is
+    all-reduced, so no rank waits alone in a collective.
     """
 
     def __init__(self, args, rt, metrics, model, optimizer, scheduler=None):
@@ -230,8 +233,7 @@ class Run:
         stop = self.stop is not None and self.stop.requested
         if self.rt.world_size > 1:
             stop = bool(dist.all_reduce_sum(torch.tensor([float(stop)])) > 0)
-        every = self.args.save_every
-        if stop or (every and step // every > self.last_saved // every):
+        if stop or due(self.args.save_every, self.last_saved, step):
             self.save(step, data_state(), extra())
         if stop:
             self.close()

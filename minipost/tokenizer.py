@@ -23,7 +23,9 @@ content starts with whitespace, the regex would glue the header's "\n" to it; th
 encoding is then the canonical minipost tokenization (the mask could not be exact otherwise).
 
 Saved directories hold `tokenizer.json` + `tokenizer_config.json` (`PreTrainedTokenizerFast`,
-ChatML `chat_template`) so `transformers.AutoTokenizer` loads them as they are.
+ChatML `chat_template`) so `transformers.AutoTokenizer` loads them as they are. A reward model's
+directory holds `score_tokenizer`'s template instead: a chat ends at its last <|im_end|>, the token
+the model is scored at.
 
 Hugging Face tokenizers (docs/real_models.md): `load_tokenizer` reads any `tokenizer.json`; the
 `tokenizer_class` is not used (transformers 5 writes "TokenizersBackend"), and the template may sit
@@ -37,6 +39,7 @@ tokenizer's own <|im_start|>/<|im_end|> tokens and saves the ChatML template wit
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Iterable
@@ -54,6 +57,16 @@ SPECIAL_TOKENS = [BOS_TOKEN, IM_START, IM_END, PAD_TOKEN]  # ids 0..3
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# The same ChatML without the "\n" after the last message's <|im_end|> (kept before a generation
+# prompt): what a reward model is saved with, see `score_tokenizer`.
+CHATML_SCORE_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'}}"
+    "{% if not loop.last or add_generation_prompt %}{{'\\n'}}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
@@ -165,6 +178,27 @@ class Tokenizer:
         }
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
+
+
+def score_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of `tokenizer` to save with a reward model, whose chat template renders a chat up to
+    the <|im_end|> that closes its last message and no further (`CHATML_SCORE_TEMPLATE`).
+
+    minipost reads a reward at that <|im_end|>: `data.encode_preference` ends each sequence there
+    and a PPO completion ends at its EOS. transformers' *ForSequenceClassification reads the score
+    at the last non-pad token of what it is given, and ChatML's own template puts a "\n" after
+    every <|im_end|>, so `apply_chat_template` + AutoModelForSequenceClassification would read one
+    token later, at a "\n" the score was never trained on. Of the two ways to make them agree,
+    this one moves the template, not the model: training and scoring at the "\n" instead would
+    have PPO append a token its policy never sampled to every completion before scoring it, and
+    would leave a completion cut off by the length limit (no <|im_end|>, no "\n") scored where no
+    training sequence ended. The template renders exactly the messages given, as `format_chat`
+    does (no default system prompt), so transformers gets minipost's token ids; with
+    `add_generation_prompt` it renders as ChatML does.
+    """
+    out = copy.copy(tokenizer)   # the underlying `tokenizers.Tokenizer` is shared, not changed
+    out.chat_template = CHATML_SCORE_TEMPLATE
+    return out
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:

@@ -31,7 +31,7 @@ FAST = {  # small built-in data, so a case that fails late still fails in well u
                  "--policy-problems", "4", "--eval-policy-problems", "4",
                  "--max-new-tokens", "16"],
     "train_dpo": ["--n-pairs", "16", "--n-identity", "4", "--eval-pairs", "8", "--eval-problems", "0"],
-    "train_ppo": ["--n-prompts", "16", "--eval-problems", "0"],
+    "train_ppo": ["--n-prompts", "32", "--eval-problems", "0"],   # one batch of --batch-size 32
     "train_grpo": ["--n-prompts", "16", "--eval-problems", "0"],
 }
 

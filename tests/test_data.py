@@ -38,6 +38,10 @@ BAD = [  # (schema, bad line, a word the error must contain)
     ("rl", json.dumps({"prompt": "q"}), "missing field 'answer'"),
     ("rl", json.dumps({"prompt": "q", "answer": 56}), "must be a string"),
     ("rl", json.dumps({"prompt": None, "answer": "1"}), "field 'prompt'"),
+    ("rl", json.dumps({"prompt": "", "answer": "1"}), "field 'prompt' is empty"),
+    ("rl", json.dumps({"prompt": " \n", "answer": "1"}), "field 'prompt' is empty"),
+    ("rl", json.dumps({"prompt": [{"role": "user", "content": ""}], "answer": "1"}),
+     "field 'prompt' is empty"),
 ]
 
 

@@ -46,6 +46,9 @@ def test_group_advantages_rejects_bad_shapes_and_scale():
         group_advantages(torch.zeros(4), 1)
 
 
+DR_GRPO_C = {"dr_grpo": 8.0}   # Dr. GRPO's constant: N = 2 sequences × a budget of 4 tokens
+
+
 def _two_sequences():
     # seq 0 has 2 tokens, seq 1 has 3 tokens, T = 4; ρ = 1 everywhere
     logps = torch.full((2, 4), -1.0, **F64)
@@ -57,12 +60,13 @@ def _two_sequences():
     # A = [1, −3], β = 0 → per-token loss −A: seq 0 [−1, −1], seq 1 [3, 3, 3]
     ("grpo", 1.0),       # mean(mean(−1, −1), mean(3, 3, 3)) = (−1 + 3)/2
     ("dapo", 1.4),       # (−2 + 9) / 5 tokens
-    ("dr_grpo", 0.875),  # (−2 + 9) / (N·T = 2·4)
+    ("dr_grpo", 0.875),  # (−2 + 9) / (N·budget = 2·4)
 ])
 def test_grpo_loss_aggregations_hand_computed_on_unequal_lengths(loss_type, expected):
     logps, old_logps, mask = _two_sequences()
     adv = torch.tensor([1.0, -3.0], **F64)
-    loss, stats = grpo_loss(logps, old_logps, None, adv, mask, beta=0.0, loss_type=loss_type)
+    loss, stats = grpo_loss(logps, old_logps, None, adv, mask, beta=0.0, loss_type=loss_type,
+                            normalizer=DR_GRPO_C.get(loss_type))
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     assert "kl" not in stats
     assert stats["policy/clipfrac"].item() == 0 and stats["policy/ratio_max_dev"].item() == 0
@@ -71,11 +75,11 @@ def test_grpo_loss_aggregations_hand_computed_on_unequal_lengths(loss_type, expe
 @pytest.mark.parametrize("loss_type,pg,kl_weight", [("grpo", 1.0, 1.0), ("dapo", 1.4, 1.0), ("dr_grpo", 0.875, 5 / 8)])
 def test_grpo_loss_kl_term_hand_computed(loss_type, pg, kl_weight):
     # ref_logps = logps + ln 2 → r = π_ref/π = 2, k3 = 2 − 1 − ln 2 = 0.3068528 on every token
-    # grpo/dapo average it over tokens (×1); dr_grpo sums 5 tokens over N·T = 8 (×5/8)
+    # grpo/dapo average it over tokens (×1); dr_grpo sums 5 tokens over N·budget = 8 (×5/8)
     logps, old_logps, mask = _two_sequences()
     ref_logps = logps.detach() + math.log(2)
     loss, stats = grpo_loss(logps, old_logps, ref_logps, torch.tensor([1.0, -3.0], **F64), mask,
-                            beta=0.1, loss_type=loss_type)
+                            beta=0.1, loss_type=loss_type, normalizer=DR_GRPO_C.get(loss_type))
     k3 = 1 - math.log(2)
     assert loss.item() == pytest.approx(pg + 0.1 * k3 * kl_weight, rel=1e-12)
     assert stats["kl"].item() == pytest.approx(k3, rel=1e-12)
@@ -122,9 +126,11 @@ def test_grpo_normalizer_makes_unequal_micro_batches_accumulate_to_full_batch_gr
     old_logps = logps.detach() + 0.1 * torch.randn(N, T, **F64)
     ref_logps = logps.detach() + 0.1 * torch.randn(N, T, **F64)
     adv = torch.randn(N, **F64)
-    full, _ = grpo_loss(logps, old_logps, ref_logps, adv, mask, loss_type=loss_type)
+    # Dr. GRPO's constant: N × a budget of T tokens
+    full, _ = grpo_loss(logps, old_logps, ref_logps, adv, mask, loss_type=loss_type,
+                        normalizer=float(N * T) if loss_type == "dr_grpo" else None)
     (g_full,) = torch.autograd.grad(full, logps)
-    # the caller's global denominators: total tokens (dapo), N·T_max (dr_grpo), N (grpo)
+    # the caller's global denominators: total tokens (dapo), N·budget (dr_grpo), N (grpo)
     normalizer = {"dapo": float(mask.sum()), "dr_grpo": float(N * T), "grpo": float(N)}[loss_type]
     # micro-batches of 2 and 3 sequences, each padded only to its own longest sequence
     acc = 0
@@ -198,3 +204,18 @@ def test_k3_in_the_loss_does_not_give_the_reverse_kl_gradient_but_k2_does():
     assert_close(g_k2, g_exact)
     assert (g_k3 - g_exact).norm() > 0.1 * g_exact.norm()  # ≈13% off here
     assert_close(g_k3, g_fwd)  # k3-in-loss follows the forward KL instead
+
+
+def test_dr_grpo_needs_its_constant_normalizer():
+    """Dr. GRPO divides by a constant (N × the token budget), not by the padded width of the
+    batch: the same rows padded 3 columns wider must give the same loss."""
+    logps, old_logps, mask = _two_sequences()
+    adv = torch.tensor([1.0, -3.0], **F64)
+    with pytest.raises(ValueError, match="normalizer"):
+        grpo_loss(logps, old_logps, None, adv, mask, beta=0.0, loss_type="dr_grpo")
+    wide = [torch.nn.functional.pad(t, (0, 3)) for t in (logps, old_logps, mask)]
+    narrow, _ = grpo_loss(logps, old_logps, None, adv, mask, beta=0.0, loss_type="dr_grpo",
+                          normalizer=16.0)
+    padded, _ = grpo_loss(wide[0], wide[1], None, adv, wide[2], beta=0.0, loss_type="dr_grpo",
+                          normalizer=16.0)
+    assert narrow.item() == padded.item() == pytest.approx(7 / 16)    # (−2 + 9) / 16

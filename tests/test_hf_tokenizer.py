@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from minipost.tokenizer import CHATML_TEMPLATE, load_tokenizer, train_tokenizer
+from minipost.tokenizer import (CHATML_TEMPLATE, load_tokenizer, score_tokenizer,
+                                train_tokenizer)
 
 transformers = pytest.importorskip("transformers")
 
@@ -85,6 +86,20 @@ def test_format_chat_equals_apply_chat_template_for_chatml(tok, tmp_path, gen):
         assert hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen) == (
             tok.render_chat(chat, add_generation_prompt=gen))
         assert len(mask) == len(ids)
+
+
+@pytest.mark.parametrize("gen", [False, True])
+def test_score_template_ends_a_chat_at_its_last_im_end(tok, tmp_path, gen):
+    """A reward model's template: format_chat's ids without the final "\n" (the score is read at
+    the <|im_end|>); with a generation prompt, ChatML's own rendering."""
+    score_tokenizer(tok).save(str(tmp_path))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for chat in (CHAT, CHAT[1:3], CHAT[:2]):
+        ids, _ = tok.format_chat(chat, add_generation_prompt=gen)
+        want = ids if gen else ids[:-len(tok.encode("\n"))]
+        assert hf_chat_ids(hf, chat, gen) == want
+        assert (want[-1] == tok.im_end_id) != gen
+    assert tok.chat_template == CHATML_TEMPLATE        # the copy changed, not the tokenizer
 
 
 def test_transformers5_saved_directory_loads(tok, tmp_path):

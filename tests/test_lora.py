@@ -270,3 +270,34 @@ def test_peft_loads_our_reward_head_adapter(tmp_path):
         want = ref(ids).logits[:, 0]                # (B,)
         got = ours.score_last(ids, torch.ones_like(ids))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_regex_targets_are_saved_as_given_and_load_back_the_same_layers(tmp_path):
+    """A regex (`--lora-targets`) wraps q_proj/v_proj of layer 1 only: the adapter must say so, or a
+    load wraps every q_proj/v_proj and misses their weights. minipost and PEFT load it alike."""
+    from minipost.peft import add_peft
+    regex = r"model\.layers\.1\.self_attn\.(q|v)_proj"
+    ours = train_like(add_peft(make_base(dtype=torch.float32), "lora", lora_r=2, lora_alpha=4,
+                               lora_targets=regex))
+    save_lora(ours, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == regex
+    loaded = load_lora(make_base(dtype=torch.float32), tmp_path / "a")
+    wrapped = sorted(p for p, m in loaded.named_modules() if isinstance(m, LoRALinear))
+    assert wrapped == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS), ours(IDS))
+    peft = pytest.importorskip("peft")
+    hf = hf_llama()
+    hf.load_state_dict(make_base(dtype=torch.float32).state_dict())
+    ref = peft.PeftModel.from_pretrained(hf, str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), ref(IDS).logits, atol=1e-4, rtol=0)
+
+
+def test_dotted_target_names_match_path_suffixes_as_in_peft():
+    """PEFT's list entries match a module path or its dotted suffix: "self_attn.q_proj" too."""
+    model = apply_lora(make_base(), targets=("self_attn.q_proj", "down_proj"))
+    wrapped = sorted(p for p, m in model.named_modules() if isinstance(m, LoRALinear))
+    assert wrapped == [f"model.layers.{i}.{n}" for i in (0, 1)
+                       for n in ("mlp.down_proj", "self_attn.q_proj")]

@@ -37,6 +37,19 @@ def test_pretrain_end_to_end_saves_a_loadable_checkpoint_and_metrics(tmp_path):
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
 
 
+def test_negative_eval_every_is_a_user_error(tmp_path):
+    import pretrain
+    from minipost.cli import UserError
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(UserError, match="--eval-every must be >= 0"):
+            pretrain.main(pretrain.Args(out_dir=str(tmp_path / "base"),
+                                        **{**TINY_PRETRAIN, "eval_every": -1}))
+    finally:
+        torch.set_num_threads(threads)
+    assert not (tmp_path / "base").exists()
+
+
 def test_pretrain_help_explains_every_flag():
     import pretrain
     from dataclasses import fields

@@ -1,6 +1,8 @@
 """Every stage script survives (issue 10): a run killed with SIGKILL after a checkpoint and resumed
 with --resume ends bit-identical to a straight run (weights and metrics lines); a NaN/inf loss
-stops the run with one line and keeps the last good checkpoint, or is skipped and counted."""
+stops the run with one line and keeps the last good checkpoint, or is skipped and counted. A run
+resumed from a checkpoint of its last step, or one of zero steps, never enters its training loop
+and still ends as it should."""
 import json
 import os
 import signal
@@ -116,3 +118,78 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(script, tin
     lines = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert max(x.get("skipped", 0) for x in lines) == 1
     assert (tmp_path / "skip" / "model.safetensors").exists()
+
+
+FINISHED = {  # tiny in-process runs of 2 steps, checkpointed at the last one
+    "pretrain": dict(n_docs=300, vocab_size=300, hidden_size=32, num_layers=2, num_heads=2,
+                     num_kv_heads=2, intermediate_size=64, seq_len=64, batch_size=8,
+                     warmup_steps=1, eval_every=1, eval_windows=4),
+    "train_sft": dict(n_train=40, batch_size=4, eval_every=1, eval_chats=4, eval_quick=0,
+                      warmup_steps=1, max_length=128),
+    "train_rm": dict(n_pairs=16, n_identity=4, batch_size=4, eval_every=1, max_length=128,
+                     warmup_steps=1, policy_problems=0, eval_policy_problems=0),
+    "train_dpo": dict(pairs="planted", n_pairs=16, n_identity=4, batch_size=4, eval_every=1,
+                      eval_pairs=4, max_length=128, warmup_steps=1, max_new_tokens=8),
+    "train_grpo": dict(n_prompts=16, batch_prompts=2, group_size=2, max_new_tokens=8,
+                       eval_every=1, pass_k=0, max_minutes=0, micro_batch_size=4),
+    "train_ppo": dict(n_prompts=16, batch_size=2, mini_batch_size=2, ppo_epochs=1,
+                      max_new_tokens=8, eval_every=1, max_minutes=0, reward="gold",
+                      value_init="policy", target_kl=0.5),
+}
+
+
+@pytest.mark.parametrize("script", sorted(FINISHED))
+def test_resuming_a_finished_run_ends_it_again_as_it_ended(script, tiny_sft_dir, tmp_path):
+    """--resume of a run whose last checkpoint is its last step trains nothing, and ends as the
+    run ended: the same final evaluation, results and weights."""
+    module = __import__(script)
+    flags = {**COMMON, **FINISHED[script], "max_steps": 2, "save_every": 2}
+    if script != "pretrain":
+        flags["init"] = tiny_sft_dir
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        first = module.main(module.Args(out_dir=str(out), **flags))
+        lines, weights = metric_lines(out), final_weights(out)
+        assert latest_checkpoint(out).name == "step-00000002"
+        again = module.main(module.Args(out_dir=str(out), resume=str(out), **flags))
+    finally:
+        torch.set_num_threads(threads)
+    untimed = lambda res: {k: v for k, v in res.items() if k not in TIMING}   # noqa: E731
+    assert untimed(again) == untimed(first)
+    assert metric_lines(out) == lines
+    assert all(torch.equal(weights[k], v) for k, v in final_weights(out).items())
+
+
+@pytest.mark.parametrize("script", sorted(FINISHED))
+def test_a_run_of_zero_steps_evaluates_and_saves(script, tiny_sft_dir, tmp_path):
+    """--max-steps 0: the training loop never runs; what follows it must not need its variables."""
+    module = __import__(script)
+    flags = {**COMMON, **FINISHED[script], "max_steps": 0}
+    if script != "pretrain":
+        flags["init"] = tiny_sft_dir
+    threads = torch.get_num_threads()
+    try:
+        module.main(module.Args(out_dir=str(tmp_path / "run"), **flags))
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("script", sorted(FINISHED))
+def test_eval_every_and_save_every_0_mean_never(script, tiny_sft_dir, tmp_path):
+    """One meaning in every script: no evaluation between the start and the end, no checkpoint."""
+    module = __import__(script)
+    flags = {**COMMON, **FINISHED[script], "max_steps": 3, "eval_every": 0, "save_every": 0}
+    if script != "pretrain":
+        flags["init"] = tiny_sft_dir
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        module.main(module.Args(out_dir=str(out), **flags))
+    finally:
+        torch.set_num_threads(threads)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    midway = [x for x in lines if 0 < x.get("step", 0) < 3]
+    assert midway and not [k for x in midway for k in x if k.startswith("eval")]
+    assert not (out / "checkpoints").exists()

@@ -196,3 +196,17 @@ def test_bad_lr_schedule_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="--lr-schedule"):
         train_grpo.main(train_grpo.Args(init=str(tmp_path), out_dir=str(tmp_path / "o"),
                                         lr_schedule="linear", device="cpu", threads=1))
+
+
+def test_trainer_log_probs_that_do_not_match_the_sampler_stop_the_run(tiny_sft_dir, tmp_path,
+                                                                    monkeypatch):
+    """The first update of a batch recomputes the log-probs the sampler recorded: a trainer that
+    scores another distribution (here T = 1 against the sampler's 0.7) is a bug, not noise."""
+    real = train_grpo.completion_logps
+    monkeypatch.setattr(train_grpo, "completion_logps",
+                        lambda model, ids, mask, P, temperature: real(model, ids, mask, P, 1.0))
+    with pytest.raises(RuntimeError, match="sampler's log-probs"):
+        train_grpo.main(train_grpo.Args(init=tiny_sft_dir, out_dir=str(tmp_path / "o"),
+                                        temperature=0.7, **{**TINY, "eval_problems": 0,
+                                                            "pass_k": 0}))
+    assert not (tmp_path / "o" / "model.safetensors").exists()

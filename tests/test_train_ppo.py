@@ -306,3 +306,27 @@ def test_train_ppo_under_torchrun_two_processes(sharding, peft, port, value, tin
     load_model(tmp_path / "ddp")                  # gathered whole on rank 0 (FSDP), loadable
     logs = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert len([x for x in logs if '"policy/clipfrac"' in x]) == 2   # only rank 0 writes
+
+
+def test_lora_dropout_is_off_in_every_rollout_and_update_forward(tiny_sft_dir, tiny_rm_dir,
+                                                                 tmp_path, monkeypatch):
+    """The LoRA dropout modules are created after the models' .eval(): sampling, scoring, old
+    log-probs and updates must still see every module in eval mode, fresh and after --resume."""
+    import train_ppo
+
+    def eval_only(fn):
+        def checked(model, *a, **k):
+            on = sorted({type(m).__name__ for m in model.modules() if m.training})
+            assert not on, f"{fn.__name__}: modules in training mode: {on}"
+            return fn(model, *a, **k)
+        return checked
+
+    for name in ("generate", "completion_logps", "completion_values", "sequence_scores"):
+        monkeypatch.setattr(train_ppo, name, eval_only(getattr(train_ppo, name)))
+    out = tmp_path / "ppo"
+    kw = dict(peft="lora", lora_dropout=0.5, eval_every=0, save_every=1)
+    res = train_ppo.main(tiny_args(tiny_sft_dir, tiny_rm_dir, out, max_steps=1, **kw))
+    assert res["iterations"] == 1
+    res = train_ppo.main(tiny_args(tiny_sft_dir, tiny_rm_dir, out, max_steps=2, resume=str(out),
+                                   **kw))
+    assert res["iterations"] == 2

@@ -85,6 +85,54 @@ def test_train_rm_with_lora_trains_the_head_and_loads_back(tiny_sft_dir, tmp_pat
     assert torch.isfinite(model.score_last(ids, torch.ones_like(ids))).all()
 
 
+def test_train_rm_lora_output_loads_in_peft_as_a_sequence_classifier(tiny_sft_dir, tmp_path):
+    """PEFT's AutoPeftModelForSequenceClassification takes the adapter (task_type SEQ_CLS, the
+    trained `score` head in modules_to_save) and scores as minipost does."""
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "rm"
+    train_rm.main(train_rm.Args(init=tiny_sft_dir, out_dir=str(out), peft="lora", lora_r=2,
+                                **TINY))
+    assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    # the base is the SFT language model, whose config.json has no num_labels (2 by default)
+    hf = peft.AutoPeftModelForSequenceClassification.from_pretrained(str(out), num_labels=1).eval()
+    ours = load_model(out, head="score").eval()
+    ids = torch.tensor([[5, 6, 7, 8, 2], [9, 10, 11, 12, 2]])     # no pad token: scored at the end
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits[:, 0]
+        got = ours.score_last(ids, torch.ones_like(ids))
+    assert got.abs().max() > 0                                   # the trained head, not a fresh one
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_transformers_scores_the_saved_templates_rendering_as_minipost_does(tiny_sft_dir,
+                                                                           tmp_path):
+    """The exported reward model as everyone else uses it: AutoModelForSequenceClassification on
+    the saved tokenizer's apply_chat_template of held-out pairs (right-padded, a batch) gives
+    minipost's own scores of the same pairs."""
+    transformers = pytest.importorskip("transformers")
+    from minipost import tasks
+    from minipost.data import collate_preference, encode_preference, to_messages
+    from minipost.reward import pair_rewards
+    from minipost.tokenizer import load_tokenizer
+    out = tmp_path / "rm"
+    train_rm.main(train_rm.Args(init=tiny_sft_dir, out_dir=str(out), **TINY))
+    pairs = tasks.preference_pairs(8, "test", tasks.Difficulty(), seed=0)     # held-out problems
+    ours, tok = load_model(out, head="score").eval(), load_tokenizer(str(out))
+    batch = collate_preference([encode_preference(tok, r) for r in pairs], tok.pad_token_id)
+    with torch.no_grad():
+        want = torch.cat(pair_rewards(ours, batch["input_ids"], batch["attention_mask"]))
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    chats = [to_messages(r["prompt"]) + [{"role": "assistant", "content": r[side]}]
+             for side in ("chosen", "rejected") for r in pairs]
+    enc = hf_tok.apply_chat_template(chats, tokenize=True, padding=True, return_dict=True,
+                                     return_tensors="pt")
+    with torch.no_grad():
+        got = hf(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, 0]
+    assert want.std() > 1e-3                                    # a trained head: scores differ
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
 def test_train_rm_plain_bradley_terry_starts_at_ln2(tiny_sft_dir, tmp_path):
     """--prefix-weight 0 --lm-weight 0: the loss is Bradley-Terry alone, ln 2 at a zero head."""
     out = tmp_path / "rm"
