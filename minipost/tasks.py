@@ -46,7 +46,9 @@ class Difficulty:
     """The difficulty knob: operands per problem, digits per operand, allowed operators, wording.
 
     String form "{n_operands}x{max_digits}{ops}[w]", e.g. "3x2+-" (the scripts' default) or
-    "4x3+-*w". Without "w" a question states the expression ("What is 523 + 145 - 312?"); with
+    "4x3+-*w"; "2-5x2+-" stratifies over operand counts 2 to 5 (`min_operands` = 2): problems cycle
+    through the counts, so every data set and held-out set has each level in equal shares and an
+    accuracy is a smooth average over levels rather than one threshold. Without "w" a question states the expression ("What is 523 + 145 - 312?"); with
     "w" it is a word problem ("Mia has 523 apples. She buys 145 more. ..."), which a 2M-parameter
     model pretrained for minutes on a CPU cannot yet read (it must learn to find and copy the
     numbers out of the sentences first), but a real model can.
@@ -55,22 +57,32 @@ class Difficulty:
     max_digits: int = 2  # each number is drawn from 1 .. 10**max_digits - 1
     ops: str = "+-"  # any of "+", "-", "*" ("*" multiplies by one digit 2..9)
     words: bool = False  # word problems instead of stated expressions
+    min_operands: int = 0  # > 0: operand counts min_operands .. n_operands in equal shares
 
     def __post_init__(self):
         if self.n_operands < 2 or self.max_digits < 1 or not self.ops or set(self.ops) - set("+-*"):
             raise ValueError(f"bad difficulty {self}: need n_operands >= 2, max_digits >= 1, "
                              "ops a non-empty subset of '+-*'")
+        if self.min_operands and not 2 <= self.min_operands <= self.n_operands:
+            raise ValueError(f"bad difficulty {self}: the operand range must be 2 <= low <= high")
+
+    @property
+    def levels(self) -> list[int]:
+        """The operand counts a problem set cycles through (one unless a range was given)."""
+        return list(range(self.min_operands or self.n_operands, self.n_operands + 1))
 
     @classmethod
     def from_str(cls, text: str) -> "Difficulty":
-        m = re.fullmatch(r"\s*(\d+)x(\d+)([+\-*]*)(w?)\s*", text)
+        m = re.fullmatch(r"\s*(?:(\d+)-)?(\d+)x(\d+)([+\-*]*)(w?)\s*", text)
         if not m:
-            raise ValueError(f"difficulty {text!r} is not of the form '3x2+-' "
+            raise ValueError(f"difficulty {text!r} is not of the form '3x2+-' or '2-5x2+-' "
                              "(operands x digits, then operators, then 'w' for word problems)")
-        return cls(int(m.group(1)), int(m.group(2)), m.group(3) or "+-", m.group(4) == "w")
+        return cls(int(m.group(2)), int(m.group(3)), m.group(4) or "+-", m.group(5) == "w",
+                   int(m.group(1) or 0))
 
     def __str__(self) -> str:
-        return f"{self.n_operands}x{self.max_digits}{self.ops}{'w' if self.words else ''}"
+        low = f"{self.min_operands}-" if self.min_operands else ""
+        return f"{low}{self.n_operands}x{self.max_digits}{self.ops}{'w' if self.words else ''}"
 
 
 # ---------------------------------------------------------------------------- problems
@@ -102,12 +114,13 @@ def _apply(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-def _sample_expression(rng: random.Random, d: Difficulty) -> tuple[int, list[tuple[str, int]]]:
+def _sample_expression(rng: random.Random, d: Difficulty, n_operands: int | None = None
+                       ) -> tuple[int, list[tuple[str, int]]]:
     """A start value and (op, operand) steps whose running value never goes below 0."""
     hi = 10 ** d.max_digits - 1
     value = start = rng.randint(1, hi)
     steps = []
-    for _ in range(d.n_operands - 1):
+    for _ in range((n_operands or d.n_operands) - 1):
         op = rng.choice(d.ops)
         if op == "-" and value == 0:
             op = "+" if "+" in d.ops else "*"
@@ -153,7 +166,8 @@ def make_problems(n: int, split: str, difficulty: Difficulty = Difficulty(), see
                   rng: random.Random | None = None) -> list[dict]:
     """`n` distinct problems {"question", "solution", "answer"} of `split` ("train" | "test").
 
-    Drawn from `random.Random(seed)`, or from `rng` when given (then `seed` is unused).
+    Drawn from `random.Random(seed)`, or from `rng` when given (then `seed` is unused). With an
+    operand range the k-th problem has `difficulty.levels[k % len(levels)]` operands (stratified).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -162,7 +176,8 @@ def make_problems(n: int, split: str, difficulty: Difficulty = Difficulty(), see
     for _ in range(50 * n + 1000):  # bounded: a tiny difficulty may not hold n distinct problems
         if len(out) == n:
             break
-        start, steps = _sample_expression(rng, difficulty)
+        levels = difficulty.levels
+        start, steps = _sample_expression(rng, difficulty, levels[len(out) % len(levels)])
         key = str(start) + "".join(f"{op}{x}" for op, x in steps)
         if key in seen or _split_of(key, TEST_MODULUS) != split:
             continue

@@ -191,3 +191,17 @@ def test_mixed_drills_bring_single_digit_facts_and_max_keeps_the_old_corpus():
     assert all(any(len(n) == 2 for n in d.split()[::2]) for d in plain if "####" not in d)
     with pytest.raises(ValueError):
         tasks.pretrain_corpus(4, drill_digits="few")
+
+
+def test_an_operand_range_stratifies_every_problem_set_over_its_levels():
+    d = Difficulty.from_str("2-5x2+-")
+    assert (d.min_operands, d.n_operands, str(d)) == (2, 5, "2-5x2+-") and d.levels == [2, 3, 4, 5]
+    problems = tasks.make_problems(40, "test", d, seed=0)
+    steps = [p["solution"].count("\n") for p in problems]        # steps = operands − 1
+    assert steps == [1, 2, 3, 4] * 10                               # equal shares, in turn
+    assert all(verify(p["solution"], p["answer"]) for p in problems)
+    # a single level is just itself
+    assert Difficulty.from_str("3x2+-").levels == [3]
+    for bad in ("5-2x2+-", "1-3x2+-"):
+        with pytest.raises(ValueError):
+            Difficulty.from_str(bad)
