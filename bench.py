@@ -28,8 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from minipost.cli import UserError, parse_args, peak_rss_mb, setup, user_errors
+from minipost.cli import parse_args, peak_rss_mb, setup, user_errors
 from minipost.dpo import dpo_loss, pair_logps
+from minipost.errors import UserError
 from minipost.generate import generate
 from minipost.grpo import grpo_loss, group_advantages
 from minipost.model import GPT, Block, GPTConfig, ScoreModel, set_gradient_checkpointing

@@ -20,14 +20,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import CheckpointError
 from .model import GPT, GPTConfig, ScoreModel
 from .reward import RewardEnsemble
 
 FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gpt2": "GPT2"}
-
-
-class CheckpointError(Exception):
-    """A checkpoint directory that cannot be loaded; the message says what is wrong."""
 
 
 @contextlib.contextmanager

@@ -3,8 +3,8 @@
 - `parse_args(Args)`: a dataclass becomes argparse flags (`lora_r` -> `--lora-r`); each field's
   trailing comment is its `--help` text, so the dataclass stays the single place a flag is defined.
 - `setup(args)`: torchrun ranks (via dist.py), the device, bf16 autocast on CUDA, seeds.
-- `user_errors()`: a user's mistake (bad data line, bad checkpoint, bad flag value) ends the run
-  with one line and exit code 2, no traceback.
+- `user_errors()`: a user's mistake (the classes of errors.py: bad data line, bad checkpoint, bad
+  flag value) ends the run with one line and exit code 2, no traceback.
 - `Metrics`: one JSON object per line in `metrics.jsonl`, written by rank 0 only.
 """
 import argparse
@@ -23,10 +23,7 @@ import numpy as np
 import torch
 
 from . import dist
-
-
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line, exit code 2."""
+from .errors import CheckpointError, DataError, UserError
 
 
 def _field_help(cls) -> dict:
@@ -83,8 +80,6 @@ def user_errors():
     A rank launched by torchrun that finished cleanly leaves with `os._exit(0)` once its output is
     flushed: interpreter teardown can race torch's gloo worker threads and abort a finished
     process ("terminate called without an active exception", pytorch/pytorch#179291)."""
-    from .checkpoint import CheckpointError
-    from .data import DataError
     try:
         yield
     except (UserError, DataError, CheckpointError, FileNotFoundError) as e:

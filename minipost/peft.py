@@ -27,6 +27,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from .adapters import apply_adapters, load_adapters, save_adapters
+from .errors import CheckpointError
 from .lora import (DEFAULT_TARGETS, apply_lora, count_trainable, disable_adapters, load_lora,
                    merge_lora, save_lora)
 from .model import ScoreModel
@@ -150,7 +151,6 @@ def adapter_base(path) -> str:
     for candidate in (Path(base), Path(path) / base):
         if base and (candidate / "config.json").exists():
             return str(candidate)
-    from .checkpoint import CheckpointError
     raise CheckpointError(f"{path}: the adapter's base model {base!r} (base_model_name_or_path in "
                           "adapter_config.json) is not a checkpoint directory here")
 
@@ -169,7 +169,7 @@ def load_merged(path, dtype=None, device=None, head: str = "lm") -> nn.Module:
 
     A bottleneck-adapter directory cannot become a plain checkpoint model: CheckpointError.
     """
-    from .checkpoint import CheckpointError, load_model
+    from .checkpoint import load_model
     cfg = json.loads((Path(path) / "adapter_config.json").read_text())
     if cfg.get("peft_type") != "LORA":
         raise CheckpointError(

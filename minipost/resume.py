@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from . import dist
 from .checkpoint import atomic_dir, load_state, rng_state, save_state, set_rng_state
-from .cli import UserError, due
+from .cli import due
+from .errors import UserError
 
 
 class NonFiniteError(UserError):
