@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .checkpoint import atomic_dir
+from .files import atomic_dir
 from .lora import PeftLayer, load_strict
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}

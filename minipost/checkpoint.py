@@ -6,14 +6,11 @@ files + `generation_config.json`. A score model (reward or value) is saved as
 (optimizer, scheduler, step, RNG states, data position) is `state.safetensors` (every tensor) +
 `state.json` (everything else). No pickle is written or read.
 
-Every write goes to a temporary sibling directory that is renamed into place, so an interrupted
-save leaves the previous checkpoint as it was.
+Every model is written through `files.atomic_dir` (a temporary sibling directory renamed into
+place), so an interrupted save leaves the previous checkpoint as it was.
 """
-import contextlib
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,38 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
+from .files import atomic_dir
 from .model import GPT, GPTConfig, ScoreModel
 from .reward import RewardEnsemble
 
 FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gpt2": "GPT2"}
-
-
-@contextlib.contextmanager
-def atomic_dir(path):
-    """Yield a fresh temporary directory; on success it replaces `path` in one rename.
-
-    Entries of an existing `path` that the new directory does not write (metrics.jsonl, resume
-    states) are moved over, so saving a model keeps the run's other files.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    if path.is_dir():
-        for entry in path.iterdir():
-            if not (tmp / entry.name).exists():
-                entry.rename(tmp / entry.name)
-    if path.exists():
-        path.rename(old)        # the only window without `path` is between these two renames
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- config.json <-> GPTConfig

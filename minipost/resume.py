@@ -20,9 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import dist
-from .checkpoint import atomic_dir, load_state, rng_state, save_state, set_rng_state
+from .checkpoint import load_state, rng_state, save_state, set_rng_state
 from .cli import due
 from .errors import UserError
+from .files import atomic_dir
 
 
 class NonFiniteError(UserError):
