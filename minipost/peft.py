@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .adapters import apply_adapters, load_adapters, save_adapters
+from .adapters import apply_adapters
 from .errors import CheckpointError
-from .lora import (DEFAULT_TARGETS, apply_lora, count_trainable, disable_adapters, load_lora,
-                   merge_lora, save_lora)
+from .lora import DEFAULT_TARGETS, apply_lora, count_trainable, disable_adapters, merge_lora
 from .model import ScoreModel
+from .peft_format import load_adapters, load_lora, save_adapters, save_lora
 
 KINDS = ("none", "lora", "adapter")
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json",

@@ -250,7 +250,8 @@ def test_lora_on_an_imported_qwen3_loads_in_peft_with_the_same_logits(tmp_path):
     # tests/test_lora.py proves the adapter format on a Llama built in place; this is the
     # round trip a user makes: HF checkpoint -> minipost LoRA -> peft on the original model.
     peft = pytest.importorskip("peft")
-    from minipost.lora import apply_lora, save_lora
+    from minipost.lora import apply_lora
+    from minipost.peft_format import save_lora
     from test_lora import train_like
     hf = make_hf("qwen3")
     hf.save_pretrained(tmp_path / "base")
