@@ -395,7 +395,8 @@ def test_train_sft_post_trains_an_hf_checkpoint_that_transformers_then_loads(pef
     out = tmp_path / "sft"
     train_sft.main(train_sft.Args(init=str(init), out_dir=str(out), dtype="bfloat16", peft=peft,
                                   lr=1e-2, **SFT_TINY))
-    ours = load_model(out, dtype=torch.float32).eval()   # a LoRA output loads merged
+    from minipost.peft import load_model as load_output
+    ours = load_output(out, dtype=torch.float32).eval()  # a LoRA output loads merged
     if peft == "lora":
         peft_lib = pytest.importorskip("peft")
         base = transformers.AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
