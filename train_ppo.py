@@ -61,7 +61,7 @@ import torch
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.cli import (Metrics, check_common_flags, check_vocab, difficulty_arg, due,
+from minipost.cli import (Metrics, check_common_flags, check_vocab, difficulty_arg,
                           load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint,
                           same_tokenizer, setup, user_errors, write_results)
 from minipost.data import load_jsonl
@@ -74,7 +74,7 @@ from minipost.peft import (add_peft, load_model, load_reward_models, reference_o
                            trainable_summary)
 from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped_rewards,
                           masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
-from minipost.resume import Run
+from minipost.resume import Run, due
 from minipost.reward import RewardEnsemble, reward_members
 from minipost.rollout import (completion_logps, completion_values, gold_rewards, sequence_scores,
                               values_and_scores)

@@ -24,6 +24,7 @@ import torch
 
 from . import dist
 from .errors import CheckpointError, DataError, UserError
+from .resume import latest_checkpoint
 
 
 def _field_help(cls) -> dict:
@@ -89,13 +90,6 @@ def user_errors():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-
-
-def due(every: int, start: int, end: int) -> bool:
-    """True when training, going from `start` to `end` completed steps, passed a multiple of
-    `every`: the steps `--eval-every N` and `--save-every N` fall on (GRPO moves μ steps at a time).
-    One meaning in every script: 0 is never (check_common_flags refuses a negative value)."""
-    return every > 0 and end // every > start // every
 
 
 def difficulty_arg(text: str):
@@ -274,7 +268,6 @@ def check_common_flags(args):
     if getattr(args, "lr", 1.0) <= 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
     if getattr(args, "resume", ""):
-        from .resume import latest_checkpoint   # resume.py imports this module
         if not Path(args.resume).exists():
             raise UserError(f"--resume {args.resume}: no such run directory")
         if latest_checkpoint(args.resume) is None:
