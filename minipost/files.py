@@ -1,7 +1,7 @@
 """Atomic writes: a directory appears whole or not at all, so a killed run never leaves half of one.
 
 `atomic_dir(path)` is how every checkpoint directory is written: a model (checkpoint.py), a resume
-checkpoint (resume.py), an adapter (lora.py, adapters.py). Files go into a temporary sibling
+checkpoint (resume.py), an adapter (peft_format.py). Files go into a temporary sibling
 directory that is renamed into place once complete; an interrupted save leaves the previous
 directory as it was.
 """
