@@ -162,7 +162,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
     for _, m in to_save:
         for p in m.parameters():
             p.requires_grad_(True)
-    model.lora_modules_to_save = list(modules_to_save)  # read by saved_modules
+    model.lora_modules_to_save = list(modules_to_save)  # read by saved_modules, save_lora
     model.lora_targets = targets                         # read by applied_targets
     return model
 
