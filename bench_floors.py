@@ -11,7 +11,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from bench import flops_per_token, generation_flops, matmul_ceiling, row, time_steps
+from bench_common import flops_per_token, generation_flops, matmul_ceiling, row, time_steps
 from minipost.model import GPT
 
 

@@ -20,7 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-import bench
+from bench_common import (bench_config, flops_per_token, generation_flops, matmul_ceiling,
+                          random_ids, row, sync, time_steps)
 from minipost.cli import peak_rss_mb, setup
 
 
@@ -65,7 +66,7 @@ def step_timer():
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            bench.sync(self.device)
+            sync(self.device)
             self.times.append(time.perf_counter() - self.t0)
 
     return StepTimer()
@@ -99,7 +100,7 @@ def w0(args, cfg, rt, gen):
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    ids = bench.random_ids(gen, cfg, 16, 256, device=rt.device)
+    ids = random_ids(gen, cfg, 16, 256, device=rt.device)
 
     def step():
         with rt.autocast():
@@ -108,9 +109,9 @@ def w0(args, cfg, rt, gen):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    times = bench.time_steps(step, args, rt.device)
-    return [bench.matmul_ceiling(args, rt), bench.row("bare transformers train loop 16×256", times, ids.numel(), "tok/s",
-                      ids.numel() * bench.flops_per_token(cfg, 256))]
+    times = time_steps(step, args, rt.device)
+    return [matmul_ceiling(args, rt), row("bare transformers train loop 16×256", times, ids.numel(),
+                                          "tok/s", ids.numel() * flops_per_token(cfg, 256))]
 
 
 def w1(args, cfg, rt, gen):
@@ -118,15 +119,14 @@ def w1(args, cfg, rt, gen):
     from transformers import LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
     n = 16 * (args.warmup + args.steps)
-    ids = rows_of(bench.random_ids(gen, cfg, n, 256, device="cpu"))
+    ids = rows_of(random_ids(gen, cfg, n, 256, device="cpu"))
     data = Dataset.from_dict({"input_ids": ids, "completion_mask": [[0] * 128 + [1] * 128] * n})
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(per_device_train_batch_size=16, max_length=256, packing=False,
                            completion_only_loss=True, **common_args(args, rt, out))
         times, _ = run_trainer(SFTTrainer, config, LlamaForCausalLM(llama_config(cfg)), data, args,
                                rt, processing_class=word_tokenizer(cfg))
-    return [bench.row("SFTTrainer 16×256", times, 16 * 256, "tok/s",
-                      16 * 256 * bench.flops_per_token(cfg, 256))]
+    return [row("SFTTrainer 16×256", times, 16 * 256, "tok/s", 16 * 256 * flops_per_token(cfg, 256))]
 
 
 def w2(args, cfg, rt, gen):
@@ -134,16 +134,16 @@ def w2(args, cfg, rt, gen):
     from transformers import LlamaForSequenceClassification
     from trl import RewardConfig, RewardTrainer
     n = 16 * (args.warmup + args.steps)
-    data = Dataset.from_dict({"chosen_ids": rows_of(bench.random_ids(gen, cfg, n, 128, device="cpu")),
-                              "rejected_ids": rows_of(bench.random_ids(gen, cfg, n, 128, device="cpu"))})
+    data = Dataset.from_dict({"chosen_ids": rows_of(random_ids(gen, cfg, n, 128, device="cpu")),
+                              "rejected_ids": rows_of(random_ids(gen, cfg, n, 128, device="cpu"))})
     model = LlamaForSequenceClassification(llama_config(cfg, num_labels=1))
     with tempfile.TemporaryDirectory() as out:
         config = RewardConfig(per_device_train_batch_size=16, max_length=256,
                               **common_args(args, rt, out))
         times, _ = run_trainer(RewardTrainer, config, model, data, args, rt,
                                processing_class=word_tokenizer(cfg))
-    return [bench.row("RewardTrainer 16 pairs × 128", times, 16, "pairs/s",
-                      32 * 128 * bench.flops_per_token(cfg, 128, head_size=1))]
+    return [row("RewardTrainer 16 pairs × 128", times, 16, "pairs/s",
+                32 * 128 * flops_per_token(cfg, 128, head_size=1))]
 
 
 def w3(args, cfg, rt, gen):
@@ -152,9 +152,9 @@ def w3(args, cfg, rt, gen):
     from trl import DPOConfig, DPOTrainer
     n = 16 * (args.warmup + args.steps)
     # text, as DPOTrainer tokenizes it itself; it appends EOS, so completions are 63 + 1 tokens
-    data = Dataset.from_dict({"prompt": as_text(bench.random_ids(gen, cfg, n, 64, device="cpu")),
-                              "chosen": as_text(bench.random_ids(gen, cfg, n, 63, device="cpu")),
-                              "rejected": as_text(bench.random_ids(gen, cfg, n, 63, device="cpu"))})
+    data = Dataset.from_dict({"prompt": as_text(random_ids(gen, cfg, n, 64, device="cpu")),
+                              "chosen": as_text(random_ids(gen, cfg, n, 63, device="cpu")),
+                              "rejected": as_text(random_ids(gen, cfg, n, 63, device="cpu"))})
     model = LlamaForCausalLM(llama_config(cfg))
     ref_model = LlamaForCausalLM(llama_config(cfg))
     ref_model.load_state_dict(model.state_dict())
@@ -163,19 +163,19 @@ def w3(args, cfg, rt, gen):
                            precompute_ref_log_probs=args.precompute_ref, **common_args(args, rt, out))
         times, _ = run_trainer(DPOTrainer, config, model, data, args, rt, ref_model=ref_model,
                                processing_class=word_tokenizer(cfg))
-    flops = 32 * 128 * bench.flops_per_token(cfg, 128)
+    flops = 32 * 128 * flops_per_token(cfg, 128)
     if not args.precompute_ref:
-        flops += 32 * 128 * bench.flops_per_token(cfg, 128, train=False)
+        flops += 32 * 128 * flops_per_token(cfg, 128, train=False)
     name = "DPOTrainer 16 pairs, " + ("precomputed ref" if args.precompute_ref else "live ref")
-    return [bench.row(name, times, 16, "pairs/s", flops)]
+    return [row(name, times, 16, "pairs/s", flops)]
 
 
 def w4(args, cfg, rt, gen):
     from transformers import LlamaForCausalLM
     model = LlamaForCausalLM(llama_config(cfg)).to(rt.device).eval()
-    prompts = bench.random_ids(gen, cfg, 32, 32, device=rt.device)
+    prompts = random_ids(gen, cfg, 32, 32, device=rt.device)
     mask = torch.ones_like(prompts)
-    flops = bench.generation_flops(cfg, 32, 32, 64)
+    flops = generation_flops(cfg, 32, 32, 64)
     rows = []
     for sample, name in [(True, "generate T=1, 32×64 new"), (False, "generate greedy, 32×64 new")]:
         def step():
@@ -183,8 +183,7 @@ def w4(args, cfg, rt, gen):
                 model.generate(prompts, attention_mask=mask, max_new_tokens=64, min_new_tokens=64,
                                do_sample=sample, temperature=1.0 if sample else None, top_k=0 if sample else None,
                                top_p=1.0 if sample else None, eos_token_id=None, pad_token_id=3)
-        rows.append(bench.row(name, bench.time_steps(step, args, rt.device), 32 * 64,
-                              "new tok/s", flops))
+        rows.append(row(name, time_steps(step, args, rt.device), 32 * 64, "new tok/s", flops))
     return rows
 
 
@@ -193,7 +192,7 @@ def w5(args, cfg, rt, gen):
     from transformers import LlamaForCausalLM
     from trl import GRPOConfig, GRPOTrainer
     n = 8 * (args.warmup + args.steps)
-    prompts = as_text(bench.random_ids(gen, cfg, n, 32, device="cpu"))
+    prompts = as_text(random_ids(gen, cfg, n, 32, device="cpu"))
 
     def even_tokens(completion_ids, **kw):          # the stand-in reward of bench.w5
         return [sum(t % 2 == 0 for t in c) / max(len(c), 1) for c in completion_ids]
@@ -211,14 +210,14 @@ def w5(args, cfg, rt, gen):
                                Dataset.from_dict({"prompt": prompts}), args, rt,
                                reward_funcs=even_tokens, processing_class=word_tokenizer(cfg))
     N, P, C = 64, 32, 64
-    flops = (bench.generation_flops(cfg, N, P, C) + N * (P + C) * bench.flops_per_token(cfg, P + C, train=False)
-             + N * (P + C) * bench.flops_per_token(cfg, P + C))
-    return [bench.row("GRPOTrainer 8×8, 32+64", times, 1, "steps/s", flops)]
+    flops = (generation_flops(cfg, N, P, C) + N * (P + C) * flops_per_token(cfg, P + C, train=False)
+             + N * (P + C) * flops_per_token(cfg, P + C))
+    return [row("GRPOTrainer 8×8, 32+64", times, 1, "steps/s", flops)]
 
 
 def run_workload(args) -> dict:
     rt = setup(args)
-    cfg = bench.bench_config(args.tiny)
+    cfg = bench_config(args.tiny)
     gen = torch.Generator().manual_seed(args.seed)
     fn = {"W0": w0, "W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5}[args.workload]
     rows = fn(args, cfg, rt, gen)

@@ -17,12 +17,13 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import save_model
-from minipost.cli import (Metrics, UserError, check_common_flags, difficulty_arg, due, parse_args,
-                          peak_rss_mb, setup, user_errors, write_results)
+from minipost.cli import (Metrics, check_common_flags, difficulty_arg, parse_args, peak_rss_mb,
+                          setup, user_errors, write_results)
+from minipost.errors import UserError
 from minipost.evaluate import evaluate_base, evaluate_equations
 from minipost.model import GPT, GPTConfig, set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
-from minipost.resume import Run
+from minipost.resume import Run, due
 from minipost.tokenizer import train_tokenizer
 
 

@@ -36,17 +36,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.checkpoint import load_model
-from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg, due,
+from minipost.cli import (Metrics, check_common_flags, check_vocab, difficulty_arg,
                           load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
                           user_errors, write_results)
+from minipost.errors import UserError
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
 from minipost.generate import generate
 from minipost.grpo import group_advantages, grpo_loss
 from minipost.model import set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
-from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
-from minipost.resume import Run, per_rank_state
+from minipost.peft import add_peft, load_model, reference_off, save_peft, trainable_summary
+from minipost.resume import Run, due, per_rank_state
 from minipost.rollout import completion_logps
 
 

@@ -61,20 +61,21 @@ import torch
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.checkpoint import load_model, load_reward_models, reward_members
-from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg, due,
+from minipost.cli import (Metrics, check_common_flags, check_vocab, difficulty_arg,
                           load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint,
                           same_tokenizer, setup, user_errors, write_results)
 from minipost.data import load_jsonl
+from minipost.errors import UserError
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
 from minipost.generate import generate
 from minipost.model import ScoreModel, set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
-from minipost.peft import add_peft, reference_off, save_peft, trainable_summary
+from minipost.peft import (add_peft, load_model, load_reward_models, reference_off, save_peft,
+                           trainable_summary)
 from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped_rewards,
                           masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
-from minipost.resume import Run
-from minipost.reward import RewardEnsemble
+from minipost.resume import Run, due
+from minipost.reward import RewardEnsemble, reward_members
 from minipost.rollout import (completion_logps, completion_values, gold_rewards, sequence_scores,
                               values_and_scores)
 

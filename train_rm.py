@@ -47,15 +47,15 @@ import torch
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.checkpoint import load_model
-from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg, due,
+from minipost.cli import (Metrics, check_common_flags, check_vocab, difficulty_arg,
                           load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
                           user_errors, write_results)
 from minipost.data import collate_preference, encode_preference, load_jsonl
+from minipost.errors import UserError
 from minipost.model import set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
-from minipost.peft import add_peft, save_peft, trainable_summary
-from minipost.resume import Run
+from minipost.peft import add_peft, load_model, save_peft, trainable_summary
+from minipost.resume import Run, due
 from minipost.reward import (bradley_terry_loss, last_scores, pair_rewards, prefix_bradley_terry_loss,
                              reward_metrics)
 from minipost.rollout import sampled_pairs

@@ -29,18 +29,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.checkpoint import load_model
-from minipost.cli import (Metrics, UserError, check_common_flags, check_vocab, difficulty_arg, due,
+from minipost.cli import (Metrics, check_common_flags, check_vocab, difficulty_arg,
                           load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
                           user_errors, write_results)
 from minipost.data import (collate_packed, load_jsonl, pack_sequences, pad_batch, record_lines,
                            truncate)
+from minipost.errors import UserError
 from minipost.evaluate import evaluate_task, heldout_problems
 from minipost.lora import count_trainable
 from minipost.model import set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
-from minipost.peft import add_peft, peft_options, save_peft, trainable_summary
-from minipost.resume import Run
+from minipost.peft import add_peft, load_model, peft_options, save_peft, trainable_summary
+from minipost.resume import Run, due
 from minipost.sft import batch_loss_sum
 
 

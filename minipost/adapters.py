@@ -16,19 +16,14 @@ Choices and departures:
 
 Implementation: `block.self_attn` and `block.mlp` are wrapped in `WithAdapter(base_layer, adapter)`,
 so adapter keys read `model.layers.0.self_attn.adapter.down.weight` and base keys gain
-`.base_layer` (as PEFT's LoRA does). Not a PEFT format: PEFT has no bottleneck adapter type, so the
-saved `adapter_config.json` (peft_type "BOTTLENECK") is read by `load_adapters` only.
+`.base_layer` (as PEFT's LoRA does). peft_format.py saves and loads them (peft_type "BOTTLENECK",
+not a PEFT format: PEFT has no bottleneck adapter type).
 `lora.disable_adapters(model)` turns these adapters off too.
 """
-import json
-import os
-
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
-from .checkpoint import atomic_dir
-from .lora import PeftLayer, load_strict
+from .lora import PeftLayer
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -101,40 +96,13 @@ def remove_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def _adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
+def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every adapter parameter, keyed by module path (`model.layers.0.mlp.adapter.up.bias`)."""
     return {f"{path}.{name}": p
             for path, m in model.named_modules() if isinstance(m, BottleneckAdapter)
             for name, p in m.named_parameters()}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors only, keyed by module path (`model.layers.0.mlp.adapter.up.bias`)."""
-    return {k: p.detach() for k, p in _adapter_params(model).items()}
-
-
-def save_adapters(model: nn.Module, path: str, base_model_name_or_path: str = ""):
-    """Write `adapter_config.json` + `adapter_model.safetensors`, atomically (`path` is replaced)."""
-    adapters = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
-    if not adapters:
-        raise ValueError("save_adapters: the model has no adapters")
-    config = {
-        "peft_type": "BOTTLENECK", "adapter_dim": adapters[0].down.out_features,
-        "activation": adapters[0].activation, "target_modules": ["self_attn", "mlp"],
-        "base_model_name_or_path": base_model_name_or_path,
-    }
-    tensors = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
-    with atomic_dir(path) as tmp:
-        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
-
-
-def load_adapters(model: nn.Module, path: str) -> nn.Module:
-    """Apply adapters as `path/adapter_config.json` says and load their weights (strict)."""
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        cfg = json.load(f)
-    if cfg.get("peft_type") != "BOTTLENECK":
-        raise ValueError(f"{path}: peft_type is {cfg.get('peft_type')!r}, expected 'BOTTLENECK'")
-    apply_adapters(model, dim=cfg["adapter_dim"], activation=cfg.get("activation", "gelu"))
-    load_strict(_adapter_params(model), path)
-    return model
+    """Adapter tensors only, detached, keyed as `adapter_params` keys them."""
+    return {k: p.detach() for k, p in adapter_params(model).items()}

@@ -6,56 +6,22 @@ files + `generation_config.json`. A score model (reward or value) is saved as
 (optimizer, scheduler, step, RNG states, data position) is `state.safetensors` (every tensor) +
 `state.json` (everything else). No pickle is written or read.
 
-Every write goes to a temporary sibling directory that is renamed into place, so an interrupted
-save leaves the previous checkpoint as it was.
+Every model is written through `files.atomic_dir` (a temporary sibling directory renamed into
+place), so an interrupted save leaves the previous checkpoint as it was.
 """
-import contextlib
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import CheckpointError
+from .files import atomic_dir
 from .model import GPT, GPTConfig, ScoreModel
-from .reward import RewardEnsemble
 
 FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gpt2": "GPT2"}
-
-
-class CheckpointError(Exception):
-    """A checkpoint directory that cannot be loaded; the message says what is wrong."""
-
-
-@contextlib.contextmanager
-def atomic_dir(path):
-    """Yield a fresh temporary directory; on success it replaces `path` in one rename.
-
-    Entries of an existing `path` that the new directory does not write (metrics.jsonl, resume
-    states) are moved over, so saving a model keeps the run's other files.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    if path.is_dir():
-        for entry in path.iterdir():
-            if not (tmp / entry.name).exists():
-                entry.rename(tmp / entry.name)
-    if path.exists():
-        path.rename(old)        # the only window without `path` is between these two renames
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- config.json <-> GPTConfig
@@ -226,13 +192,10 @@ def save_model(model, path, tokenizer=None, extra_config: dict | None = None):
 def load_model(path, dtype=None, device=None, head: str = "lm"):
     """Load a minipost or supported HF checkpoint directory as a GPT (head="lm") or ScoreModel.
 
-    A LoRA output directory (adapter_config.json, no config.json) loads as its base model with the
-    adapter merged in, so a later stage can start from a LoRA SFT run (see peft.py).
+    A checkpoint directory only: `peft.load_model` also takes an adapter output directory (what
+    every `--init` may be given).
     """
     from . import hf
-    if (Path(path) / "adapter_config.json").exists() and not (Path(path) / "config.json").exists():
-        from .peft import load_merged
-        return load_merged(path, dtype=dtype, device=device, head=head)
     cfg, saved_head = read_config(path)
     if head == "lm" and saved_head == "score":
         raise CheckpointError(f"{path}: this is a reward/score model (ForSequenceClassification), "
@@ -332,17 +295,3 @@ def reward_stats(path) -> tuple[float, float]:
     config.json ("minipost": reward_mean, reward_std); (0, 1) for a reward model from elsewhere."""
     meta = json.loads(Path(path, "config.json").read_text()).get("minipost", {})
     return float(meta.get("reward_mean", 0.0)), float(meta.get("reward_std", 1.0)) or 1.0
-
-
-def load_reward_models(paths: list[str], dtype=None, device=None, combine: str = "mean"):
-    """One reward model (a `ScoreModel`), or the `RewardEnsemble` of several; frozen, eval mode."""
-    members = [load_model(p, dtype, device, head="score").eval().requires_grad_(False)
-               for p in paths]
-    if len(members) == 1:
-        return members[0]
-    return RewardEnsemble(members, *zip(*map(reward_stats, paths)), combine=combine).to(device)
-
-
-def reward_members(reward_model) -> list[ScoreModel]:
-    """The reward models behind `reward_model`: an ensemble's members, or itself."""
-    return list(reward_model.members) if isinstance(reward_model, RewardEnsemble) else [reward_model]

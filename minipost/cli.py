@@ -3,8 +3,8 @@
 - `parse_args(Args)`: a dataclass becomes argparse flags (`lora_r` -> `--lora-r`); each field's
   trailing comment is its `--help` text, so the dataclass stays the single place a flag is defined.
 - `setup(args)`: torchrun ranks (via dist.py), the device, bf16 autocast on CUDA, seeds.
-- `user_errors()`: a user's mistake (bad data line, bad checkpoint, bad flag value) ends the run
-  with one line and exit code 2, no traceback.
+- `user_errors()`: a user's mistake (the classes of errors.py: bad data line, bad checkpoint, bad
+  flag value) ends the run with one line and exit code 2, no traceback.
 - `Metrics`: one JSON object per line in `metrics.jsonl`, written by rank 0 only.
 """
 import argparse
@@ -23,10 +23,8 @@ import numpy as np
 import torch
 
 from . import dist
-
-
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line, exit code 2."""
+from .errors import CheckpointError, DataError, UserError
+from .resume import latest_checkpoint
 
 
 def _field_help(cls) -> dict:
@@ -83,8 +81,6 @@ def user_errors():
     A rank launched by torchrun that finished cleanly leaves with `os._exit(0)` once its output is
     flushed: interpreter teardown can race torch's gloo worker threads and abort a finished
     process ("terminate called without an active exception", pytorch/pytorch#179291)."""
-    from .checkpoint import CheckpointError
-    from .data import DataError
     try:
         yield
     except (UserError, DataError, CheckpointError, FileNotFoundError) as e:
@@ -94,13 +90,6 @@ def user_errors():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-
-
-def due(every: int, start: int, end: int) -> bool:
-    """True when training, going from `start` to `end` completed steps, passed a multiple of
-    `every`: the steps `--eval-every N` and `--save-every N` fall on (GRPO moves μ steps at a time).
-    One meaning in every script: 0 is never (check_common_flags refuses a negative value)."""
-    return every > 0 and end // every > start // every
 
 
 def difficulty_arg(text: str):
@@ -279,7 +268,6 @@ def check_common_flags(args):
     if getattr(args, "lr", 1.0) <= 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
     if getattr(args, "resume", ""):
-        from .resume import latest_checkpoint   # resume.py imports this module
         if not Path(args.resume).exists():
             raise UserError(f"--resume {args.resume}: no such run directory")
         if latest_checkpoint(args.resume) is None:

@@ -25,17 +25,11 @@ import json
 
 import torch
 
+from .errors import DataError
+
 ROLES = ("system", "user", "assistant")
 SCHEMAS = ("sft", "preference", "rl")
 MAX_LINE_BYTES = 1 << 20   # one record; far beyond any --max-length of tokens
-
-
-class DataError(Exception):
-    """A bad data line; the message is "{file}:{line}: {what is wrong}"."""
-
-    def __init__(self, file, line: int, what: str):
-        super().__init__(f"{file}:{line}: {what}")
-        self.file, self.line, self.what = str(file), line, what
 
 
 def to_messages(prompt) -> list[dict]:

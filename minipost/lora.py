@@ -1,4 +1,4 @@
-"""LoRA: low-rank adaptation of frozen linear layers, saved in PEFT's adapter format.
+"""LoRA: low-rank adaptation of frozen linear layers; peft_format.py saves them in PEFT's format.
 
 Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv 2106.09685):
     h = W₀x + ΔWx = W₀x + (α/r)·B·A·x,   A ∈ ℝ^{r×d_in} random,  B ∈ ℝ^{d_out×r} zero,
@@ -7,11 +7,10 @@ size comparable across ranks (some codes scale by α alone or not at all; docs/p
 scaling, init and merge"). Like PEFT, dropout is applied to the LoRA path's input only, and A is
 Kaiming-uniform(a=√5), i.e. nn.Linear's default.
 
-Adapters are saved as PEFT saves them (`adapter_config.json` + `adapter_model.safetensors`, keys
-`base_model.model.<module path>.lora_A.weight`), so `peft.PeftModel.from_pretrained` loads them on the
-matching `transformers` model (minipost's parameter names are Hugging Face's). A scalar head (reward or
-value model) can train alongside LoRA via `modules_to_save`; it is stored under PEFT's saved key
-`base_model.model.<path>.<param>` (e.g. `base_model.model.score.weight`).
+The layer paths and parameter names are Hugging Face's (`q_proj.base_layer.weight`,
+`q_proj.lora_A.weight`), so peft_format.py saves an adapter that `peft.PeftModel.from_pretrained`
+loads on the matching `transformers` model. A scalar head (reward or value model) can train
+alongside LoRA via `modules_to_save`.
 
 Departure from PEFT: a `modules_to_save` module is trained in place, not as a copy, so
 `disable_adapters` does not restore its original weights (PEFT keeps the original beside the copy).
@@ -20,20 +19,14 @@ Departure from PEFT: a `modules_to_save` module is trained in place, not as a co
 adapters in adapters.py): inside it the model computes the base model exactly, which is how DPO gets
 its reference model without a second copy.
 """
-import json
-import os
 import re
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-
-from .checkpoint import atomic_dir
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PEFT_PREFIX = "base_model.model."  # PEFT's prefix for a LoraModel wrapping a *ForCausalLM
 
 
 class PeftLayer(nn.Module):
@@ -132,7 +125,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
         targets: names matched against the end of each module path, whole dotted components
             (`q_proj` and `self_attn.q_proj` match `model.layers.0.self_attn.q_proj`), or a string,
             a regex on the full path; both as PEFT matches its `target_modules`. They are kept on
-            the model (`lora_targets`) for `save_lora`, so a load wraps the same layers.
+            the model (`lora_targets`) for `applied_targets`, so a load wraps the same layers.
             The LM head and embeddings are never targets by default: a tied head shares the
             embedding matrix, and merging LoRA into it would change the embeddings, so tied layers
             are refused.
@@ -169,8 +162,8 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
     for _, m in to_save:
         for p in m.parameters():
             p.requires_grad_(True)
-    model.lora_modules_to_save = list(modules_to_save)  # read by lora_state_dict / save_lora
-    model.lora_targets = targets                         # read by save_lora
+    model.lora_modules_to_save = list(modules_to_save)  # read by saved_modules, save_lora
+    model.lora_targets = targets                         # read by applied_targets
     return model
 
 
@@ -222,107 +215,30 @@ def disable_adapters(model: nn.Module):
             m.disabled = d
 
 
-def _lora_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """PEFT saved-key → parameter: LoRA A/B (PEFT drops `.base_layer` and the adapter name)."""
-    params = {}
-    for path, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            params[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_A.weight
-            params[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_B.weight
-    for path, m in _find_modules(model, getattr(model, "lora_modules_to_save", ())):
-        for name, p in m.named_parameters():
-            params[f"{PEFT_PREFIX}{path}.{name}"] = p  # PEFT strips `modules_to_save.default.`
-    return params
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's saved key names (what `get_peft_model_state_dict` gives)."""
-    return {k: p.detach() for k, p in _lora_params(model).items()}
-
-
 def count_trainable(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a tied matrix counts once."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def _saved_targets(model: nn.Module, layers) -> str | list[str]:
-    """`target_modules` for adapter_config.json: the regex apply_lora was given, or its names that
-    wrapped a layer (the last name components when the model does not say)."""
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear of `model`, by module path."""
+    return {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def saved_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of each module apply_lora's `modules_to_save` named: they train beside LoRA."""
+    return _find_modules(model, getattr(model, "lora_modules_to_save", ()))
+
+
+def applied_targets(model: nn.Module) -> str | list[str]:
+    """The targets that make apply_lora wrap exactly the model's LoRA layers again: the regex it was
+    given, or those of its names that wrapped a layer (the last name components when the model does
+    not say)."""
+    layers = lora_layers(model)
     targets = getattr(model, "lora_targets", None)
     if isinstance(targets, str):   # the last components would wrap every layer of those names
         return targets
     if targets is None:
         return sorted({p.rsplit(".", 1)[-1] for p in layers})
     return sorted(t for t in targets if any(_matches(p, t) for p in layers))
-
-
-def save_lora(model: nn.Module, path: str, base_model_name_or_path: str = "",
-              task_type: str = "CAUSAL_LM"):
-    """Write `adapter_config.json` + `adapter_model.safetensors` in PEFT's format, atomically.
-
-    task_type: PEFT's task type, "CAUSAL_LM" for a language model, "SEQ_CLS" for a reward model.
-    `path` is replaced as a whole. `target_modules` is what `apply_lora` was given, so a load wraps
-    exactly these layers: a regex as the string itself (PEFT reads a string as a regex on the full
-    path, as `load_lora` does); names as the list of those that matched a layer.
-    """
-    layers = {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
-    if not layers:
-        raise ValueError("save_lora: the model has no LoRA layers")
-    settings = {(m.r, m.alpha, getattr(m.dropout, "p", 0.0)) for m in layers.values()}
-    if len(settings) != 1:
-        raise ValueError(f"save_lora: LoRA layers differ in (r, alpha, dropout): {settings}")
-    (r, alpha, dropout), = settings
-    modules_to_save = list(getattr(model, "lora_modules_to_save", ()))
-    config = {
-        "peft_type": "LORA", "task_type": task_type, "r": r, "lora_alpha": alpha,
-        "lora_dropout": dropout, "target_modules": _saved_targets(model, layers),
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "base_model_name_or_path": base_model_name_or_path,
-        "modules_to_save": modules_to_save or None, "use_rslora": False, "init_lora_weights": True,
-    }
-    tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
-    with atomic_dir(path) as tmp:
-        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
-
-
-def load_lora(model: nn.Module, path: str) -> nn.Module:
-    """Apply LoRA as `path/adapter_config.json` says and load its weights (strict); returns `model`.
-
-    Reads adapters written by `save_lora` or by PEFT, as long as they use plain LoRA (no rsLoRA, DoRA,
-    bias training, per-layer ranks). `target_modules` is read as PEFT reads it: a list of names
-    (or dotted path suffixes), or a string, a regex that the full module path must match.
-    """
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        cfg = json.load(f)
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
-    unsupported = {k: cfg.get(k) for k in ("use_rslora", "use_dora", "fan_in_fan_out",
-                                           "rank_pattern", "alpha_pattern") if cfg.get(k)}
-    if cfg.get("bias", "none") != "none":
-        unsupported["bias"] = cfg["bias"]
-    if unsupported:
-        raise ValueError(f"{path}: unsupported LoRA options {unsupported}")
-    targets = cfg["target_modules"]
-    apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout") or 0.0,
-               targets=targets if isinstance(targets, str) else tuple(targets),
-               modules_to_save=tuple(cfg.get("modules_to_save") or ()))
-    load_strict(_lora_params(model), path)
-    return model
-
-
-def load_strict(params: dict[str, nn.Parameter], path: str):
-    """Copy `path/adapter_model.safetensors` into `params`; every key and shape must match."""
-    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
-    missing, unexpected = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
-    if missing or unexpected:
-        raise ValueError(f"{path}: adapter keys do not match the model; missing: {missing}; "
-                         f"unexpected: {unexpected}")
-    with torch.no_grad():
-        for k, p in params.items():
-            if tensors[k].shape != p.shape:
-                raise ValueError(f"{path}: {k} has shape {tuple(tensors[k].shape)}, "
-                                 f"the model expects {tuple(p.shape)}")
-            p.copy_(tensors[k])

@@ -1,8 +1,8 @@
 """Parameter-efficient fine-tuning for every stage script: one switch, `--peft none|lora|adapter`.
 
 The methods live in `lora.py` (Hu et al. 2021, arXiv 2106.09685: W₀x + (α/r)·B·A·x) and
-`adapters.py` (Houlsby et al. 2019, arXiv 1902.00751: u + W_up·σ(W_down·u)); this module only
-dispatches, saves and loads, so a script needs three lines:
+`adapters.py` (Houlsby et al. 2019, arXiv 1902.00751: u + W_up·σ(W_down·u)), their files in
+`peft_format.py`; this module only dispatches, saves and loads, so a script needs three lines:
 
     model = add_peft(model, **peft_options(args))        # or add_peft(model, args)
     print(trainable_summary(model))
@@ -12,10 +12,10 @@ What a PEFT output directory holds, and how a later stage starts from it:
 - LoRA: `adapter_config.json` + `adapter_model.safetensors` in PEFT's format, plus the tokenizer;
   task_type "SEQ_CLS" for a score (reward) model, so PEFT's AutoPeftModelForSequenceClassification
   takes it, else "CAUSAL_LM".
-  `checkpoint.load_model(dir)` (so every `--init`) loads the base named by
-  `base_model_name_or_path`, applies the adapter and merges it: later stages can `--init` from a
-  LoRA output directly. `merge=True` also writes the merged full checkpoint to `dir/merged`
-  (an ordinary HF checkpoint, for tools outside minipost).
+  `load_model(dir)` here (what every `--init`, every reward model and rank.py load with) loads the
+  base named by `base_model_name_or_path` with `checkpoint.load_model`, applies the adapter and
+  merges it: later stages can `--init` from a LoRA output directly. `merge=True` also writes the
+  merged full checkpoint to `dir/merged` (an ordinary HF checkpoint, for tools outside minipost).
 - Adapters: the same two files (peft_type "BOTTLENECK", which only minipost reads). A bottleneck has
   a nonlinearity, so it cannot be merged into the base weights and has no place in an HF
   checkpoint; later stages cannot `--init` from it (load it with `load_peft` for evaluation).
@@ -26,10 +26,13 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .adapters import apply_adapters, load_adapters, save_adapters
-from .lora import (DEFAULT_TARGETS, apply_lora, count_trainable, disable_adapters, load_lora,
-                   merge_lora, save_lora)
+from . import checkpoint
+from .adapters import apply_adapters
+from .errors import CheckpointError
+from .lora import DEFAULT_TARGETS, apply_lora, count_trainable, disable_adapters, merge_lora
 from .model import ScoreModel
+from .peft_format import load_adapters, load_lora, save_adapters, save_lora
+from .reward import RewardEnsemble
 
 KINDS = ("none", "lora", "adapter")
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json",
@@ -108,7 +111,6 @@ def save_peft(model: nn.Module, out_dir, kind: str, merge: bool = False, tokeniz
     Files of the other kind left by an earlier run in `out_dir` are removed, so the directory is
     never both a model and an adapter.
     """
-    from .checkpoint import save_model  # checkpoint <-> peft import each other lazily
     out = Path(out_dir)
     if kind not in KINDS:
         raise ValueError(f"peft must be one of {KINDS}, got {kind!r}")
@@ -116,7 +118,7 @@ def save_peft(model: nn.Module, out_dir, kind: str, merge: bool = False, tokeniz
         raise ValueError("merge: only LoRA can be merged into the base weights "
                          f"(got peft={kind!r}; a bottleneck adapter adds layers)")
     if kind == "none":
-        save_model(model, out, tokenizer, extra_config=extra_config)
+        checkpoint.save_model(model, out, tokenizer, extra_config=extra_config)
         _remove(out, ADAPTER_FILES)
         return
     if kind == "lora":   # PEFT picks its model class (and its head) by the task type
@@ -133,7 +135,7 @@ def save_peft(model: nn.Module, out_dir, kind: str, merge: bool = False, tokeniz
         merged = merge_lora(copy.deepcopy(model), unload=True)
         for p in merged.parameters():
             p.requires_grad_(True)
-        save_model(merged, out / "merged", tokenizer, extra_config=extra_config)
+        checkpoint.save_model(merged, out / "merged", tokenizer, extra_config=extra_config)
 
 
 def is_adapter_dir(path) -> bool:
@@ -150,7 +152,6 @@ def adapter_base(path) -> str:
     for candidate in (Path(base), Path(path) / base):
         if base and (candidate / "config.json").exists():
             return str(candidate)
-    from .checkpoint import CheckpointError
     raise CheckpointError(f"{path}: the adapter's base model {base!r} (base_model_name_or_path in "
                           "adapter_config.json) is not a checkpoint directory here")
 
@@ -169,14 +170,32 @@ def load_merged(path, dtype=None, device=None, head: str = "lm") -> nn.Module:
 
     A bottleneck-adapter directory cannot become a plain checkpoint model: CheckpointError.
     """
-    from .checkpoint import CheckpointError, load_model
     cfg = json.loads((Path(path) / "adapter_config.json").read_text())
     if cfg.get("peft_type") != "LORA":
         raise CheckpointError(
             f"{path}: holds a {cfg.get('peft_type')} adapter, which cannot be merged into a plain "
             "model; start the next stage from its base, or train SFT with --peft lora or none")
-    model = load_model(adapter_base(path), device=device, head=head)
+    model = checkpoint.load_model(adapter_base(path), device=device, head=head)
     model = merge_lora(load_lora(model, str(path)), unload=True)
     for p in model.parameters():
         p.requires_grad_(True)
     return model.to(dtype=dtype) if dtype is not None else model
+
+
+def load_model(path, dtype=None, device=None, head: str = "lm") -> nn.Module:
+    """A model from any stage's output directory, as a GPT (head="lm") or ScoreModel: a checkpoint
+    directory by `checkpoint.load_model`, a LoRA output directory (adapter_config.json, no
+    config.json) as its base with the adapter merged in (`load_merged`)."""
+    if is_adapter_dir(path):
+        return load_merged(path, dtype=dtype, device=device, head=head)
+    return checkpoint.load_model(path, dtype=dtype, device=device, head=head)
+
+
+def load_reward_models(paths: list[str], dtype=None, device=None, combine: str = "mean"):
+    """One reward model (a `ScoreModel`), or the `RewardEnsemble` of several; frozen, eval mode."""
+    members = [load_model(p, dtype, device, head="score").eval().requires_grad_(False)
+               for p in paths]
+    if len(members) == 1:
+        return members[0]
+    return RewardEnsemble(members, *zip(*map(checkpoint.reward_stats, paths)),
+                          combine=combine).to(device)

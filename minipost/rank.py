@@ -18,11 +18,13 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_model, load_reward_models, reward_stats
-from .cli import (UserError, load_script_tokenizer, parse_args, require_checkpoint,
-                  same_tokenizer, setup, user_errors)
+from .checkpoint import reward_stats
+from .cli import (load_script_tokenizer, parse_args, require_checkpoint, same_tokenizer, setup,
+                  user_errors)
+from .errors import UserError
 from .evaluate import chat_prompt_ids, heldout_problems
 from .generate import generate
+from .peft import load_model, load_reward_models
 from .reward import combine_scores
 from .tasks import DEFAULT_DIFFICULTY, first_slip, verify
 

@@ -10,6 +10,9 @@ any moment (even with SIGKILL) leaves a complete checkpoint to resume from.
 Restoring all of it makes a resumed CPU run bit-identical to one that never stopped: same weights,
 same optimizer moments, same data order, same random draws (docs/pitfalls.md, "Deterministic
 resume").
+
+`due(every, start, end)` is the one rule for when a step falls on `--save-every N` (here) and on
+`--eval-every N` (in each script's loop).
 """
 import math
 import shutil
@@ -20,8 +23,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import dist
-from .checkpoint import atomic_dir, load_state, rng_state, save_state, set_rng_state
-from .cli import UserError, due
+from .checkpoint import load_state, rng_state, save_state, set_rng_state
+from .errors import UserError
+from .files import atomic_dir
+
+
+def due(every: int, start: int, end: int) -> bool:
+    """True when training, going from `start` to `end` completed steps, passed a multiple of
+    `every`: the steps `--eval-every N` and `--save-every N` fall on (GRPO moves μ steps at a time).
+    One meaning in every script: 0 is never (cli.check_common_flags refuses a negative value)."""
+    return every > 0 and end // every > start // every
 
 
 class NonFiniteError(UserError):

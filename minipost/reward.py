@@ -15,7 +15,7 @@ The reward model itself is `model.ScoreModel`: the decoder plus a scalar head `s
 `*ForSequenceClassification`, `num_labels = 1`), read at each row's last real token — the
 <|im_end|> that ends the completion — whatever the padding side (docs/pitfalls.md, "Reward-model
 score position"). The head starts at zero, so every reward is 0 and the first loss is ln 2;
-`checkpoint.load_model(path, head="score")` builds one from a language model. `pair_rewards`
+`peft.load_model(path, head="score")` builds one from a language model. `pair_rewards`
 scores chosen and rejected in ONE forward pass over a (2B, T) batch from
 `data.collate_preference`.
 
@@ -166,3 +166,8 @@ class RewardEnsemble(torch.nn.Module):
         combined, spread = combine_scores(r, self.mu, self.sigma, self.how)
         self.disagreement = spread.detach()
         return combined
+
+
+def reward_members(reward_model) -> list[ScoreModel]:
+    """The reward models behind `reward_model`: an ensemble's members, or itself."""
+    return list(reward_model.members) if isinstance(reward_model, RewardEnsemble) else [reward_model]

@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from minipost.adapters import (BottleneckAdapter, WithAdapter, adapter_state_dict, apply_adapters,
-                               load_adapters, remove_adapters, save_adapters)
+                               remove_adapters)
 from minipost.lora import count_trainable, disable_adapters
 from minipost.model import GPT, GPTConfig
+from minipost.peft_format import load_adapters, save_adapters
 
 CFG = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

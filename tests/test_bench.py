@@ -1,4 +1,5 @@
-"""bench.py: the FLOP counter against a hand count, and every workload runs (tiny, one step).
+"""bench.py and bench_common.py: the FLOP counter against a hand count, and every workload runs
+(tiny, one step).
 
 Not timing tests: they only check that the benchmark runs and reports sane numbers, so it never rots.
 """
@@ -11,6 +12,7 @@ import sys
 import pytest
 
 import bench
+import bench_common
 from minipost.model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,23 +24,23 @@ HAND = GPTConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_
 def test_non_embedding_params_hand_count_and_model():
     # per layer: q 8·8=64, k 8·4=32, v 32, o 64 -> 192; SwiGLU 3·8·16 = 384; two norms 2·8 = 16
     # -> 592; two layers 1184; final norm 8 -> 1192
-    assert bench.non_embedding_params(HAND) == 1192
+    assert bench_common.non_embedding_params(HAND) == 1192
     model = GPT(HAND)
-    assert bench.non_embedding_params(HAND) == model.num_params()  # tied head: counted once, as embedding
+    assert bench_common.non_embedding_params(HAND) == model.num_params()  # tied head: counted once, as embedding
 
 
 def test_flops_per_token_matches_hand_count():
     # train at T=5: 6·1192 + 12·L·d·T (12·2·8·5 = 960) + 6·V·d (6·10·8 = 480) = 7152 + 960 + 480
-    assert bench.flops_per_token(HAND, 5) == 8592
-    assert bench.flops_per_token(HAND, 5, train=False) == 8592 // 3 == 2864
+    assert bench_common.flops_per_token(HAND, 5) == 8592
+    assert bench_common.flops_per_token(HAND, 5, train=False) == 8592 // 3 == 2864
     # score head (1 output): 7152 + 960 + 6·1·8
-    assert bench.flops_per_token(HAND, 5, head_size=1) == 8160
+    assert bench_common.flops_per_token(HAND, 5, head_size=1) == 8160
 
 
 def test_generation_flops_is_prefill_plus_each_decode_step():
     # B=2, P=3, 3 new tokens: prefill 2·3 tokens at T=3, then decode steps at contexts 4 and 5
-    f = lambda T: bench.flops_per_token(HAND, T, train=False)  # noqa: E731
-    assert bench.generation_flops(HAND, 2, 3, 3) == 6 * f(3) + 2 * f(4) + 2 * f(5)
+    f = lambda T: bench_common.flops_per_token(HAND, T, train=False)  # noqa: E731
+    assert bench_common.generation_flops(HAND, 2, 3, 3) == 6 * f(3) + 2 * f(4) + 2 * f(5)
 
 
 def test_w0_one_step_from_the_command_line():
@@ -76,9 +78,9 @@ def test_floors_run_tiny_and_bound_mfu_by_the_ceiling(capsys):
     assert names[0].startswith("matmul") and names[-1].startswith("W4 matmuls")
     bounds = [r for r in result["rows"] if "mfu" in r]
     assert [r["name"][:2] for r in bounds] == ["W1", "W2"]
-    cfg, ceiling = bench.bench_config(tiny=True), result["rows"][0]["flops_per_s"]
-    model_flops = [16 * 256 * bench.flops_per_token(cfg, 256),                 # W1: SFT 16 × 256
-                   32 * 128 * bench.flops_per_token(cfg, 128, head_size=1)]    # W2: RM 32 × 128
+    cfg, ceiling = bench_common.bench_config(tiny=True), result["rows"][0]["flops_per_s"]
+    model_flops = [16 * 256 * bench_common.flops_per_token(cfg, 256),               # W1: SFT 16 × 256
+                   32 * 128 * bench_common.flops_per_token(cfg, 128, head_size=1)]  # W2: RM 32 × 128
     for r, flops in zip(bounds, model_flops):
         matmuls, attention = result["rows"][result["rows"].index(r) - 2:][:2]
         assert r["step_s"] == pytest.approx(matmuls["step_s"] + attention["step_s"])

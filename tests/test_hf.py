@@ -250,7 +250,8 @@ def test_lora_on_an_imported_qwen3_loads_in_peft_with_the_same_logits(tmp_path):
     # tests/test_lora.py proves the adapter format on a Llama built in place; this is the
     # round trip a user makes: HF checkpoint -> minipost LoRA -> peft on the original model.
     peft = pytest.importorskip("peft")
-    from minipost.lora import apply_lora, save_lora
+    from minipost.lora import apply_lora
+    from minipost.peft_format import save_lora
     from test_lora import train_like
     hf = make_hf("qwen3")
     hf.save_pretrained(tmp_path / "base")
@@ -394,7 +395,8 @@ def test_train_sft_post_trains_an_hf_checkpoint_that_transformers_then_loads(pef
     out = tmp_path / "sft"
     train_sft.main(train_sft.Args(init=str(init), out_dir=str(out), dtype="bfloat16", peft=peft,
                                   lr=1e-2, **SFT_TINY))
-    ours = load_model(out, dtype=torch.float32).eval()   # a LoRA output loads merged
+    from minipost.peft import load_model as load_output
+    ours = load_output(out, dtype=torch.float32).eval()  # a LoRA output loads merged
     if peft == "lora":
         peft_lib = pytest.importorskip("peft")
         base = transformers.AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minipost.lora import (LoRALinear, apply_lora, count_trainable, disable_adapters, load_lora,
-                           lora_state_dict, merge_lora, save_lora, unmerge_lora)
+from minipost.lora import (LoRALinear, apply_lora, count_trainable, disable_adapters, merge_lora,
+                           unmerge_lora)
 from minipost.model import GPT, GPTConfig, ScoreModel
+from minipost.peft_format import load_lora, lora_state_dict, save_lora
 
 CFG = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

@@ -106,7 +106,9 @@ def test_lora_output_loads_as_a_merged_model_for_the_next_stage(tmp_path):
     model = trained(peft.add_peft(load_model(tmp_path / "base"), "lora", lora_r=2))
     peft.save_peft(model, tmp_path / "sft", "lora", merge=True,
                    base_model_name_or_path=str(tmp_path / "base"))
-    via_init = load_model(tmp_path / "sft")          # what `--init out/sft` does
+    via_init = peft.load_model(tmp_path / "sft")     # what `--init out/sft` does
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(tmp_path / "sft")               # checkpoint.load_model: checkpoints only
     assert not any(isinstance(m, LoRALinear) for m in via_init.modules())
     assert all(p.requires_grad for p in via_init.parameters())
     assert_close(via_init(IDS), model(IDS), atol=1e-5, rtol=0)
@@ -114,9 +116,20 @@ def test_lora_output_loads_as_a_merged_model_for_the_next_stage(tmp_path):
     assert_close(merged(IDS), model(IDS), atol=1e-5, rtol=0)
     assert merged.lm_head.weight is merged.model.embed_tokens.weight   # still tied
     # a reward model can start from it too (the decoder merged, a fresh score head)
-    rm = load_model(tmp_path / "sft", head="score")
+    rm = peft.load_model(tmp_path / "sft", head="score")
     assert isinstance(rm, ScoreModel)
     assert_close(rm.model(IDS), via_init.model(IDS), atol=1e-5, rtol=0)
+
+
+def test_a_lora_reward_model_loads_merged_as_a_frozen_reward_model(tmp_path):
+    save_model(tiny(), tmp_path / "base")
+    rm = trained(peft.add_peft(load_model(tmp_path / "base", head="score"), "lora", lora_r=2,
+                               modules_to_save=("score",)))
+    peft.save_peft(rm, tmp_path / "rm", "lora", base_model_name_or_path=str(tmp_path / "base"))
+    loaded = peft.load_reward_models([str(tmp_path / "rm")])     # what train_ppo.py and rank.py do
+    assert isinstance(loaded, ScoreModel) and not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert_close(loaded(IDS), rm(IDS), atol=1e-5, rtol=0)
 
 
 def test_adapter_output_cannot_be_an_init_and_says_why(tmp_path):
@@ -124,7 +137,7 @@ def test_adapter_output_cannot_be_an_init_and_says_why(tmp_path):
     model = peft.add_peft(load_model(tmp_path / "base"), "adapter", adapter_dim=4)
     peft.save_peft(model, tmp_path / "sft", "adapter", base_model_name_or_path=str(tmp_path / "base"))
     with pytest.raises(CheckpointError, match="cannot be merged"):
-        load_model(tmp_path / "sft")
+        peft.load_model(tmp_path / "sft")
     with pytest.raises(ValueError, match="only LoRA"):
         peft.save_peft(model, tmp_path / "x", "adapter", merge=True)
 
@@ -133,7 +146,7 @@ def test_missing_base_of_an_adapter_is_a_checkpoint_error(tmp_path):
     model = peft.add_peft(tiny(), "lora", lora_r=2)
     peft.save_peft(model, tmp_path / "sft", "lora", base_model_name_or_path=str(tmp_path / "gone"))
     with pytest.raises(CheckpointError, match="base model"):
-        load_model(tmp_path / "sft")
+        peft.load_model(tmp_path / "sft")
 
 
 def test_a_directory_is_never_both_a_model_and_an_adapter(tmp_path):

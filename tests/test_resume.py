@@ -110,7 +110,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, m
 
 
 def test_due_is_every_nth_step_and_never_for_0():
-    from minipost.cli import due
+    from minipost.resume import due
     assert [s for s in range(10) if due(3, s, s + 1)] == [2, 5, 8]     # steps 3, 6, 9 done
     assert due(4, 2, 5) and not due(4, 4, 7)                          # μ = 3 steps at a time
     assert not any(due(0, s, s + 1) for s in range(10))

@@ -8,11 +8,10 @@ import torch
 
 import train_dpo
 from minipost import tasks
-from minipost.checkpoint import load_model
 from minipost.cli import UserError
 from minipost.data import collate_preference, encode_preference
 from minipost.dpo import dpo_loss
-from minipost.peft import add_peft, reference_off
+from minipost.peft import add_peft, load_model, reference_off
 from minipost.rollout import pair_up, sampled_pairs
 from minipost.tokenizer import load_tokenizer
 

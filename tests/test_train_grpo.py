@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import train_grpo
-from minipost.checkpoint import load_model
 from minipost.grpo import group_advantages
+from minipost.peft import load_model
 from minipost.tokenizer import load_tokenizer
 
 TINY = dict(max_steps=2, batch_prompts=2, group_size=4, max_new_tokens=12, n_prompts=40,

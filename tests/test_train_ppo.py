@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from minipost.checkpoint import load_model, save_model
+from minipost.checkpoint import save_model
 from minipost.generate import generate
 from minipost.model import GPT, GPTConfig, ScoreModel
-from minipost.peft import add_peft, reference_off
+from minipost.peft import add_peft, load_model, reference_off
 from minipost.ppo import gae, kl_shaped_rewards, ppo_policy_loss, whiten
 from minipost.rollout import completion_logps, completion_values, sequence_scores
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import train_rm
-from minipost.checkpoint import load_model
 from minipost.cli import UserError
 from minipost.data import DataError
 from minipost.model import ScoreModel
+from minipost.peft import load_model
 
 TINY = dict(n_pairs=48, n_identity=16, eval_problems=16, batch_size=8, max_steps=3, eval_every=2,
             max_length=128, lr=1e-3, warmup_steps=1, threads=1, device="cpu", policy_problems=16,

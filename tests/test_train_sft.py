@@ -12,10 +12,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_sft  # noqa: E402
 from minipost import tasks  # noqa: E402
-from minipost.checkpoint import load_model, save_model  # noqa: E402
+from minipost.checkpoint import save_model  # noqa: E402
 from minipost.cli import user_errors  # noqa: E402
 from minipost.data import pack_sequences  # noqa: E402
 from minipost.model import GPT, GPTConfig  # noqa: E402
+from minipost.peft import load_model  # noqa: E402
 from minipost.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 torch.set_num_threads(1)
