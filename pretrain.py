@@ -7,6 +7,13 @@ The corpus is plain text ("Question: ...\\nAnswer: 23 + 45 = 68\\n...\\n#### 56"
 by <|endoftext|>, cut into fixed windows. The byte-level BPE tokenizer is trained on the same corpus
 first. At the end it reports the held-out loss and the greedy accuracy of completing held-out
 problems in the corpus format: the starting line every post-training stage is measured from.
+
+At every evaluation it also probes the arithmetic alone on held-out bare equations ("52 + 14 ="),
+scoring the last digit apart from the leading ones. That probe is what tells a base model that will
+do well after SFT from one that will not: the units digit is a lookup ((a + b) mod 10 of the two
+operands' last digits) that forms abruptly, late in some seeds and not at all in others, while the
+leading digits, carry included, come early in every seed (docs/results.md, Stage 0, has the runs
+and what moves it: `--weight-decay`, `--drill-digits mixed`).
 """
 import time
 from dataclasses import asdict, dataclass
