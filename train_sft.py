@@ -255,7 +255,7 @@ def main(args: Args):
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             metrics.log({"step": step + 1, "loss": loss.item(), "grad_norm": float(gnorm),
-                          "learning_rate": scheduler.get_last_lr()[0], "skipped": run.skipped})
+                          "lr": scheduler.get_last_lr()[0], "skipped": run.skipped})
         if due(args.eval_every, step, step + 1) and step + 1 < steps:
             record = {"step": step + 1, "eval/loss": held_out_loss()}
             if args.eval_quick:
