@@ -106,6 +106,8 @@ def headline(results: dict) -> dict:
         "minutes": _pick(results, "minutes", "train_minutes"),
         "peak_rss_mb": _pick(results, "peak_rss_mb"),
     }
+    row["gain"] = (None if row["before"] is None or row["after"] is None
+                   else row["after"] - row["before"])
     for name, keys in EXTRAS.get(results.get("stage"), {}).items():
         row[name] = _pick(results, *keys)
     return row
@@ -133,10 +135,9 @@ def scoreboard(out) -> str:
             lines.append(f"| {stage} | missing | | | | | | | | |")
             continue
         r = headline(json.loads(path.read_text()))
-        gain = (None if r["before"] is None or r["after"] is None else r["after"] - r["before"])
         lines.append(" | ".join([
             f"| {stage}", METRIC.get(stage, "pass@1, greedy"), num(r["before"]), num(r["after"]),
-            num(gain, "{:+.3f}"), num(r["ci95"]), num(r["well_formed"]), r["pass@k"] or "–",
+            num(r["gain"], "{:+.3f}"), num(r["ci95"]), num(r["well_formed"]), r["pass@k"] or "–",
             num(r["minutes"], "{:.1f}"), num(r["peak_rss_mb"], "{:.0f}")]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -150,8 +151,6 @@ def seed_scoreboard(out, seeds) -> tuple[str, dict]:
             if not path.exists():
                 continue
             r = headline(json.loads(path.read_text()))
-            if r["before"] is not None and r["after"] is not None:
-                r["gain"] = r["after"] - r["before"]
             for name in ("before", "after", "gain", "well_formed", *EXTRAS.get(stage, {}),
                          "minutes"):
                 if isinstance(r.get(name), (int, float)):
