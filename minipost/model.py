@@ -10,6 +10,10 @@ Sources: Vaswani et al. 2017 (arXiv 1706.03762); Radford et al. 2019 (GPT-2); To
 SwiGLU (Shazeer 2020, arXiv 2002.05202); grouped-query attention (Ainslie et al. 2023, arXiv
 2305.13245); Qwen3's per-head q/k RMSNorm.
 
+Speed: each layer below is the plain computation. `use_fast_paths`, switched on for every model
+this module builds, sends RMSNorm, the SwiGLU MLP and attention through `minipost/fast.py`: the same
+numbers (tested), with less memory kept for the backward and faster CPU decoding.
+
 Padding: batches may be left-padded (generation) or right-padded (training). Positions come from the
 attention mask (`cumsum(mask) - 1`), so each row sees the positions it would see alone; this matters
 for learned positions (GPT-2) and is harmless for RoPE (docs/pitfalls.md, "Padding and position
@@ -22,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .functions import SwiGLUDownFn, rms_norm, silu_mul
+from . import fast
 
 
 @dataclass
@@ -77,6 +81,7 @@ def _norm(cfg: GPTConfig, dim: int) -> nn.Module:
 
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x²) + ε) · w, computed in fp32 (Zhang & Sennrich 2019)."""
+    fast_path = False   # use_fast_paths: fast.rms_norm (keeps x and 1/rms, not x/rms as well)
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -84,11 +89,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64):
-            return rms_norm(x, self.weight, self.eps)
-        # low precision: normalise in fp32, round to x's dtype, then scale (as Hugging Face does)
-        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * xf.to(x.dtype)
+        if self.fast_path and fast.full_precision(x, self.weight):
+            return fast.rms_norm(x, self.weight, self.eps)
+        # normalise in fp32 (fp64 stays fp64), round to x's dtype, then scale (as Hugging Face does)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        return self.weight * F.rms_norm(xf, (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
@@ -127,25 +132,10 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-def decode_attention(q, k, v, attn_mask=None):
-    """softmax(q·kᵀ/√d)·v for one query per row (a decoding step), written out in matmuls.
-
-    q: (B, H, 1, hd); k, v: (B, H_kv, T, hd); attn_mask: None or boolean (B, 1, 1, T), True where a
-    key may be seen. Each key/value head serves the G = H / H_kv query heads beside it (grouped-query
-    attention), so the queries are viewed as (B, H_kv, G, hd) against their own keys: no copy of the
-    keys per query head. The same numbers as SDPA, whose CPU kernel tiles for blocks of many
-    queries: 3% (32 rows) to 6% (64 rows) faster decoding in bench.py's W4 model. Used in fp32 and
-    fp64 only: in bf16 SDPA keeps the scores in fp32, these matmuls would round them to bf16.
-    """
-    B, H, _, hd = q.shape
-    H_kv = k.shape[1]
-    scores = q.view(B, H_kv, H // H_kv, hd) @ k.transpose(-1, -2) * hd ** -0.5   # (B, H_kv, G, T)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    return (scores.softmax(-1) @ v).view(B, H, 1, hd)
-
-
 class Attention(nn.Module):
+    """softmax(q·kᵀ/√d + mask)·v over H query heads; each H / H_kv of them share a key/value head."""
+    fast_path = False   # use_fast_paths: fast.attention (a CPU decoding step in two matmuls)
+
     def __init__(self, cfg: GPTConfig, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
@@ -174,19 +164,17 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                      # (B, H_kv, T_past+T, hd)
-        if T == 1 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
-            y = decode_attention(q, k, v, attn_mask)   # one full-precision decoding step on a CPU
-        else:
-            # No mask is the fast path: causal for a fresh sequence (training), and for one new
-            # token after a cache (decoding) nothing to hide, as it may see every cached key.
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-                enable_gqa=cfg.num_key_value_heads != cfg.num_attention_heads)
+        attend = fast.attention if self.fast_path else F.scaled_dot_product_attention
+        # No mask is SDPA's fast path: causal for a fresh sequence (training), and for one new
+        # token after a cache (decoding) nothing to hide, as it may see every cached key.
+        y = attend(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                   enable_gqa=cfg.num_key_value_heads != cfg.num_attention_heads)   # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) · up(x)) for Llama/Qwen; GPT-2: down(gelu(up(x)))."""
+    fast_path = False   # use_fast_paths: fast.swiglu_down (keeps g and u, not silu(g)·u too)
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -199,13 +187,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, d, bias=bias)
 
     def forward(self, x):
-        if self.gated:
-            g, u, down = self.gate_proj(x), self.up_proj(x), self.down_proj
-            if torch.is_grad_enabled() and type(down) is nn.Linear and down.bias is None \
-                    and g.dtype == down.weight.dtype:   # training: keep g and u, not h as well
-                return SwiGLUDownFn.apply(g, u, down.weight)
-            return down(silu_mul(g, u))      # decoding, LoRA on down_proj, autocast
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        if not self.gated:
+            return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        g, u = self.gate_proj(x), self.up_proj(x)           # (B, T, intermediate) each
+        if self.fast_path:
+            return fast.swiglu_down(g, u, self.down_proj)
+        return self.down_proj(F.silu(g) * u)               # down(silu(g) ⊙ u)
 
 
 class Block(nn.Module):
@@ -235,6 +222,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = _norm(cfg, cfg.hidden_size)
         self.gradient_checkpointing = False   # set_gradient_checkpointing: recompute in backward
+        use_fast_paths(self)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
                 cache: KVCache | None = None):
@@ -289,6 +277,16 @@ def set_gradient_checkpointing(model: nn.Module, on: bool = True) -> nn.Module:
     for m in model.modules():
         if isinstance(m, Decoder):
             m.gradient_checkpointing = on
+    return model
+
+
+def use_fast_paths(model: nn.Module, on: bool = True) -> nn.Module:
+    """Send every RMSNorm, attention and SwiGLU MLP in `model` through `minipost/fast.py` (on, as
+    every Decoder starts), or back to the plain computation written in this module (off). The
+    same numbers either way, to fp32's rounding (tests/test_fast.py)."""
+    for m in model.modules():
+        if isinstance(m, (RMSNorm, Attention, MLP)):
+            m.fast_path = on
     return model
 
 

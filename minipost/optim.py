@@ -1,136 +1,36 @@
-"""AdamW with weight decay on matrices only, and a linear-warmup cosine schedule.
+"""AdamW with weight decay on matrices only, gradient clipping, and a linear-warmup cosine schedule.
 
 Decay applies to 2-D weights (projections, embeddings); norms' gains and biases are left alone, as
 in GPT-2/nanoGPT: shrinking a gain towards 0 is not regularisation, it changes the function.
 
-Both are written here rather than taken from `torch.optim`: building or stepping any
-`torch.optim.Optimizer` imports `torch._dynamo` and sympy (its methods are wrapped to keep the
-compiler out of them), ~70 MB of every training process's memory and a second of start-up, for a
-compiler none of the scripts runs by default. The state dict keeps torch.optim.AdamW's layout, so
-resume checkpoints and `minipost.dist`'s sharded state handling read it unchanged.
+`make_optimizer` returns a `torch.optim.Optimizer`; the scripts, the schedule and resume
+checkpoints use only that interface (`step`, `zero_grad`, `param_groups`, `state_dict`,
+`load_state_dict`), so any torch.optim optimizer can take its place.
 """
 import math
 import time
 
 import torch
 
-from . import dist
-
-
-class AdamW:
-    """Adam with decoupled weight decay (Loshchilov & Hutter 2019, arXiv 1711.05101, Algorithm 2).
-    For each parameter θ with gradient g, at step t = 1, 2, ...:
-
-        m ← β₁·m + (1 − β₁)·g               v ← β₂·v + (1 − β₂)·g²
-        θ ← θ·(1 − lr·λ) − lr · m̂ / (√v̂ + ε),   m̂ = m / (1 − β₁ᵗ),   v̂ = v / (1 − β₂ᵗ)
-
-    On CPU and CUDA the update runs as aten's fused kernel (`torch._fused_adamw_`, the one
-    `torch.optim.AdamW(fused=True)` calls): one pass over each parameter's memory for all five
-    lines. On other devices, or with `fused=False`, the same lines run as the tensor ops of
-    `_adamw_ops`. `param_groups`: dicts with "params" and any of lr, betas, eps, weight_decay.
-    """
-
-    def __init__(self, param_groups, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, fused: bool | None = None):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        self.fused = fused               # None: wherever aten has the kernel (CPU, CUDA)
-        self.param_groups = [{**defaults, **g, "params": list(g["params"])} for g in param_groups]
-        self.state = {}   # parameter -> {"step": float32 scalar tensor, "exp_avg", "exp_avg_sq"}
-
-    def zero_grad(self, set_to_none: bool = True):
-        for p in self._params():
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2,
-                         weight_decay=group["weight_decay"], eps=group["eps"])
-            by_kind = {}     # one kernel call per device and dtype, as the fused kernel requires
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_kind.setdefault((p.device, p.dtype), []).append(p)
-            for (device, _), params in by_kind.items():
-                fused = device.type in ("cpu", "cuda") if self.fused is None else self.fused
-                states = [self._state(p) for p in params]
-                steps = [s["step"] for s in states]
-                torch._foreach_add_(steps, 1.0)
-                # a sharded (FSDP) parameter updates its own shard: the local tensors
-                tensors = [[_local(t) for t in ts] for ts in (
-                    params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states])]
-                if fused:
-                    torch._fused_adamw_(*tensors, [], steps, amsgrad=False, maximize=False, **hyper)
-                else:
-                    _adamw_ops(*tensors, steps, **hyper)
-
-    def _state(self, p):
-        if p not in self.state:
-            self.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
-                             "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-        return self.state[p]
-
-    def _params(self):
-        return [p for group in self.param_groups for p in group["params"]]
-
-    def state_dict(self) -> dict:
-        """torch.optim's layout: state keyed by the parameter's position over all groups."""
-        index = {p: i for i, p in enumerate(self._params())}
-        groups, start = [], 0
-        for group in self.param_groups:
-            groups.append({**{k: v for k, v in group.items() if k != "params"},
-                           "params": list(range(start, start + len(group["params"])))})
-            start += len(group["params"])
-        return {"state": {index[p]: dict(s) for p, s in self.state.items()},
-                "param_groups": groups}
-
-    def load_state_dict(self, state_dict: dict):
-        """Restore hyperparameters and moments (keys may be strings after JSON); moments move to
-        each parameter's device and dtype, steps stay float32."""
-        saved_groups = state_dict["param_groups"]
-        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
-            raise ValueError("optimizer state does not match this model's parameter groups")
-        for group, saved in zip(self.param_groups, saved_groups):
-            group.update({k: tuple(v) if k == "betas" else v
-                          for k, v in saved.items() if k != "params"})
-        params = self._params()
-        self.state = {}
-        for i, saved in state_dict["state"].items():
-            p = params[int(i)]
-            self.state[p] = {k: v.to(device=p.device,
-                                     dtype=torch.float32 if k == "step" else p.dtype)
-                             for k, v in saved.items()}
-
-
-def _adamw_ops(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps):
-    """AdamW's update as plain tensor ops (the docstring's lines, in order), one parameter at a time."""
-    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-        t = step.item()
-        p.mul_(1 - lr * weight_decay)
-        m.lerp_(g, 1 - beta1)                                  # β₁·m + (1 − β₁)·g
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-        p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
-
-
-def _local(t):
-    """A DTensor's local shard (in place updates land in the DTensor), any other tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
+from . import dist, fast
 
 
 def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95),
-                   eps: float = 1e-8) -> AdamW:
-    """AdamW over the trainable parameters of `model` (shared parameters counted once)."""
+                   eps: float = 1e-8) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters of `model` (shared parameters counted once), decay on
+    matrices only.
+
+    `fast.AdamW` is `torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)` (the same
+    numbers and state dict) without the ~70 MB compiler import of torch.optim's base class; either,
+    or any other torch.optim optimizer over `groups`, can be returned here.
+    """
     params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+    groups = [g for g in groups if g["params"]]
+    return fast.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
 def clip_gradients(model, max_norm: float) -> torch.Tensor:
