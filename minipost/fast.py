@@ -191,8 +191,9 @@ class AdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, fused: bool | None = None):
-        self.fused = fused               # None: wherever aten has the kernel (CPU, CUDA)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        # fused: None = aten's kernel wherever it has one (CPU, CUDA); a group setting, as in torch
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      fused=fused))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -209,7 +210,8 @@ class AdamW(torch.optim.Optimizer):
                 if p.grad is not None:
                     by_kind.setdefault((p.device, p.dtype), []).append(p)
             for (device, _), params in by_kind.items():
-                fused = device.type in ("cpu", "cuda") if self.fused is None else self.fused
+                fused = group.get("fused")
+                fused = device.type in ("cpu", "cuda") if fused is None else fused
                 states = [self._state(p) for p in params]
                 steps = [s["step"] for s in states]
                 torch._foreach_add_(steps, 1.0)
