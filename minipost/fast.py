@@ -164,12 +164,12 @@ def decode_attention(q, k, v, attn_mask=None):
 
 
 # ---------------------------------------------------------------------------- AdamW
-# torch.optim.Optimizer wraps these four methods in `torch._disable_dynamo`, whose first call
-# imports torch._dynamo and sympy (~70 MB of every training process, and a second or two of
-# start-up) for a compiler none of the scripts runs by default; AdamW takes the methods unwrapped.
-_unwrapped = {name: getattr(getattr(torch.optim.Optimizer, name), "__wrapped__",
-                            getattr(torch.optim.Optimizer, name))
-              for name in ("add_param_group", "zero_grad", "state_dict", "load_state_dict")}
+def _without_compiler(name: str):
+    """torch.optim.Optimizer's method `name` as written, without the `torch._disable_dynamo`
+    wrapper around it, whose first call imports torch._dynamo and sympy: ~70 MB of every training
+    process and a second or two of start-up, for a compiler none of the scripts runs by default."""
+    method = getattr(torch.optim.Optimizer, name)
+    return getattr(method, "__wrapped__", method)
 
 
 class AdamW(torch.optim.Optimizer):
@@ -185,9 +185,9 @@ class AdamW(torch.optim.Optimizer):
     or with `fused=False`, the same lines run as the tensor ops of `_adamw_ops`.
     """
 
-    add_param_group = _unwrapped["add_param_group"]
-    zero_grad = _unwrapped["zero_grad"]
-    state_dict = _unwrapped["state_dict"]
+    add_param_group = _without_compiler("add_param_group")
+    zero_grad = _without_compiler("zero_grad")
+    state_dict = _without_compiler("state_dict")
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, fused: bool | None = None):
@@ -234,7 +234,7 @@ class AdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict):
         """torch.optim's, then each step count moved to its parameter's device as float32 (the
         fused kernel reads it there)."""
-        _unwrapped["load_state_dict"](self, state_dict)
+        _without_compiler("load_state_dict")(self, state_dict)
         for p, s in self.state.items():
             s["step"] = s["step"].to(device=p.device, dtype=torch.float32)
 
