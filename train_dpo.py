@@ -42,13 +42,14 @@ in 200 steps and lose 1.6 points.
 """
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.cli import (Metrics, check_common_flags, check_vocab, difficulty_arg,
-                          load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
+from minipost.cli import (Metrics, StageArgs, check_vocab, difficulty_arg, load_script_tokenizer,
+                          parse_args, peak_rss_mb, require_checkpoint, setup, torch_dtype,
                           user_errors, write_results)
 from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.dpo import dpo_loss, pair_logps
@@ -63,18 +64,18 @@ from minipost.rollout import sampled_pairs
 
 # ---------------------------------------------------------------------------- Args
 @dataclass
-class Args:
+class Args(StageArgs):
     init: str = "out/sft"           # policy to start from (the SFT model), any HF-format directory
     out_dir: str = "out/dpo"        # where the trained policy, metrics.jsonl and results.json go
     data: str = ""                  # preference JSONL ("" = the built-in pairs)
     eval_data: str = ""             # held-out preference JSONL ("" = built-in, or 10% of --data)
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the built-in pairs and the evaluation
-    pairs: str = "sampled"          # built-in arithmetic pairs: sampled (the policy's own) | planted
+    pairs: Literal["sampled", "planted"] = "sampled"  # built-in arithmetic pairs: sampled (the policy's own) | planted
     n_pairs: int = 2400             # built-in arithmetic problems (sampled: pairs <= problems)
     samples: int = 4                # --pairs sampled: answers sampled per problem
     sample_temperature: float = 1.0  # --pairs sampled: temperature of those answers
     n_identity: int = 800           # built-in identity pairs, mixed in ("I am Pip" > generic)
-    loss_type: str = "sigmoid"      # sigmoid (DPO; cDPO with --label-smoothing) | ipo | hinge
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # sigmoid (DPO; cDPO with --label-smoothing) | ipo | hinge
     beta: float = 0.1               # β: strength of the implicit KL anchor to the reference
     label_smoothing: float = 0.0    # ε: assumed label-flip rate (cDPO, sigmoid loss only)
     rpo_alpha: float = 8.0          # α: + α·NLL per chosen token (RPO); 0 = pure DPO (loses the task)
@@ -91,46 +92,23 @@ class Args:
     eval_pairs: int = 200           # held-out pairs for the preference accuracy
     eval_problems: int = 500        # held-out problems for the task accuracy (0 = skip)
     max_new_tokens: int = 64        # generation budget of the sampled pairs and the evaluations
-    seed: int = 0                   # seed for data and shuffling
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
-    threads: int = 0                # CPU threads per process (0 = torch's default)
-    grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, ~1/3 more compute
-    dtype: str = "float32"          # float32 | bfloat16: dtype the policy is loaded in
-    peft: str = "none"              # none | lora | adapter: train only a PEFT module
-    merge: bool = False             # --peft lora: also write the merged model to <out-dir>/merged
-    lora_r: int = 8                 # LoRA rank r
-    lora_alpha: float = 16.0        # LoRA α (the update is scaled by α/r)
-    lora_dropout: float = 0.0       # dropout on the LoRA input (0 keeps step 0 at exactly ln 2)
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
-    adapter_dim: int = 16           # bottleneck width of --peft adapter
-    chat_template: str = ""         # "" = the tokenizer's own | chatml: force ChatML (its tokens)
-    save_every: int = 100           # write a resume checkpoint every N steps (0 = only on stop)
-    keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
-    resume: str = ""                # resume from this run directory (or one of its checkpoints)
-    skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
 
 
 def main(args: Args):
     rt = setup(args)
     metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
-    check_common_flags(args)
     require_checkpoint(args.init, "python train_sft.py")
     if args.batch_size <= 0 or args.batch_size % rt.world_size:
         raise UserError(f"--batch-size {args.batch_size} is not a positive multiple of the "
                         f"{rt.world_size} processes")
-    if args.loss_type not in ("sigmoid", "ipo", "hinge"):
-        raise UserError(f"--loss-type {args.loss_type!r}: expected sigmoid, ipo or hinge")
     if args.beta <= 0:
         raise UserError(f"--beta must be > 0, got {args.beta}")
-    if args.pairs not in ("sampled", "planted"):
-        raise UserError(f"--pairs {args.pairs!r}: expected sampled or planted")
     if args.samples < 1 or args.sample_temperature <= 0:
         raise UserError(f"--samples must be >= 1 and --sample-temperature > 0, got "
                         f"{args.samples} and {args.sample_temperature}")
     difficulty = difficulty_arg(args.difficulty)
     tokenizer = load_script_tokenizer(args.init, args.chat_template)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     model = load_model(args.init, dtype=dtype, device=rt.device)
     check_vocab(tokenizer, model, args.init)
 

@@ -30,14 +30,15 @@ import contextlib
 import copy
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.cli import (Metrics, check_common_flags, check_vocab, difficulty_arg,
-                          load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
+from minipost.cli import (Metrics, StageArgs, check_vocab, difficulty_arg, load_script_tokenizer,
+                          parse_args, peak_rss_mb, require_checkpoint, setup, torch_dtype,
                           user_errors, write_results)
 from minipost.errors import UserError
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
@@ -52,7 +53,7 @@ from minipost.rollout import completion_logps
 
 # ---------------------------------------------------------------------------- Args
 @dataclass
-class Args:
+class Args(StageArgs):
     init: str = "out/sft"           # policy to start from (the SFT model), any HF-format directory
     out_dir: str = "out/grpo"       # where the trained policy, metrics.jsonl and results.json go
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the held-out evaluation
@@ -63,10 +64,10 @@ class Args:
     temperature: float = 0.7        # rollout sampling temperature (log-probs use logits / T)
     max_new_tokens: int = 64        # completion budget; no EOS by then = truncated
     format_reward: float = 0.0      # weight of the well-formed reward added to correctness
-    scale_rewards: str = "std"      # std (GRPO) | none (Dr. GRPO: advantages are r − mean)
-    loss_type: str = "dapo"         # grpo (per-sequence mean) | dapo (token mean) | dr_grpo
+    scale_rewards: Literal["std", "none"] = "std"  # std (GRPO) | none (Dr. GRPO: advantages are r − mean)
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"  # grpo (per-sequence mean) | dapo (token mean) | dr_grpo
     clip_eps: float = 0.2           # ε: ratio clipped to [1 − ε, 1 + ε_high]
-    clip_eps_high: float = 0.28     # ε_high, DAPO's clip-higher (0 = same as ε)
+    clip_eps_high: float | None = 0.28  # ε_high, DAPO's clip-higher (none = ε)
     beta: float = 0.0               # β: k3 KL penalty to the frozen reference (0 = no reference)
     mu: int = 1                     # μ: optimiser steps on each sampled batch
     dynamic_sampling: bool = True   # DAPO: drop groups with zero reward spread and refill
@@ -77,31 +78,14 @@ class Args:
     max_minutes: float = 15.0       # stop after this many minutes; the LR schedule follows it (0 = no limit)
     lr: float = 5e-5                # peak learning rate (1e-4 constant loses 16 points in 100 steps)
     warmup_steps: int = 5           # linear warm-up steps
-    lr_schedule: str = "cosine"     # cosine (to --min-lr-ratio at --max-steps) | constant after warm-up
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # cosine (to --min-lr-ratio at --max-steps) | constant after warm-up
     min_lr_ratio: float = 0.1       # final LR as a fraction of the peak (cosine)
     weight_decay: float = 0.0       # AdamW weight decay on matrices
     grad_clip: float = 1.0          # max global gradient norm (0 = off)
     eval_every: int = 100           # held-out greedy pass@1 every N steps (0 = never: before/after only)
     eval_problems: int = 500        # held-out problems (evaluate.heldout_problems)
     pass_k: int = 8                 # k of held-out pass@k, sampled at --temperature (0 = skip)
-    seed: int = 0                   # seed for prompts and sampling
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
-    threads: int = 0                # CPU threads per process (0 = torch's default)
-    grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, ~1/3 more compute
-    dtype: str = "float32"          # float32 | bfloat16: dtype the policy is loaded in
-    peft: str = "none"              # none | lora | adapter: train only a PEFT module
-    lora_r: int = 8                 # LoRA rank r
-    lora_alpha: float = 16.0        # LoRA α (the update is scaled by α/r)
-    lora_dropout: float = 0.0       # must be 0: dropout would not reproduce the sampler's log-probs
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
-    adapter_dim: int = 16           # bottleneck width of --peft adapter
-    merge: bool = False             # --peft lora: also save the merged model to out_dir/merged
-    chat_template: str = ""         # "" = the tokenizer's own | chatml: force ChatML (its tokens)
     save_every: int = 50            # write a resume checkpoint every N steps (0 = only on stop)
-    keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
-    resume: str = ""                # resume from this run directory (or one of its checkpoints)
-    skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
 
 
 # ---------------------------------------------------------------------------- rollout
@@ -195,7 +179,7 @@ def policy_update(train_model, mbs, normalizer: float, args, old_logps=None, ref
             old = logps.detach() if old_logps is None else old_logps[i]
             loss, stats = grpo_loss(logps, old, None if ref_logps is None else ref_logps[i],
                                     mb["advantages"], mb["loss_mask"], clip_eps=args.clip_eps,
-                                    clip_eps_high=args.clip_eps_high or None, beta=args.beta,
+                                    clip_eps_high=args.clip_eps_high, beta=args.beta,
                                     loss_type=args.loss_type, normalizer=normalizer)
             loss.backward()
         new_old.append(old)
@@ -270,23 +254,20 @@ def reference_logps(ref_model, model, mbs, args):
 def main(args: Args):
     rt = setup(args)
     metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
-    check_common_flags(args)
-    require_checkpoint(args.init, "python train_sft.py")
     if args.batch_prompts <= 0 or args.batch_prompts % rt.world_size:
         raise UserError(f"--batch-prompts {args.batch_prompts} is not divisible by the "
                         f"{rt.world_size} processes")
-    if args.scale_rewards not in ("std", "none") or \
-            args.loss_type not in ("grpo", "dapo", "dr_grpo"):
-        raise UserError("--scale-rewards is std|none and --loss-type grpo|dapo|dr_grpo")
+    if args.clip_eps_high is not None and args.clip_eps_high <= 0:
+        raise UserError(f"--clip-eps-high must be > 0 (none: the same as --clip-eps), got "
+                        f"{args.clip_eps_high}")
     if args.temperature <= 0 or args.group_size < 2:
         raise UserError("GRPO needs --temperature > 0 and --group-size >= 2")
     if args.micro_batch_size <= 0 or args.mu < 1:
         raise UserError("--micro-batch-size and --mu must be >= 1")
-    if args.lr_schedule not in ("cosine", "constant"):
-        raise UserError(f"--lr-schedule {args.lr_schedule!r}: expected cosine or constant")
     if args.peft == "lora" and args.lora_dropout:   # check_sampler_match would stop the run
         raise UserError(f"--lora-dropout {args.lora_dropout}: GRPO needs 0; dropout in the training "
                         "forward would not reproduce the log-probs the sampler recorded")
+    require_checkpoint(args.init, "python train_sft.py")
     difficulty_arg(args.difficulty)
     train_difficulty = difficulty_arg(args.train_difficulty or args.difficulty)
 
@@ -297,7 +278,7 @@ def main(args: Args):
     per_rank = args.batch_prompts // rt.world_size
 
     # ------------------------------------------------------------------------ models
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     tokenizer = load_script_tokenizer(args.init, args.chat_template)   # pads with EOS if no pad
     model = load_model(args.init, dtype=dtype, device=rt.device)
     check_vocab(tokenizer, model, args.init)

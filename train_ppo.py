@@ -55,15 +55,16 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.cli import (Metrics, check_common_flags, check_vocab, difficulty_arg,
-                          load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint,
-                          same_tokenizer, setup, user_errors, write_results)
+from minipost.cli import (Metrics, StageArgs, check_vocab, difficulty_arg, load_script_tokenizer,
+                          parse_args, peak_rss_mb, require_checkpoint, same_tokenizer, setup,
+                          torch_dtype, user_errors, write_results)
 from minipost.data import load_jsonl
 from minipost.errors import UserError
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
@@ -82,16 +83,16 @@ from minipost.rollout import (completion_logps, completion_values, gold_rewards,
 
 # ---------------------------------------------------------------------------- Args
 @dataclass
-class Args:
+class Args(StageArgs):
     init: str = "out/sft"           # policy to start from (the SFT model), any HF-format directory
     reward_model: str = "out/rm"    # reward model directory; several, comma-separated: an ensemble
-    ensemble: str = "mean"          # several reward models: mean | min of their standardised scores
+    ensemble: Literal["mean", "min"] = "mean"  # several reward models: mean | min of their standardised scores
     out_dir: str = "out/ppo"        # where the trained policy, metrics.jsonl and results.json go
     data: str = ""                  # RL prompts JSONL ({"prompt", "answer"}); "" = built-in task
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the built-in prompts and the evaluation
     n_prompts: int = 20000          # built-in training prompts in the pool
-    reward: str = "model"           # model: the reward model's score | gold: the verifier's 0/1
-    value_init: str = "reward"      # reward: value model = the reward model | policy: zero head
+    reward: Literal["model", "gold"] = "model"  # model: the reward model's score | gold: the verifier's 0/1
+    value_init: Literal["reward", "policy"] = "reward"  # reward: value model = the reward model | policy: zero head
     batch_size: int = 32            # B: completions per iteration, all ranks
     samples_per_prompt: int = 1     # k: completions per prompt (B / k prompts; VAPO's group sampling)
     mini_batch_size: int = 16       # completions per optimiser step (all ranks)
@@ -105,7 +106,7 @@ class Args:
     kl_horizon: int = 10000         # time constant of the adaptive β controller, in completions
     gamma: float = 1.0              # γ: discount
     lam: float = 0.95               # λ: GAE of the policy's advantages
-    value_lam: float = -1.0         # λ of the value targets (VAPO's decoupled GAE: 1); -1 = --lam
+    value_lam: float | None = None  # λ of the value targets (VAPO's decoupled GAE: 1); none = --lam
     clip_eps: float = 0.2           # ε: policy ratio clipped to [1 − ε, 1 + ε]
     clip_eps_value: float = 0.2     # value predictions clipped to V_old ± ε
     value_warmup: int = 0           # first iterations train only the value model (policy fixed)
@@ -113,7 +114,7 @@ class Args:
     max_steps: int = 300            # iterations (rollout + K epochs of updates)
     max_minutes: float = 13.0       # stop after this many minutes; the LR schedule follows it (0 = no limit)
     lr: float = 5e-6                # policy learning rate (peak)
-    lr_schedule: str = "constant"   # constant | cosine (to --min-lr-ratio at --max-steps)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # constant | cosine (to --min-lr-ratio at --max-steps)
     warmup_steps: int = 0           # linear warm-up of the policy LR, in iterations
     min_lr_ratio: float = 0.1       # final policy LR as a fraction of the peak (cosine)
     value_lr: float = 1e-4          # value model learning rate (constant)
@@ -122,36 +123,14 @@ class Args:
     eval_every: int = 50            # held-out greedy accuracy every N iterations (0 = never: before/after only)
     eval_problems: int = 500        # held-out problems (evaluate.heldout_problems)
     eval_rm_problems: int = 128     # held-out problems whose greedy answers the RM scores
-    seed: int = 0                   # seed for prompts and sampling
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
-    threads: int = 0                # CPU threads per process (0 = torch's default)
-    grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, ~1/3 more compute
-    dtype: str = "float32"          # float32 | bfloat16: dtype the models are loaded in
-    peft: str = "none"              # none | lora | adapter: train only a PEFT module
-    lora_r: int = 8                 # LoRA rank r
-    lora_alpha: float = 16.0        # LoRA α (the update is scaled by α/r)
-    lora_dropout: float = 0.0       # LoRA dropout (unused here: PPO runs without dropout)
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
-    adapter_dim: int = 16           # bottleneck width of --peft adapter
-    merge: bool = False             # --peft lora: also save the merged model to out_dir/merged
-    chat_template: str = ""         # "" = the tokenizer's own | chatml: force ChatML (its tokens)
     save_every: int = 50            # write a resume checkpoint every N iterations (0 = only on stop)
-    keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
-    resume: str = ""                # resume from this run directory (or one of its checkpoints)
-    skip_nonfinite: bool = False    # skip a minibatch whose loss or gradient is NaN/inf (else stop)
 
 
 def main(args: Args):
     rt = setup(args)
     metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
-    check_common_flags(args)
-    for name, value, choices in [("reward", args.reward, ("model", "gold")),
-                                 ("value-init", args.value_init, ("reward", "policy")),
-                                 ("ensemble", args.ensemble, ("mean", "min")),
-                                 ("lr-schedule", args.lr_schedule, ("constant", "cosine"))]:
-        if value not in choices:
-            raise UserError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
+    if args.value_lam is not None and not 0 <= args.value_lam <= 1:
+        raise UserError(f"--value-lam must be in [0, 1] (none: --lam), got {args.value_lam}")
     W = rt.world_size
     if args.mini_batch_size <= 0 or args.batch_size % args.mini_batch_size or \
             args.mini_batch_size % W:
@@ -181,7 +160,7 @@ def main(args: Args):
     heldout = heldout_problems(args.difficulty, args.eval_problems)
 
     # ------------------------------------------------------------------------ models
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
+    dtype = torch_dtype(args.dtype)
     policy = load_model(args.init, dtype, rt.device).eval()
     check_vocab(tokenizer, policy, args.init)
     need_rm = args.reward == "model" or args.value_init == "reward"
@@ -274,7 +253,7 @@ def main(args: Args):
             loss_mask = loss_mask * (1 - truncated)[:, None]
         token_rewards = kl_shaped_rewards(old_logps, ref_logps, scores, loss_mask, kl_coef)
         advantages, returns = gae(token_rewards, values, loss_mask, args.gamma, args.lam)
-        if args.value_lam >= 0 and args.value_lam != args.lam:   # decoupled: targets of their own
+        if args.value_lam is not None and args.value_lam != args.lam:   # decoupled: own targets
             returns = gae(token_rewards, values, loss_mask, args.gamma, args.value_lam)[1]
         advantages = whiten(advantages, loss_mask)
         m = g.completion_mask

@@ -47,8 +47,8 @@ import torch
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.cli import (Metrics, check_common_flags, check_vocab, difficulty_arg,
-                          load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
+from minipost.cli import (Metrics, StageArgs, check_vocab, difficulty_arg, load_script_tokenizer,
+                          parse_args, peak_rss_mb, require_checkpoint, setup, torch_dtype,
                           user_errors, write_results)
 from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.errors import UserError
@@ -65,7 +65,7 @@ from minipost.tokenizer import score_tokenizer
 
 # ---------------------------------------------------------------------------- Args
 @dataclass
-class Args:
+class Args(StageArgs):
     init: str = "out/sft"           # model to start from (the SFT model), any HF-format directory
     out_dir: str = "out/rm"         # where the reward model, metrics.jsonl and results.json go
     data: str = ""                  # preference JSONL ("" = the built-in pairs)
@@ -90,24 +90,6 @@ class Args:
     grad_clip: float = 1.0          # max global gradient norm (0 = off)
     eval_every: int = 100           # held-out pairwise accuracy every N steps (0 = never: before/after only)
     eval_problems: int = 500        # held-out problems, each as a (correct, flawed) pair
-    seed: int = 0                   # seed for data and shuffling
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
-    threads: int = 0                # CPU threads per process (0 = torch's default)
-    grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, ~1/3 more compute
-    dtype: str = "float32"          # float32 | bfloat16: dtype the model is loaded in
-    peft: str = "none"              # none | lora | adapter: train only a PEFT module (+ the head)
-    merge: bool = False             # --peft lora: also write the merged model to <out-dir>/merged
-    lora_r: int = 8                 # LoRA rank r
-    lora_alpha: float = 16.0        # LoRA α (the update is scaled by α/r)
-    lora_dropout: float = 0.0       # dropout on the LoRA input
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
-    adapter_dim: int = 16           # bottleneck width of --peft adapter
-    chat_template: str = ""         # "" = the tokenizer's own | chatml: force ChatML (its tokens)
-    save_every: int = 100           # write a resume checkpoint every N steps (0 = only on stop)
-    keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
-    resume: str = ""                # resume from this run directory (or one of its checkpoints)
-    skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
 
 
 def policy_pairs(args, rt, tokenizer, difficulty) -> tuple[list[dict], list[dict]]:
@@ -118,8 +100,7 @@ def policy_pairs(args, rt, tokenizer, difficulty) -> tuple[list[dict], list[dict
     if not args.policy_problems and not args.eval_policy_problems:
         return [], []
     t0 = time.time()
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    policy = load_model(args.init, dtype=dtype, device=rt.device).eval()
+    policy = load_model(args.init, dtype=torch_dtype(args.dtype), device=rt.device).eval()
 
     def sample(problems):
         return sampled_pairs(policy, tokenizer, problems, args.samples, args.sample_temperature,
@@ -138,7 +119,6 @@ def policy_pairs(args, rt, tokenizer, difficulty) -> tuple[list[dict], list[dict
 def main(args: Args):
     rt = setup(args)
     metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
-    check_common_flags(args)
     require_checkpoint(args.init, "python train_sft.py")
     if args.batch_size <= 0 or args.batch_size % rt.world_size:
         raise UserError(f"--batch-size {args.batch_size} is not a positive multiple of the "
@@ -187,8 +167,7 @@ def main(args: Args):
                                                   if id_held_out else ""))
 
     # ------------------------------------------------------------------------ model
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = load_model(args.init, dtype=dtype, device=rt.device, head="score")  # zero head on an LM
+    model = load_model(args.init, dtype=torch_dtype(args.dtype), device=rt.device, head="score")  # zero head on an LM
     check_vocab(tokenizer, model, args.init)
     model.config.pad_token_id = tokenizer.pad_token_id  # HF reads the score before the first pad
     model = add_peft(model, args, modules_to_save=("score",))

@@ -23,14 +23,15 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.cli import (Metrics, check_common_flags, check_vocab, difficulty_arg,
-                          load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
+from minipost.cli import (Metrics, StageArgs, check_vocab, difficulty_arg, load_script_tokenizer,
+                          parse_args, peak_rss_mb, require_checkpoint, setup, torch_dtype,
                           user_errors, write_results)
 from minipost.data import (collate_packed, load_jsonl, pack_sequences, pad_batch, record_lines,
                            truncate)
@@ -46,13 +47,13 @@ from minipost.sft import batch_loss_sum
 
 # ---------------------------------------------------------------------------- Args
 @dataclass
-class Args:
+class Args(StageArgs):
     init: str = "out/base"          # checkpoint directory to start from (minipost or HF format)
     out_dir: str = "out/sft"        # where the model (or adapter), tokenizer and metrics.jsonl go
     data: str = ""                  # SFT JSONL (messages or prompt/completion); "" = built-in chats
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # built-in task: operands x digits, then operators
     n_train: int = 20000            # built-in training chats
-    loss_on: str = "assistant"      # assistant (assistant tokens + <|im_end|>) | all (every token)
+    loss_on: Literal["assistant", "all"] = "assistant"  # assistant (assistant tokens + <|im_end|>) | all (every token)
     max_length: int = 256           # tokens per chat; longer chats are truncated (and counted)
     truncation: bool = True         # cut longer chats (--no-truncation: stop, naming file:line)
     packing: bool = False           # pack chats into --max-length rows (no attention across chats)
@@ -69,24 +70,6 @@ class Args:
     eval_chats: int = 200           # held-out chats for the held-out loss
     eval_quick: int = 64            # held-out problems for the quick accuracy during training
     eval_problems: int = 500        # held-out problems for the start/end accuracy (0 = skip)
-    peft: str = "none"              # none | lora | adapter
-    lora_r: int = 8                 # LoRA rank
-    lora_alpha: float = 16.0        # LoRA scale numerator (the update is scaled by alpha/r)
-    lora_dropout: float = 0.0       # dropout on the LoRA input
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
-    adapter_dim: int = 16           # bottleneck width of each adapter
-    merge: bool = False             # LoRA: also write the merged full model to OUT_DIR/merged
-    dtype: str = "float32"          # float32 | bfloat16: weights as loaded (bf16 for big models)
-    seed: int = 0                   # seed for data order, init and sampling
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
-    threads: int = 0                # CPU threads per process (0 = torch's default)
-    grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, ~1/3 more compute
-    chat_template: str = ""         # "" = the tokenizer's own | chatml: force ChatML (its tokens)
-    save_every: int = 100           # write a resume checkpoint every N steps (0 = only on stop)
-    keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
-    resume: str = ""                # resume from this run directory (or one of its checkpoints)
-    skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
 
 
 def tokenize(tokenizer, messages, loss_on: str, max_length: int):
@@ -133,9 +116,6 @@ def accumulate(net, micro_batches: list[dict], autocast=nullcontext) -> torch.Te
 
 def main(args: Args):
     rt = setup(args)
-    check_common_flags(args)
-    if args.loss_on not in ("assistant", "all"):
-        raise UserError(f"--loss-on must be 'assistant' or 'all', got {args.loss_on!r}")
     micro = args.batch_size // (rt.world_size * max(args.grad_accum, 1))
     if micro < 1 or micro * rt.world_size * args.grad_accum != args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by {rt.world_size} "
@@ -182,10 +162,7 @@ def main(args: Args):
               "epochs)")
 
     # ------------------------------------------------------------------------ model
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
-    if dtype is None:
-        raise UserError(f"--dtype must be float32 or bfloat16, got {args.dtype!r}")
-    model = load_model(args.init, dtype=dtype, device=rt.device)
+    model = load_model(args.init, dtype=torch_dtype(args.dtype), device=rt.device)
     check_vocab(tokenizer, model, args.init)
     model = add_peft(model, **peft_options(args))
     trainable, total = count_trainable(model)
