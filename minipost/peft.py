@@ -29,7 +29,7 @@ import torch.nn as nn
 from . import checkpoint
 from .adapters import apply_adapters
 from .errors import CheckpointError
-from .lora import DEFAULT_TARGETS, apply_lora, count_trainable, disable_adapters, merge_lora
+from .lora import DEFAULT_TARGETS, apply_lora, count_trainable, merge_lora
 from .model import ScoreModel
 from .peft_format import load_adapters, load_lora, save_adapters, save_lora
 from .reward import RewardEnsemble
@@ -38,9 +38,6 @@ KINDS = ("none", "lora", "adapter")
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json",
                "generation_config.json")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "minipost.json")
-
-# `with reference_off(model):` computes the base model: DPO/PPO/GRPO's reference for free.
-reference_off = disable_adapters
 
 
 def parse_targets(targets):

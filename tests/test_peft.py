@@ -78,15 +78,6 @@ def test_trainable_summary_counts_a_tied_matrix_once():
         f"trainable parameters: {n_lora:,} of {total:,} ({100 * n_lora / total:.2f}%)")
 
 
-def test_reference_off_computes_the_base():
-    base = tiny()
-    ref = base(IDS).detach()
-    model = trained(peft.add_peft(base, "lora", lora_r=2))
-    assert not torch.allclose(model(IDS), ref)
-    with peft.reference_off(model):
-        assert_close(model(IDS), ref, atol=0, rtol=0)
-
-
 @pytest.mark.parametrize("kind", ["lora", "adapter"])
 def test_saved_adapter_loads_back_with_identical_outputs(tmp_path, kind):
     save_model(tiny(), tmp_path / "base")
