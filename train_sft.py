@@ -72,12 +72,56 @@ class Args(StageArgs):
     eval_problems: int = 500        # held-out problems for the start/end accuracy (0 = skip)
 
 
+def check_flags(args: Args, world_size: int) -> int:
+    """This script's flags that their types do not limit (cli.check_args did the rest). Returns
+    the micro-batch size: sequences per forward on each rank."""
+    micro = args.batch_size // (world_size * max(args.grad_accum, 1))
+    if micro < 1 or micro * world_size * args.grad_accum != args.batch_size:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by {world_size} "
+                        f"processes x --grad-accum {args.grad_accum}")
+    return micro
+
+
+# ---------------------------------------------------------------------------- data
+def load_chats(difficulty, args: Args) -> tuple[list, list]:
+    """(training chats, held-out chats): `--data` (its last 10%, at most --eval-chats, held out),
+    or the built-in chats of `--difficulty`."""
+    if args.data:   # validated before anything is loaded or written
+        chats = load_jsonl(args.data, "sft")
+        n_held = min(args.eval_chats, len(chats) // 10)      # the last 10% (at most) held out
+        return chats[:len(chats) - n_held], chats[len(chats) - n_held:]
+    return (tasks.sft_chats(args.n_train, "train", difficulty, seed=args.seed),
+            tasks.sft_chats(args.eval_chats, "test", difficulty, seed=args.seed))
+
+
 def tokenize(tokenizer, messages, loss_on: str, max_length: int):
     """(ids, loss_mask, truncated) of one chat: ChatML ids, 1 on the tokens the loss counts."""
     ids, mask = tokenizer.format_chat(messages)
     if loss_on == "all":
         mask = [1] * len(ids)
     return truncate(ids, mask, max_length)
+
+
+def training_units(tokenizer, chats, args: Args) -> tuple[list, list]:
+    """(tokenized chats: (ids, loss_mask, truncated) each, the units a batch draws from: the chats'
+    (ids, loss_mask), or with --packing the packed rows). --no-truncation: a chat longer than
+    --max-length stops the run, naming its file:line."""
+    train = [tokenize(tokenizer, c["messages"], args.loss_on, args.max_length) for c in chats]
+    if not args.truncation and any(t[2] for t in train):
+        i = next(i for i, t in enumerate(train) if t[2])
+        where = f"{args.data}:{record_lines(args.data)[i]}" if args.data else f"built-in chat {i}"
+        raise UserError(f"{where}: the chat is {len(tokenizer.format_chat(chats[i]['messages'])[0])}"
+                        f" tokens, longer than --max-length {args.max_length} (--no-truncation)")
+    if args.packing:   # units are packed rows, packed once in a seeded shuffled order
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+        units = pack_sequences([train[i][0] for i in perm], [train[i][1] for i in perm],
+                               args.max_length)
+    else:
+        units = [t[:2] for t in train]
+    if len(units) < args.batch_size:
+        raise UserError(f"{len(units)} training {'rows' if args.packing else 'chats'} < "
+                        f"--batch-size {args.batch_size}")
+    return train, units
 
 
 def collate(units, pad_id: int, device=None) -> dict:
@@ -114,44 +158,45 @@ def accumulate(net, micro_batches: list[dict], autocast=nullcontext) -> torch.Te
     return dist.all_reduce_sum(total) / n_total.cpu()
 
 
+# ---------------------------------------------------------------------------- eval
+@torch.no_grad()
+def held_out_loss(model, held, pad_id: int, rt) -> float:
+    """Mean next-token loss per target token on the held-out chats (all ranks)."""
+    model.eval()
+    mine, total = dist.shard(held), torch.zeros(2, dtype=torch.float64)
+    with dist.gathered(model):                       # FSDP: shards of `held` may be uneven
+        for i in range(0, len(mine), 64):
+            loss_sum, n = batch_loss_sum(model, collate(mine[i:i + 64], pad_id, rt.device),
+                                         rt.autocast)
+            total += torch.tensor([loss_sum.item(), n.item()], dtype=torch.float64)
+    model.train()
+    total = dist.all_reduce_sum(total)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def evaluate(model, tokenizer, problems, args: Args, rt) -> dict:
+    """Greedy accuracy and well-formed share on held-out `problems`, by the verifier."""
+    res = evaluate_task(model, tokenizer, problems, autocast=rt.autocast, seed=args.seed)
+    return {"eval/accuracy": res["accuracy"], "eval/accuracy_ci95": res["accuracy_ci95"],
+            "eval/well_formed": res["well_formed"], "eval/n": res["n"]}
+
+
 def main(args: Args):
     rt = setup(args)
-    micro = args.batch_size // (rt.world_size * max(args.grad_accum, 1))
-    if micro < 1 or micro * rt.world_size * args.grad_accum != args.batch_size:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by {rt.world_size} "
-                        f"processes x --grad-accum {args.grad_accum}")
+    micro = check_flags(args, rt.world_size)
+    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
     difficulty = difficulty_arg(args.difficulty)
     require_checkpoint(args.init, "python pretrain.py")
 
     # ------------------------------------------------------------------------ data
-    if args.data:   # validated before anything is loaded or written
-        chats = load_jsonl(args.data, "sft")
-        n_held = min(args.eval_chats, len(chats) // 10)      # the last 10% (at most) held out
-        chats, held_chats = chats[:len(chats) - n_held], chats[len(chats) - n_held:]
-    else:
-        chats = tasks.sft_chats(args.n_train, "train", difficulty, seed=args.seed)
-        held_chats = tasks.sft_chats(args.eval_chats, "test", difficulty, seed=args.seed)
+    chats, held_chats = load_chats(difficulty, args)
     tokenizer = load_script_tokenizer(args.init, args.chat_template)   # pads with EOS if no pad
     pad_id = tokenizer.pad_token_id
-    train = [tokenize(tokenizer, c["messages"], args.loss_on, args.max_length) for c in chats]
-    if not args.truncation and any(t[2] for t in train):
-        i = next(i for i, t in enumerate(train) if t[2])
-        where = f"{args.data}:{record_lines(args.data)[i]}" if args.data else f"built-in chat {i}"
-        raise UserError(f"{where}: the chat is {len(tokenizer.format_chat(chats[i]['messages'])[0])}"
-                        f" tokens, longer than --max-length {args.max_length} (--no-truncation)")
+    train, units = training_units(tokenizer, chats, args)
     held = [tokenize(tokenizer, c["messages"], args.loss_on, args.max_length)[:2]
             for c in held_chats]
     n_truncated = sum(t[2] for t in train)
-    if args.packing:   # units are packed rows, packed once in a seeded shuffled order
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
-        units = pack_sequences([train[i][0] for i in perm], [train[i][1] for i in perm],
-                               args.max_length)
-    else:
-        units = [t[:2] for t in train]
     n_targets = sum(sum(t[1][1:]) for t in train)
-    if len(units) < args.batch_size:
-        raise UserError(f"{len(units)} training {'rows' if args.packing else 'chats'} < "
-                        f"--batch-size {args.batch_size}")
     steps = (math.ceil(args.epochs * len(units) / args.batch_size) if args.epochs > 0
              else args.max_steps)
     if rt.is_main:
@@ -160,6 +205,7 @@ def main(args: Args):
               + (f", packed into {len(units)} rows" if args.packing else "")
               + f"; {steps} steps of {args.batch_size} ({steps * args.batch_size / len(units):.2f} "
               "epochs)")
+    problems = heldout_problems(args.difficulty, max(args.eval_problems, args.eval_quick))
 
     # ------------------------------------------------------------------------ model
     model = load_model(args.init, dtype=torch_dtype(args.dtype), device=rt.device)
@@ -174,38 +220,16 @@ def main(args: Args):
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scheduler = CosineSchedule(optimizer, args.warmup_steps, steps, args.min_lr_ratio)
 
-    # ------------------------------------------------------------------------ eval
-    problems = heldout_problems(args.difficulty, max(args.eval_problems, args.eval_quick))
-
-    @torch.no_grad()
-    def held_out_loss() -> float:
-        model.eval()
-        mine, total = dist.shard(held), torch.zeros(2, dtype=torch.float64)
-        with dist.gathered(model):                       # FSDP: shards of `held` may be uneven
-            for i in range(0, len(mine), 64):
-                loss_sum, n = batch_loss_sum(model, collate(mine[i:i + 64], pad_id, rt.device),
-                                             rt.autocast)
-                total += torch.tensor([loss_sum.item(), n.item()], dtype=torch.float64)
-        model.train()
-        total = dist.all_reduce_sum(total)
-        return (total[0] / total[1].clamp(min=1)).item()
-
-    def task_eval(n: int) -> dict:
-        res = evaluate_task(model, tokenizer, problems[:n], autocast=rt.autocast, seed=args.seed)
-        return {"eval/accuracy": res["accuracy"], "eval/accuracy_ci95": res["accuracy_ci95"],
-                "eval/well_formed": res["well_formed"], "eval/n": res["n"]}
-
     # ------------------------------------------------------------------------ loop
-    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
     gen = torch.Generator().manual_seed(args.seed)   # the same data order on every rank
     order = torch.randperm(len(units), generator=gen)
     pos, tokens_seen = 0, 0
     run = Run(args, rt, metrics, model, optimizer, scheduler)
     state = run.restore()                             # --resume: everything as it was
     if state is None:
-        start_eval = {"step": 0, "eval/loss": held_out_loss()}
+        start_eval = {"step": 0, "eval/loss": held_out_loss(model, held, pad_id, rt)}
         if args.eval_problems:
-            start_eval.update(task_eval(args.eval_problems))
+            start_eval.update(evaluate(model, tokenizer, problems[:args.eval_problems], args, rt))
         metrics.log(start_eval, echo=True)
     else:
         start_eval, order, pos = state["extra"]["start_eval"], state["data"]["order"], \
@@ -234,9 +258,11 @@ def main(args: Args):
             metrics.log({"step": step + 1, "loss": loss.item(), "grad_norm": float(gnorm),
                           "lr": scheduler.get_last_lr()[0], "skipped": run.skipped})
         if due(args.eval_every, step, step + 1) and step + 1 < steps:
-            record = {"step": step + 1, "eval/loss": held_out_loss()}
+            record = {"step": step + 1, "eval/loss": held_out_loss(model, held, pad_id, rt)}
             if args.eval_quick:
-                record.update({k: v for k, v in task_eval(args.eval_quick).items()
+                record.update({k: v for k, v in evaluate(model, tokenizer,
+                                                         problems[:args.eval_quick], args,
+                                                         rt).items()
                                if k in ("eval/accuracy", "eval/well_formed")})
             metrics.log(record, echo=True)
         if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order,
@@ -246,11 +272,13 @@ def main(args: Args):
     run.close()
     train_time = time.time() - start
 
-    final = {"step": steps, "eval/loss": held_out_loss(), "train_minutes": train_time / 60,
+    # ------------------------------------------------------------------------ eval
+    final = {"step": steps, "eval/loss": held_out_loss(model, held, pad_id, rt),
+             "train_minutes": train_time / 60,
              "tokens_per_s": tokens_seen / max(train_time, 1e-9), "truncated": n_truncated,
              "peft": args.peft, "trainable_share": trainable / total}
     if args.eval_problems:
-        final.update(task_eval(args.eval_problems))
+        final.update(evaluate(model, tokenizer, problems[:args.eval_problems], args, rt))
         final.update({"start/accuracy": start_eval["eval/accuracy"],
                       "start/well_formed": start_eval["eval/well_formed"]})
     final["peak_rss_mb"] = peak_rss_mb()
