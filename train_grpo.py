@@ -63,22 +63,22 @@ class Args(StageArgs):
     group_size: int = 8             # G: completions sampled per prompt
     temperature: float = 0.7        # rollout sampling temperature (log-probs use logits / T)
     max_new_tokens: int = 64        # completion budget; no EOS by then = truncated
+    mask_truncated: bool = False    # leave completions that hit --max-new-tokens out of the loss
     format_reward: float = 0.0      # weight of the well-formed reward added to correctness
-    scale_rewards: Literal["std", "none"] = "std"  # std (GRPO) | none (Dr. GRPO: advantages are r − mean)
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"  # grpo (per-sequence mean) | dapo (token mean) | dr_grpo
+    dynamic_sampling: bool = True   # DAPO: drop groups with zero reward spread and refill
+    max_refills: int = 3            # extra sampling rounds per step when filling dynamic batches
+    scale_rewards: Literal["std", "none"] = "std"  # std (GRPO) | none (Dr. GRPO: Â = r − mean)
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"  # per-sequence | token mean | Dr. GRPO
     clip_eps: float = 0.2           # ε: ratio clipped to [1 − ε, 1 + ε_high]
     clip_eps_high: float | None = 0.28  # ε_high, DAPO's clip-higher (none = ε)
     beta: float = 0.0               # β: k3 KL penalty to the frozen reference (0 = no reference)
     mu: int = 1                     # μ: optimiser steps on each sampled batch
-    dynamic_sampling: bool = True   # DAPO: drop groups with zero reward spread and refill
-    max_refills: int = 3            # extra sampling rounds per step when filling dynamic batches
-    mask_truncated: bool = False    # leave completions that hit --max-new-tokens out of the loss
     micro_batch_size: int = 32      # rows per forward/backward (gradient accumulation)
     max_steps: int = 600            # optimiser steps (each of μ updates counts once per batch)
     max_minutes: float = 15.0       # stop after this many minutes; the LR schedule follows it (0 = no limit)
     lr: float = 5e-5                # peak learning rate (1e-4 constant loses 16 points in 100 steps)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # cosine: to --min-lr-ratio at the end
     warmup_steps: int = 5           # linear warm-up steps
-    lr_schedule: Literal["cosine", "constant"] = "cosine"  # cosine (to --min-lr-ratio at --max-steps) | constant after warm-up
     min_lr_ratio: float = 0.1       # final LR as a fraction of the peak (cosine)
     weight_decay: float = 0.0       # AdamW weight decay on matrices
     grad_clip: float = 1.0          # max global gradient norm (0 = off)

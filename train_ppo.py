@@ -84,36 +84,36 @@ from minipost.rollout import (completion_logps, completion_values, gold_rewards,
 @dataclass
 class Args(StageArgs):
     init: str = "out/sft"           # policy to start from (the SFT model), any HF-format directory
-    reward_model: str = "out/rm"    # reward model directory; several, comma-separated: an ensemble
-    ensemble: Literal["mean", "min"] = "mean"  # several reward models: mean | min of their standardised scores
     out_dir: str = "out/ppo"        # where the trained policy, metrics.jsonl and results.json go
-    data: str = ""                  # RL prompts JSONL ({"prompt", "answer"}); "" = built-in task
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the built-in prompts and the evaluation
+    data: str = ""                  # RL prompts JSONL ({"prompt", "answer"}); "" = built-in task
     n_prompts: int = 20000          # built-in training prompts in the pool
-    reward: Literal["model", "gold"] = "model"  # model: the reward model's score | gold: the verifier's 0/1
-    value_init: Literal["reward", "policy"] = "reward"  # reward: value model = the reward model | policy: zero head
     batch_size: int = 32            # B: completions per iteration, all ranks
     samples_per_prompt: int = 1     # k: completions per prompt (B / k prompts; VAPO's group sampling)
-    mini_batch_size: int = 16       # completions per optimiser step (all ranks)
-    ppo_epochs: int = 2             # K: passes over each rollout batch
     temperature: float = 0.7        # rollout sampling temperature (log-probs use logits / T)
     max_new_tokens: int = 64        # completion budget; no EOS by then = truncated
     missing_eos_penalty: float = 1.0  # subtracted from the score of a completion without EOS
     mask_truncated: bool = False    # leave completions without EOS out of the loss instead
-    kl_coef: float = 0.05           # β: per-token KL penalty −β·(log π − log π_ref)
-    target_kl: float = 0.0          # adaptive β towards this KL per completion (0 = fixed β)
-    kl_horizon: int = 10000         # time constant of the adaptive β controller, in completions
+    reward: Literal["model", "gold"] = "model"  # the reward model's score | the verifier's 0/1
+    reward_model: str = "out/rm"    # reward model directory; several, comma-separated: an ensemble
+    ensemble: Literal["mean", "min"] = "mean"  # several reward models: of their standardised scores
+    value_init: Literal["reward", "policy"] = "reward"  # value model: the reward model | zero head
+    freeze_value: bool = False      # value model = the reward model, untrained (V = its prefix scores)
+    value_warmup: int = 0           # first iterations train only the value model (policy fixed)
     gamma: float = 1.0              # γ: discount
     lam: float = 0.95               # λ: GAE of the policy's advantages
     value_lam: float | None = None  # λ of the value targets (VAPO's decoupled GAE: 1); none = --lam
     clip_eps: float = 0.2           # ε: policy ratio clipped to [1 − ε, 1 + ε]
     clip_eps_value: float = 0.2     # value predictions clipped to V_old ± ε
-    value_warmup: int = 0           # first iterations train only the value model (policy fixed)
-    freeze_value: bool = False      # value model = the reward model, untrained (V = its prefix scores)
+    kl_coef: float = 0.05           # β: per-token KL penalty −β·(log π − log π_ref)
+    target_kl: float = 0.0          # adaptive β towards this KL per completion (0 = fixed β)
+    kl_horizon: int = 10000         # time constant of the adaptive β controller, in completions
+    ppo_epochs: int = 2             # K: passes over each rollout batch
+    mini_batch_size: int = 16       # completions per optimiser step (all ranks)
     max_steps: int = 300            # iterations (rollout + K epochs of updates)
     max_minutes: float = 13.0       # stop after this many minutes; the LR schedule follows it (0 = no limit)
     lr: float = 5e-6                # policy learning rate (peak)
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # constant | cosine (to --min-lr-ratio at --max-steps)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: to --min-lr-ratio at the end
     warmup_steps: int = 0           # linear warm-up of the policy LR, in iterations
     min_lr_ratio: float = 0.1       # final policy LR as a fraction of the peak (cosine)
     value_lr: float = 1e-4          # value model learning rate (constant)
@@ -336,15 +336,15 @@ def check_first_ratio(stats: dict, tol: float):
 
 
 # ---------------------------------------------------------------------------- eval
-def evaluate(policy, reward_model, tokenizer, heldout, step: int, args: Args, rt) -> dict:
+def evaluate(policy, reward_model, tokenizer, held_out, step: int, args: Args, rt) -> dict:
     """Held-out greedy accuracy, and the reward model's mean score of the greedy answers."""
-    res = evaluate_task(policy, tokenizer, heldout, autocast=rt.autocast)
+    res = evaluate_task(policy, tokenizer, held_out, autocast=rt.autocast)
     out = {"step": step, "eval/accuracy": res["accuracy"],
            "eval/accuracy_ci95": res["accuracy_ci95"], "eval/well_formed": res["well_formed"]}
     # RM score of greedy answers, on a multiple of the world size (every rank gets some)
-    n_rm = min(args.eval_rm_problems, len(heldout)) // rt.world_size * rt.world_size
+    n_rm = min(args.eval_rm_problems, len(held_out)) // rt.world_size * rt.world_size
     if reward_model is not None and n_rm:
-        mine = dist.shard(heldout[:n_rm])
+        mine = dist.shard(held_out[:n_rm])
         with torch.no_grad(), rt.autocast():
             g = generate(policy, [chat_prompt_ids(tokenizer, p["prompt"]) for p in mine],
                          args.max_new_tokens, temperature=0.0,
@@ -365,7 +365,7 @@ def main(args: Args):
     require_checkpoint(args.init, "python train_sft.py")
     tokenizer = load_script_tokenizer(args.init, args.chat_template)   # pads with EOS if no pad
     prompts, answers = load_prompts(tokenizer, difficulty, args)
-    heldout = heldout_problems(args.difficulty, args.eval_problems)
+    held_out = heldout_problems(args.difficulty, args.eval_problems)
 
     # ------------------------------------------------------------------------ models
     dtype = torch_dtype(args.dtype)
@@ -392,7 +392,7 @@ def main(args: Args):
                                args.max_steps - args.value_warmup,
                                args.min_lr_ratio if args.lr_schedule == "cosine" else 1.0,
                                max_minutes=args.max_minutes)
-    tol = ratio_tolerance(dtype, rt.device)
+    tol = ratio_tolerance(dtype, rt.device)   # rollout forward vs training forward: rounding only
 
     # ------------------------------------------------------------------------ loop
     gen = torch.Generator().manual_seed(args.seed)    # the same prompt order on every rank
@@ -400,11 +400,9 @@ def main(args: Args):
     kl_coef, start = args.kl_coef, time.time()
     run = Run(args, rt, metrics, torch.nn.ModuleDict(trained), optimizers, scheduler)
     state = run.restore()                             # --resume: everything as it was
-    # iterations done and the last one's KL, which the results report: set here, not only by the
-    # loop, which a resumed run that already reached --max-steps never enters
-    done, kl = run.start_step, 0.0
+    done, kl = run.start_step, 0.0    # for the results: a finished run resumed skips the loop
     if state is None:
-        before = evaluate(policy, reward_model, tokenizer, heldout, 0, args, rt)
+        before = evaluate(policy, reward_model, tokenizer, held_out, 0, args, rt)
         metrics.log(before, echo=True)
     else:                                             # the prompt sampler and the adaptive β too
         before, kl_coef = state["extra"]["before"], state["extra"]["kl_coef"]
@@ -422,9 +420,7 @@ def main(args: Args):
                                        [prompts[i] for i in idx], [answers[i] for i in idx], args,
                                        rt.autocast)
         batch["advantages"], batch["returns"], adv_stats = compute_advantages(batch, kl_coef, args)
-
-        # K epochs over shuffled minibatches of the rollout batch
-        upd = []
+        upd = []                                   # K epochs over shuffled minibatches
         for epoch in range(args.ppo_epochs):
             perm = torch.randperm(B, device=rt.device)
             for s in range(0, B, mb):
@@ -442,7 +438,6 @@ def main(args: Args):
                             opt.step()
         if policy_moves:
             scheduler.step()
-
         m = dist.all_reduce_mean({**roll_stats, **adv_stats, **mean_stats(upd)})
         if args.target_kl > 0:
             kl_coef = adaptive_kl_update(kl_coef, m["kl"], args.target_kl, args.batch_size,
@@ -454,7 +449,7 @@ def main(args: Args):
                         kl=f"{m['kl']:.2f}", clip=f"{m['policy/clipfrac']:.2f}",
                         ev=f"{m['value/explained_variance']:.2f}")
         if due(args.eval_every, step, step + 1) and step + 1 < args.max_steps:
-            metrics.log(evaluate(policy, reward_model, tokenizer, heldout, step + 1, args, rt),
+            metrics.log(evaluate(policy, reward_model, tokenizer, held_out, step + 1, args, rt),
                         echo=True)
         if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order,
                                               "pos": pos},
@@ -468,7 +463,7 @@ def main(args: Args):
               f"{scheduler.minutes():.1f} min")
 
     # ------------------------------------------------------------------------ eval
-    final = evaluate(policy, reward_model, tokenizer, heldout, done, args, rt)
+    final = evaluate(policy, reward_model, tokenizer, held_out, done, args, rt)
     metrics.log(final, echo=True)
     results = {"iterations": done, "stopped_by": scheduler.stopped_by or "max_steps",
                "train_minutes": train_time / 60,
