@@ -329,17 +329,15 @@ def main(args: Args):
     model = load_model(args.init, dtype=dtype, device=rt.device)
     check_vocab(tokenizer, model, args.init)
     model = add_peft(model, args)
-    reference = make_reference(model, args)
     set_gradient_checkpointing(model, args.grad_checkpointing)
+    reference = make_reference(model, args)
     if rt.is_main:
         print(f"policy {args.init} (peft={args.peft}, {trainable_summary(model)}); reference: "
               f"{'none (beta=0)' if reference is None else reference.kind}; {len(pool)} train prompts")
     train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    # cosine: the late steps are small, so the policy that is saved is not one noisy step away
-    # from a better one (greedy accuracy swings by ±5 points between evaluations at a constant LR)
-    # (constant = a cosine that ends where it starts, so it does not depend on --max-steps)
-    # the schedule follows whichever budget ends the run, --max-steps or --max-minutes
+    # constant: a cosine that ends where it starts; it follows whichever of --max-steps,
+    # --max-minutes ends the run
     scheduler = CosineSchedule(optimizer, args.warmup_steps, args.max_steps,
                                args.min_lr_ratio if args.lr_schedule == "cosine" else 1.0,
                                max_minutes=args.max_minutes)
@@ -374,8 +372,7 @@ def main(args: Args):
         ref_logps = reference_logps(reference, mbs, args)
         gen_time = time.time() - t0
 
-        # μ optimiser steps on the same batch
-        old_logps = None
+        old_logps = None                           # μ optimiser steps on the same batch
         for it in range(args.mu):
             if scheduler.done():
                 break

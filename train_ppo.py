@@ -169,7 +169,7 @@ def draw_prompts(order, pos: int, gen, args: Args, rt) -> tuple[list, torch.Tens
 
 
 # ---------------------------------------------------------------------------- models
-def load_reward_model(policy, args: Args, rt):
+def load_reward_model(model, args: Args, rt):
     """The reward model of `--reward-model` (several: their `RewardEnsemble`), frozen. None with
     `--reward gold --value-init policy` when it is missing or does not share the policy's
     tokenizer (it only logs a score then); needed, either stops the run with a UserError."""
@@ -185,9 +185,9 @@ def load_reward_model(policy, args: Args, rt):
     reward_model = load_reward_models(rm_dirs, torch_dtype(args.dtype), rt.device, args.ensemble)
     for d, m in zip(rm_dirs, reward_members(reward_model)):
         msg = None
-        if m.config.vocab_size != policy.config.vocab_size:   # not the same tokenizer
+        if m.config.vocab_size != model.config.vocab_size:   # not the same tokenizer
             msg = (f"{d}: the reward model has {m.config.vocab_size} token embeddings, the "
-                   f"policy {policy.config.vocab_size}; they do not share a tokenizer")
+                   f"policy {model.config.vocab_size}; they do not share a tokenizer")
         elif not same_tokenizer(args.init, d):
             msg = (f"{d}: the reward model's tokenizer.json is not the policy's ({args.init}): "
                    "the same text has other token ids")
@@ -203,7 +203,7 @@ def load_reward_model(policy, args: Args, rt):
     return reward_model
 
 
-def make_value_model(policy, reward_model, args: Args, rt):
+def make_value_model(model, reward_model, args: Args, rt):
     """V(s_t), in eval mode: the reward model itself, frozen (--freeze-value: V is its score of the
     prefix), a trainable copy of the first reward model (Stiennon et al. 2020), or (--value-init
     policy) the policy's decoder with a zero head."""
@@ -212,28 +212,28 @@ def make_value_model(policy, reward_model, args: Args, rt):
     if args.value_init == "reward":
         return load_model([d for d in args.reward_model.split(",") if d][0],
                           torch_dtype(args.dtype), rt.device, head="score").eval()
-    return ScoreModel.from_lm(policy).eval()
+    return ScoreModel.from_lm(model).eval()
 
 
-def make_reference(policy, args: Args) -> Reference:
+def make_reference(model, args: Args) -> Reference:
     """The frozen reference π_ref: a copy of the initial policy, or, when training LoRA/adapters,
     the policy itself with its PEFT layers switched off (no copy)."""
-    return Reference(policy, copy=args.peft == "none")
+    return Reference(model, copy=args.peft == "none")
 
 
 # ---------------------------------------------------------------------------- rollout
 @torch.no_grad()
-def rollout(policy, value_model, reward_model, reference, tokenizer, prompts, answers, args: Args,
+def rollout(model, value_model, reward_model, reference, tokenizer, prompts, answers, args: Args,
             autocast):
     """Sample one completion per prompt and compute every no-grad quantity of one batch: old and
     reference log-probs, values, the scores. Returns the batch (rows of (B, ·) tensors), the
     prompt width P and the rollout's stats."""
-    with autocast(), dist.gathered(policy), dist.gathered(value_model):   # FSDP: whole
-        g = generate(policy, prompts, args.max_new_tokens, temperature=args.temperature,
+    with autocast(), dist.gathered(model), dist.gathered(value_model):   # FSDP: whole
+        g = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         seq, attention_mask = g.sequences                                   # (B, P + N)
         P = g.prompt_ids.shape[1]
-        old_logps, entropy = completion_logps(policy, seq, attention_mask, P, args.temperature,
+        old_logps, entropy = completion_logps(model, seq, attention_mask, P, args.temperature,
                                               with_entropy=True)
         ref_logps = reference_logps(reference, seq, attention_mask, P, args)
         if value_model is reward_model:    # --freeze-value, one reward model: one forward
@@ -283,7 +283,7 @@ def compute_advantages(batch, kl_coef: float, args: Args):
 
 
 # ---------------------------------------------------------------------------- loss
-def policy_update(train_policy, train_value, batch, rows, P: int, args: Args, autocast,
+def policy_update(train_model, train_value, batch, rows, P: int, args: Args, autocast,
                   policy_moves: bool = True):
     """Clipped policy loss + clipped value loss (no value loss when `train_value` is None, with
     --freeze-value) on the rows `rows` of a rollout batch, and its backward (no optimiser step).
@@ -291,7 +291,7 @@ def policy_update(train_policy, train_value, batch, rows, P: int, args: Args, au
     loss (detached) and the stats."""
     with autocast():
         with torch.set_grad_enabled(policy_moves):
-            logps = completion_logps(train_policy, batch["seq"][rows],
+            logps = completion_logps(train_model, batch["seq"][rows],
                                      batch["attention_mask"][rows], P, args.temperature)
         if train_value is not None:
             values = completion_values(train_value, batch["seq"][rows],
@@ -336,9 +336,9 @@ def check_first_ratio(stats: dict, tol: float):
 
 
 # ---------------------------------------------------------------------------- eval
-def evaluate(policy, reward_model, tokenizer, held_out, step: int, args: Args, rt) -> dict:
+def evaluate(model, reward_model, tokenizer, held_out, step: int, args: Args, rt) -> dict:
     """Held-out greedy accuracy, and the reward model's mean score of the greedy answers."""
-    res = evaluate_task(policy, tokenizer, held_out, autocast=rt.autocast)
+    res = evaluate_task(model, tokenizer, held_out, autocast=rt.autocast)
     out = {"step": step, "eval/accuracy": res["accuracy"],
            "eval/accuracy_ci95": res["accuracy_ci95"], "eval/well_formed": res["well_formed"]}
     # RM score of greedy answers, on a multiple of the world size (every rank gets some)
@@ -346,7 +346,7 @@ def evaluate(policy, reward_model, tokenizer, held_out, step: int, args: Args, r
     if reward_model is not None and n_rm:
         mine = dist.shard(held_out[:n_rm])
         with torch.no_grad(), rt.autocast():
-            g = generate(policy, [chat_prompt_ids(tokenizer, p["prompt"]) for p in mine],
+            g = generate(model, [chat_prompt_ids(tokenizer, p["prompt"]) for p in mine],
                          args.max_new_tokens, temperature=0.0,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
             s = sequence_scores(reward_model, *g.sequences)
@@ -369,24 +369,23 @@ def main(args: Args):
 
     # ------------------------------------------------------------------------ models
     dtype = torch_dtype(args.dtype)
-    policy = load_model(args.init, dtype, rt.device).eval()
-    check_vocab(tokenizer, policy, args.init)
-    reward_model = load_reward_model(policy, args, rt)  # also for --reward gold, to log its score
-    value_model = make_value_model(policy, reward_model, args, rt)
-    trained = {"policy": policy} if args.freeze_value else {"policy": policy, "value": value_model}
-    for name, model in trained.items():
-        add_peft(model, args, modules_to_save=("score",) if name == "value" else ())
-        model.eval()     # the new PEFT layers (LoRA dropout too) start in train mode
-    reference = make_reference(policy, args)
-    for model in trained.values():
-        set_gradient_checkpointing(model, args.grad_checkpointing)
+    model = load_model(args.init, dtype=dtype, device=rt.device)
+    check_vocab(tokenizer, model, args.init)
+    reward_model = load_reward_model(model, args, rt)  # also for --reward gold, to log its score
+    value_model = make_value_model(model, reward_model, args, rt)
+    trained = {"policy": model} if args.freeze_value else {"policy": model, "value": value_model}
+    for name, m in trained.items():   # eval mode: new PEFT layers (LoRA dropout too) start in train
+        add_peft(m, args, modules_to_save=("score",) if name == "value" else ()).eval()
+        set_gradient_checkpointing(m, args.grad_checkpointing)
+    reference = make_reference(model, args)
     if rt.is_main:
-        print(f"policy: {trainable_summary(policy)}; reference: {reference.kind}; value model: " +
-              ("the reward model, frozen" if args.freeze_value else trainable_summary(value_model)))
-    train_policy = dist.wrap(policy, args.fsdp)   # DDP, FSDP (shards in place) or itself
+        print(f"policy {args.init} (peft={args.peft}, {trainable_summary(model)}); reference: "
+              f"{reference.kind}; value model: " + ("the reward model, frozen" if args.freeze_value
+                                                   else trainable_summary(value_model)))
+    train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
     train_value = None if args.freeze_value else dist.wrap(value_model, args.fsdp)
-    optimizers = {name: make_optimizer(model, args.lr if name == "policy" else args.value_lr,
-                                       args.weight_decay) for name, model in trained.items()}
+    optimizers = {name: make_optimizer(m, args.lr if name == "policy" else args.value_lr,
+                                       args.weight_decay) for name, m in trained.items()}
     # over the policy's iterations; it follows whichever of --max-steps, --max-minutes ends the run
     scheduler = CosineSchedule(optimizers["policy"], args.warmup_steps,
                                args.max_steps - args.value_warmup,
@@ -402,7 +401,7 @@ def main(args: Args):
     state = run.restore()                             # --resume: everything as it was
     done, kl = run.start_step, 0.0    # for the results: a finished run resumed skips the loop
     if state is None:
-        before = evaluate(policy, reward_model, tokenizer, held_out, 0, args, rt)
+        before = evaluate(model, reward_model, tokenizer, held_out, 0, args, rt)
         metrics.log(before, echo=True)
     else:                                             # the prompt sampler and the adaptive β too
         before, kl_coef = state["extra"]["before"], state["extra"]["kl_coef"]
@@ -416,28 +415,30 @@ def main(args: Args):
         if policy_moves and scheduler.done():      # the clock may end it before the steps
             break
         idx, order, pos = draw_prompts(order, pos, gen, args, rt)
-        batch, P, roll_stats = rollout(policy, value_model, reward_model, reference, tokenizer,
+        batch, P, roll_stats = rollout(model, value_model, reward_model, reference, tokenizer,
                                        [prompts[i] for i in idx], [answers[i] for i in idx], args,
                                        rt.autocast)
         batch["advantages"], batch["returns"], adv_stats = compute_advantages(batch, kl_coef, args)
+
         upd = []                                   # K epochs over shuffled minibatches
         for epoch in range(args.ppo_epochs):
             perm = torch.randperm(B, device=rt.device)
             for s in range(0, B, mb):
                 for opt in optimizers.values():
                     opt.zero_grad(set_to_none=True)
-                loss, stats = policy_update(train_policy, train_value, batch, perm[s:s + mb], P,
+                loss, stats = policy_update(train_model, train_value, batch, perm[s:s + mb], P,
                                             args, rt.autocast, policy_moves)
                 if not upd:             # π_θ is still the sampling policy: every ratio is 1
                     check_first_ratio(stats, tol)
                 upd.append(stats)
-                gnorm = sum(clip_gradients(model, args.grad_clip) for model in trained.values())
-                if run.finite(step, loss, gnorm):      # else --skip-nonfinite: skipped
+                gnorm = sum(clip_gradients(m, args.grad_clip) for m in trained.values())
+                if run.finite(step, loss, gnorm):      # else --skip-nonfinite: a skipped step
                     for name, opt in optimizers.items():
                         if name == "value" or policy_moves:
                             opt.step()
         if policy_moves:
             scheduler.step()
+
         m = dist.all_reduce_mean({**roll_stats, **adv_stats, **mean_stats(upd)})
         if args.target_kl > 0:
             kl_coef = adaptive_kl_update(kl_coef, m["kl"], args.target_kl, args.batch_size,
@@ -449,7 +450,7 @@ def main(args: Args):
                         kl=f"{m['kl']:.2f}", clip=f"{m['policy/clipfrac']:.2f}",
                         ev=f"{m['value/explained_variance']:.2f}")
         if due(args.eval_every, step, step + 1) and step + 1 < args.max_steps:
-            metrics.log(evaluate(policy, reward_model, tokenizer, held_out, step + 1, args, rt),
+            metrics.log(evaluate(model, reward_model, tokenizer, held_out, step + 1, args, rt),
                         echo=True)
         if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order,
                                               "pos": pos},
@@ -463,28 +464,28 @@ def main(args: Args):
               f"{scheduler.minutes():.1f} min")
 
     # ------------------------------------------------------------------------ eval
-    final = evaluate(policy, reward_model, tokenizer, held_out, done, args, rt)
+    after = evaluate(model, reward_model, tokenizer, held_out, done, args, rt)
+    metrics.log(after, echo=True)
+    final = {"iterations": done, "stopped_by": scheduler.stopped_by or "max_steps",
+             "train_minutes": train_time / 60,
+             "seconds_per_iteration": train_time / max(done - run.start_step, 1),
+             "accuracy_before": before["eval/accuracy"], "accuracy": after["eval/accuracy"],
+             "accuracy_ci95": after["eval/accuracy_ci95"], "well_formed": after["eval/well_formed"],
+             "reward_before": before.get("eval/reward"), "reward": after.get("eval/reward"),
+             "kl": kl, "kl_coef": kl_coef, "peak_rss_mb": peak_rss_mb()}
     metrics.log(final, echo=True)
-    results = {"iterations": done, "stopped_by": scheduler.stopped_by or "max_steps",
-               "train_minutes": train_time / 60,
-               "seconds_per_iteration": train_time / max(done - run.start_step, 1),
-               "accuracy_before": before["eval/accuracy"], "accuracy": final["eval/accuracy"],
-               "accuracy_ci95": final["eval/accuracy_ci95"], "well_formed": final["eval/well_formed"],
-               "reward_before": before.get("eval/reward"), "reward": final.get("eval/reward"),
-               "kl": kl, "kl_coef": kl_coef, "peak_rss_mb": peak_rss_mb()}
-    metrics.log(results, echo=True)
 
     # ------------------------------------------------------------------------ save
-    to_save = dist.full_model(policy)                    # FSDP: gathered on rank 0
+    to_save = dist.full_model(model)                     # FSDP: gathered on rank 0
     if rt.is_main:
-        write_results(args.out_dir, "ppo", results)
+        write_results(args.out_dir, "ppo", final)
         save_peft(to_save, args.out_dir, args.peft, args.merge, tokenizer,
                   base_model_name_or_path=args.init,
                   extra_config={"minipost": {"stage": "ppo", "args": asdict(args),
-                                             "results": results}})
+                                             "results": final}})
         print(f"saved the PPO policy to {args.out_dir}")
     dist.cleanup()
-    return results
+    return final
 
 
 if __name__ == "__main__":
