@@ -57,7 +57,7 @@ from minipost.errors import UserError
 from minipost.evaluate import chat_prompt_ids, complete, evaluate_task, heldout_problems
 from minipost.model import set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
-from minipost.peft import add_peft, load_model, save_peft, trainable_summary
+from minipost.peft import add_peft, load_model, peft_options, save_peft, trainable_summary
 from minipost.reference import Reference, eval_mode
 from minipost.resume import Run, due
 from minipost.rollout import sampled_pairs
@@ -234,7 +234,7 @@ def main(args: Args):
         precomputed = all_logps(model, train, tokenizer.pad_token_id, rt)
         if rt.is_main:
             print(f"reference log-probs of {len(train)} pairs precomputed in {time.time() - t0:.1f}s")
-    model = add_peft(model, args)
+    model = add_peft(model, **peft_options(args))
     if not args.precompute_ref:   # a frozen copy, or with --peft the policy with its adapters off
         reference = Reference(model, copy=args.peft == "none")
     reference_kind = "precomputed" if reference is None else reference.kind

@@ -45,7 +45,7 @@ from minipost.generate import generate
 from minipost.grpo import group_advantages, grpo_loss
 from minipost.model import set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
-from minipost.peft import add_peft, load_model, save_peft, trainable_summary
+from minipost.peft import add_peft, load_model, peft_options, save_peft, trainable_summary
 from minipost.reference import Reference
 from minipost.resume import Run, due, per_rank_state
 from minipost.rollout import completion_logps
@@ -106,13 +106,13 @@ def check_flags(args: Args, world_size: int):
 
 
 # ---------------------------------------------------------------------------- models
-def make_reference(policy, args: Args) -> Reference | None:
+def make_reference(model, args: Args) -> Reference | None:
     """The frozen reference π_ref: None when β = 0 (nothing built, no memory spent); a copy of the
     initial policy, or, when training LoRA/adapters, the policy itself with its PEFT layers
     switched off (no copy)."""
     if args.beta == 0:
         return None
-    return Reference(policy, copy=args.peft == "none")
+    return Reference(model, copy=args.peft == "none")
 
 
 # ---------------------------------------------------------------------------- rollout
@@ -328,7 +328,7 @@ def main(args: Args):
     dtype = torch_dtype(args.dtype)
     model = load_model(args.init, dtype=dtype, device=rt.device)
     check_vocab(tokenizer, model, args.init)
-    model = add_peft(model, args)
+    model = add_peft(model, **peft_options(args))
     set_gradient_checkpointing(model, args.grad_checkpointing)
     reference = make_reference(model, args)
     if rt.is_main:

@@ -70,7 +70,8 @@ from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
 from minipost.generate import generate
 from minipost.model import ScoreModel, set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
-from minipost.peft import add_peft, load_model, load_reward_models, save_peft, trainable_summary
+from minipost.peft import (add_peft, load_model, load_reward_models, peft_options, save_peft,
+                           trainable_summary)
 from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped_rewards,
                           masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
 from minipost.reference import Reference
@@ -375,7 +376,8 @@ def main(args: Args):
     value_model = make_value_model(model, reward_model, args, rt)
     trained = {"policy": model} if args.freeze_value else {"policy": model, "value": value_model}
     for name, m in trained.items():   # eval mode: new PEFT layers (LoRA dropout too) start in train
-        add_peft(m, args, modules_to_save=("score",) if name == "value" else ()).eval()
+        add_peft(m, **peft_options(args), modules_to_save=("score",) if name == "value" else ())
+        m.eval()
         set_gradient_checkpointing(m, args.grad_checkpointing)
     reference = make_reference(model, args)
     if rt.is_main:

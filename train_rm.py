@@ -54,7 +54,7 @@ from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.errors import UserError
 from minipost.model import set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
-from minipost.peft import add_peft, load_model, save_peft, trainable_summary
+from minipost.peft import add_peft, load_model, peft_options, save_peft, trainable_summary
 from minipost.resume import Run, due
 from minipost.reward import (bradley_terry_loss, last_scores, pair_rewards, prefix_bradley_terry_loss,
                              reward_metrics)
@@ -242,7 +242,7 @@ def main(args: Args):
     model = load_model(args.init, dtype=torch_dtype(args.dtype), device=rt.device, head="score")
     check_vocab(tokenizer, model, args.init)          # (a zero head on the SFT model's decoder)
     model.config.pad_token_id = tokenizer.pad_token_id  # HF reads the score before the first pad
-    model = add_peft(model, args, modules_to_save=("score",))
+    model = add_peft(model, **peft_options(args), modules_to_save=("score",))
     if rt.is_main:
         print(f"reward model from {args.init}: {trainable_summary(model)}")
     set_gradient_checkpointing(model, args.grad_checkpointing)

@@ -57,11 +57,11 @@ def test_adapter_dispatch_and_identity_at_init():
     assert all(("adapter" in n) == p.requires_grad for n, p in model.named_parameters())
 
 
-def test_script_args_object_is_accepted():
+def test_peft_options_reads_a_scripts_flags():
     args = SimpleNamespace(peft="lora", lora_r=2, lora_alpha=4.0, lora_dropout=0.0,
                            lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                            adapter_dim=16)
-    model = peft.add_peft(tiny(), args)
+    model = peft.add_peft(tiny(), **peft.peft_options(args))
     assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 2 * 7
 
 
