@@ -58,7 +58,7 @@ def literal_values(kind) -> tuple:
 
 def _owner(cls, name: str):
     """The class of `cls`'s MRO that declares field `name` last (a script's Args, or a base)."""
-    return next(k for k in cls.__mro__ if name in vars(k).get("__annotations__", {}))
+    return next(k for k in cls.__mro__ if name in inspect.get_annotations(k))
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -87,9 +87,10 @@ def parse_args(cls, argv=None, description: str | None = None):
         if dataclasses.is_dataclass(klass):
             title = (klass.__doc__ or klass.__name__).strip().splitlines()[0].rstrip(".")
             groups[klass] = parser.add_argument_group(title)
+
     def place(f):            # the script's own flags first, then each base's, as declared
         owner = _owner(cls, f.name)
-        return list(groups).index(owner), list(vars(owner)["__annotations__"]).index(f.name)
+        return list(groups).index(owner), list(inspect.get_annotations(owner)).index(f.name)
 
     for f in sorted(dataclasses.fields(cls), key=place):
         flag = "--" + f.name.replace("_", "-")
@@ -152,8 +153,8 @@ def check_args(args):
     """Every flag whose type or range limits it, checked before anything is loaded or written:
     a `Literal[...]` field holds one of its values, counts are >= 0, --keep >= 1, --lr > 0,
     --merge needs --peft lora, --resume names a run with a checkpoint. Raises UserError."""
-    hints = typing.get_type_hints(type(args))
-    for f in dataclasses.fields(args):
+    hints = typing.get_type_hints(type(args)) if dataclasses.is_dataclass(args) else {}
+    for f in dataclasses.fields(args) if hints else ():
         allowed, value = literal_values(hints[f.name]), getattr(args, f.name)
         if allowed and value not in allowed:
             raise UserError(f"--{f.name.replace('_', '-')} {value!r}: expected one of "

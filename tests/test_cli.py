@@ -2,6 +2,7 @@
 checked in one place, so the command line and `main(Args(...))` stop with the same error."""
 import dataclasses
 import importlib
+import inspect
 import typing
 
 import pytest
@@ -60,7 +61,7 @@ def test_shared_flags_are_inherited_and_explained_in_help(script, capsys):
     if base is StageArgs:
         assert "--peft {none,lora,adapter}" in out and "LoRA rank r" in out
     # the script's own flags come before the shared ones
-    own = next(f for f in vars(module.Args)["__annotations__"])
+    own = next(iter(inspect.get_annotations(module.Args)))
     assert out.index("--" + own.replace("_", "-") + " ") < out.index("--seed SEED")
 
 
