@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import save_model
-from minipost.cli import (Metrics, RunArgs, difficulty_arg, parse_args, peak_rss_mb, setup,
-                          user_errors, write_results)
+from minipost.cli import Metrics, difficulty_arg, peak_rss_mb, setup, user_errors, write_results
 from minipost.errors import UserError
 from minipost.evaluate import evaluate_base, evaluate_equations
+from minipost.flags import RunArgs, parse_args
 from minipost.model import GPT, GPTConfig, set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
 from minipost.resume import Run, due

@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.cli import (Metrics, StageArgs, check_vocab, difficulty_arg, load_script_tokenizer,
-                          parse_args, peak_rss_mb, require_checkpoint, setup, torch_dtype,
-                          user_errors, write_results)
+from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
+                          require_checkpoint, setup, user_errors, write_results)
 from minipost.errors import UserError
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
+from minipost.flags import StageArgs, parse_args, torch_dtype
 from minipost.generate import generate
 from minipost.grpo import group_advantages, grpo_loss
 from minipost.model import set_gradient_checkpointing
@@ -89,7 +89,7 @@ class Args(StageArgs):
 
 
 def check_flags(args: Args, world_size: int):
-    """This script's flags that their types do not limit (cli.check_args did the rest)."""
+    """This script's flags that their types do not limit (flags.check_args did the rest)."""
     if args.clip_eps_high is not None and args.clip_eps_high <= 0:
         raise UserError(f"--clip-eps-high must be > 0 (none: the same as --clip-eps), got "
                         f"{args.clip_eps_high}")

@@ -61,12 +61,12 @@ import torch
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.cli import (Metrics, StageArgs, check_vocab, difficulty_arg, load_script_tokenizer,
-                          parse_args, peak_rss_mb, require_checkpoint, same_tokenizer, setup,
-                          torch_dtype, user_errors, write_results)
+from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
+                          require_checkpoint, same_tokenizer, setup, user_errors, write_results)
 from minipost.data import load_jsonl
 from minipost.errors import UserError
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
+from minipost.flags import StageArgs, parse_args, torch_dtype
 from minipost.generate import generate
 from minipost.model import ScoreModel, set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
@@ -127,7 +127,7 @@ class Args(StageArgs):
 
 
 def check_flags(args: Args, world_size: int):
-    """This script's flags that their types do not limit (cli.check_args did the rest)."""
+    """This script's flags that their types do not limit (flags.check_args did the rest)."""
     if args.value_lam is not None and not 0 <= args.value_lam <= 1:
         raise UserError(f"--value-lam must be in [0, 1] (none: --lam), got {args.value_lam}")
     W = world_size

@@ -47,11 +47,11 @@ import torch
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.cli import (Metrics, StageArgs, check_vocab, difficulty_arg, load_script_tokenizer,
-                          parse_args, peak_rss_mb, require_checkpoint, setup, torch_dtype,
-                          user_errors, write_results)
+from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
+                          require_checkpoint, setup, user_errors, write_results)
 from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.errors import UserError
+from minipost.flags import StageArgs, parse_args, torch_dtype
 from minipost.model import set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
 from minipost.peft import add_peft, load_model, peft_options, save_peft, trainable_summary
@@ -117,7 +117,7 @@ def policy_pairs(args, rt, tokenizer, difficulty) -> tuple[list[dict], list[dict
 
 
 def check_flags(args: Args, world_size: int):
-    """This script's flags that their types do not limit (cli.check_args did the rest)."""
+    """This script's flags that their types do not limit (flags.check_args did the rest)."""
     if args.batch_size <= 0 or args.batch_size % world_size:
         raise UserError(f"--batch-size {args.batch_size} is not a positive multiple of the "
                         f"{world_size} processes")

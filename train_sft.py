@@ -30,13 +30,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.cli import (Metrics, StageArgs, check_vocab, difficulty_arg, load_script_tokenizer,
-                          parse_args, peak_rss_mb, require_checkpoint, setup, torch_dtype,
-                          user_errors, write_results)
+from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
+                          require_checkpoint, setup, user_errors, write_results)
 from minipost.data import (collate_packed, load_jsonl, pack_sequences, pad_batch, record_lines,
                            truncate)
 from minipost.errors import UserError
 from minipost.evaluate import evaluate_task, heldout_problems
+from minipost.flags import StageArgs, parse_args, torch_dtype
 from minipost.lora import count_trainable
 from minipost.model import set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
@@ -73,7 +73,7 @@ class Args(StageArgs):
 
 
 def check_flags(args: Args, world_size: int) -> int:
-    """This script's flags that their types do not limit (cli.check_args did the rest). Returns
+    """This script's flags that their types do not limit (flags.check_args did the rest). Returns
     the micro-batch size: sequences per forward on each rank."""
     micro = args.batch_size // (world_size * max(args.grad_accum, 1))
     if micro < 1 or micro * world_size * args.grad_accum != args.batch_size:

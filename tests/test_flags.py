@@ -1,5 +1,5 @@
-"""cli.py: shared flags declared once (and explained in --help), allowed values from the types and
-checked in one place, so the command line and `main(Args(...))` stop with the same error."""
+"""flags.py: shared flags declared once (and explained in --help), allowed values from the types
+and checked in one place, so the command line and `main(Args(...))` stop with the same error."""
 import dataclasses
 import importlib
 import inspect
@@ -8,8 +8,9 @@ import typing
 import pytest
 import torch
 
-from minipost.cli import (RunArgs, StageArgs, UserError, check_args, literal_values, parse_args,
-                          user_errors)
+from minipost.cli import user_errors
+from minipost.errors import UserError
+from minipost.flags import RunArgs, StageArgs, check_args, literal_values, parse_args
 
 SCRIPTS = ["train_sft", "train_rm", "train_dpo", "train_ppo", "train_grpo"]
 
