@@ -140,7 +140,7 @@ def batch_of(encoded, idx, pad_id: int, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-# ---------------------------------------------------------------------------- reference
+# ---------------------------------------------------------------------------- models
 @torch.no_grad()
 def all_logps(model, encoded, pad_id: int, rt, batch_size: int = 64):
     """(chosen, rejected) summed log-probs of every pair of `encoded` (each rank computes all)."""

@@ -92,6 +92,22 @@ class Args(StageArgs):
     eval_problems: int = 500        # held-out problems, each as a (correct, flawed) pair
 
 
+def check_flags(args: Args, world_size: int):
+    """This script's flags that their types do not limit (flags.check_args did the rest)."""
+    if args.batch_size <= 0 or args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} is not a positive multiple of the "
+                        f"{world_size} processes")
+    if min(args.policy_problems, args.eval_policy_problems) < 0 or args.samples < 1 or \
+            args.sample_temperature <= 0:
+        raise UserError(f"--policy-problems and --eval-policy-problems must be >= 0, --samples >= 1 "
+                        f"and --sample-temperature > 0, got {args.policy_problems}, "
+                        f"{args.eval_policy_problems}, {args.samples} and {args.sample_temperature}")
+    if args.prefix_weight < 0 or args.lm_weight < 0:
+        raise UserError(f"--prefix-weight and --lm-weight must be >= 0, got {args.prefix_weight} "
+                        f"and {args.lm_weight}")
+
+
+# ---------------------------------------------------------------------------- data
 def policy_pairs(args, rt, tokenizer, difficulty) -> tuple[list[dict], list[dict]]:
     """(correct, wrong) pairs of the --init policy's own answers, labelled by the verifier, for
     training (--policy-problems training problems) and held out (--eval-policy-problems of the
@@ -116,22 +132,6 @@ def policy_pairs(args, rt, tokenizer, difficulty) -> tuple[list[dict], list[dict
     return train, held_out
 
 
-def check_flags(args: Args, world_size: int):
-    """This script's flags that their types do not limit (flags.check_args did the rest)."""
-    if args.batch_size <= 0 or args.batch_size % world_size:
-        raise UserError(f"--batch-size {args.batch_size} is not a positive multiple of the "
-                        f"{world_size} processes")
-    if min(args.policy_problems, args.eval_policy_problems) < 0 or args.samples < 1 or \
-            args.sample_temperature <= 0:
-        raise UserError(f"--policy-problems and --eval-policy-problems must be >= 0, --samples >= 1 "
-                        f"and --sample-temperature > 0, got {args.policy_problems}, "
-                        f"{args.eval_policy_problems}, {args.samples} and {args.sample_temperature}")
-    if args.prefix_weight < 0 or args.lm_weight < 0:
-        raise UserError(f"--prefix-weight and --lm-weight must be >= 0, got {args.prefix_weight} "
-                        f"and {args.lm_weight}")
-
-
-# ---------------------------------------------------------------------------- data
 def preference_rows(tokenizer, difficulty, args: Args, rt) -> tuple[list, list, list, list]:
     """(training rows, held-out rows, held-out identity rows, held-out rows of the policy's own
     answers): `--data` (its last 10% held out without `--eval-data`), or the built-in pairs."""
