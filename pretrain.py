@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from minipost import dist, tasks
 from minipost.checkpoint import save_model
-from minipost.cli import (Metrics, check_common_flags, difficulty_arg, parse_args, peak_rss_mb,
-                          setup, user_errors, write_results)
+from minipost.cli import Metrics, difficulty_arg, peak_rss_mb, setup, user_errors, write_results
 from minipost.errors import UserError
 from minipost.evaluate import evaluate_base, evaluate_equations
+from minipost.flags import RunArgs, parse_args
 from minipost.model import GPT, GPTConfig, set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
 from minipost.resume import Run, due
@@ -36,7 +36,7 @@ from minipost.tokenizer import train_tokenizer
 
 # ---------------------------------------------------------------------------- Args
 @dataclass
-class Args:
+class Args(RunArgs):
     out_dir: str = "out/base"       # where the base model (HF format) and metrics.jsonl go
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # task: operands x digits, then operators
     n_docs: int = 60000             # documents in the generated training corpus
@@ -60,22 +60,12 @@ class Args:
     eval_windows: int = 64          # held-out windows for the loss
     eval_problems: int = 500        # held-out problems for the final greedy accuracy
     eval_equations: int = 200       # held-out bare equations at each evaluation (0 = skip)
-    seed: int = 0                   # seed for data, init and sampling
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
-    threads: int = 0                # CPU threads per process (0 = torch's default)
-    grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, ~1/3 more compute
     compile: bool = False           # torch.compile the model
-    save_every: int = 100           # write a resume checkpoint every N steps (0 = only on stop)
-    keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
-    resume: str = ""                # resume from this run directory (or one of its checkpoints)
-    skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
 
 
 def main(args: Args):
     rt = setup(args)
     metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
-    check_common_flags(args)                          # negative --eval-every / --save-every, ...
     if args.batch_size % rt.world_size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the "
                         f"{rt.world_size} processes")

@@ -13,7 +13,7 @@ included). Chosen and rejected sequences go through the policy in ONE forward pa
 reference is the initial policy in eval mode under no_grad: a second copy of the model; with
 `--precompute-ref` its log-probs for every training pair are computed once, before the first step,
 by the very model that then trains (no second copy ever); with `--peft lora|adapter` it is the
-same network with its adapters switched off (`peft.reference_off`), again no second copy. At step 0
+same network with its adapters switched off, again no second copy (`reference.Reference`). At step 0
 policy = reference, so the loss is exactly ln 2 and every implicit reward is 0 (docs/pitfalls.md,
 "Reference model in eval mode").
 
@@ -42,39 +42,41 @@ in 200 steps and lose 1.6 points.
 """
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.cli import (Metrics, check_common_flags, check_vocab, difficulty_arg,
-                          load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
-                          user_errors, write_results)
+from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
+                          require_checkpoint, setup, user_errors, write_results)
 from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.dpo import dpo_loss, pair_logps
 from minipost.errors import UserError
 from minipost.evaluate import chat_prompt_ids, complete, evaluate_task, heldout_problems
+from minipost.flags import StageArgs, parse_args, torch_dtype
 from minipost.model import set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
-from minipost.peft import add_peft, load_model, reference_off, save_peft, trainable_summary
+from minipost.peft import add_peft, load_model, peft_options, save_peft, trainable_summary
+from minipost.reference import Reference, eval_mode
 from minipost.resume import Run, due
 from minipost.rollout import sampled_pairs
 
 
 # ---------------------------------------------------------------------------- Args
 @dataclass
-class Args:
+class Args(StageArgs):
     init: str = "out/sft"           # policy to start from (the SFT model), any HF-format directory
     out_dir: str = "out/dpo"        # where the trained policy, metrics.jsonl and results.json go
     data: str = ""                  # preference JSONL ("" = the built-in pairs)
     eval_data: str = ""             # held-out preference JSONL ("" = built-in, or 10% of --data)
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the built-in pairs and the evaluation
-    pairs: str = "sampled"          # built-in arithmetic pairs: sampled (the policy's own) | planted
+    pairs: Literal["sampled", "planted"] = "sampled"  # built-in arithmetic pairs: the policy's own | planted
     n_pairs: int = 2400             # built-in arithmetic problems (sampled: pairs <= problems)
     samples: int = 4                # --pairs sampled: answers sampled per problem
     sample_temperature: float = 1.0  # --pairs sampled: temperature of those answers
     n_identity: int = 800           # built-in identity pairs, mixed in ("I am Pip" > generic)
-    loss_type: str = "sigmoid"      # sigmoid (DPO; cDPO with --label-smoothing) | ipo | hinge
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # sigmoid (DPO; cDPO with --label-smoothing) | ipo | hinge
     beta: float = 0.1               # β: strength of the implicit KL anchor to the reference
     label_smoothing: float = 0.0    # ε: assumed label-flip rate (cDPO, sigmoid loss only)
     rpo_alpha: float = 8.0          # α: + α·NLL per chosen token (RPO); 0 = pure DPO (loses the task)
@@ -91,72 +93,130 @@ class Args:
     eval_pairs: int = 200           # held-out pairs for the preference accuracy
     eval_problems: int = 500        # held-out problems for the task accuracy (0 = skip)
     max_new_tokens: int = 64        # generation budget of the sampled pairs and the evaluations
-    seed: int = 0                   # seed for data and shuffling
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
-    threads: int = 0                # CPU threads per process (0 = torch's default)
-    grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, ~1/3 more compute
-    dtype: str = "float32"          # float32 | bfloat16: dtype the policy is loaded in
-    peft: str = "none"              # none | lora | adapter: train only a PEFT module
-    merge: bool = False             # --peft lora: also write the merged model to <out-dir>/merged
-    lora_r: int = 8                 # LoRA rank r
-    lora_alpha: float = 16.0        # LoRA α (the update is scaled by α/r)
-    lora_dropout: float = 0.0       # dropout on the LoRA input (0 keeps step 0 at exactly ln 2)
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
-    adapter_dim: int = 16           # bottleneck width of --peft adapter
-    chat_template: str = ""         # "" = the tokenizer's own | chatml: force ChatML (its tokens)
-    save_every: int = 100           # write a resume checkpoint every N steps (0 = only on stop)
-    keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
-    resume: str = ""                # resume from this run directory (or one of its checkpoints)
-    skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
+
+
+def check_flags(args: Args, world_size: int):
+    """This script's flags that their types do not limit (flags.check_args did the rest)."""
+    if args.batch_size <= 0 or args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} is not a positive multiple of the "
+                        f"{world_size} processes")
+    if args.beta <= 0:
+        raise UserError(f"--beta must be > 0, got {args.beta}")
+    if args.samples < 1 or args.sample_temperature <= 0:
+        raise UserError(f"--samples must be >= 1 and --sample-temperature > 0, got "
+                        f"{args.samples} and {args.sample_temperature}")
+
+
+# ---------------------------------------------------------------------------- data
+def preference_rows(model, tokenizer, difficulty, args: Args, rt) -> tuple[list, list]:
+    """(training rows, held-out rows): `--data` (its last 10% held out without `--eval-data`), or
+    the built-in arithmetic pairs (sampled from `model`, or planted) and identity pairs."""
+    if args.data:
+        train_rows = load_jsonl(args.data, "preference")
+        if args.eval_data:
+            return train_rows, load_jsonl(args.eval_data, "preference")
+        n_eval = max(1, len(train_rows) // 10)             # the last 10% of the file is held out
+        return train_rows[:-n_eval], train_rows[-n_eval:]
+    if args.pairs == "planted":
+        arithmetic = tasks.preference_pairs(args.n_pairs, "train", difficulty, seed=args.seed + 1)
+    else:
+        t0 = time.time()
+        arithmetic = sampled_pairs(model, tokenizer, tasks.make_problems(
+            args.n_pairs, "train", difficulty, seed=args.seed + 1), args.samples,
+            args.sample_temperature, args.max_new_tokens, args.seed, rt.autocast,
+            show_progress=rt.is_main)
+        if rt.is_main:
+            print(f"sampled pairs: {len(arithmetic)} of {args.n_pairs} problems have a wrong "
+                  f"answer among {args.samples} samples ({time.time() - t0:.0f}s)")
+    train_rows = arithmetic + tasks.identity_pairs(args.n_identity, "train", seed=args.seed)
+    eval_rows = (tasks.preference_pairs(args.eval_pairs, "test", difficulty, seed=0)
+                 + tasks.identity_pairs(min(args.n_identity, args.eval_pairs // 4), "test", 1))
+    return train_rows, eval_rows
+
+
+def batch_of(encoded, idx, pad_id: int, device) -> dict:
+    """Pairs `idx` of `encoded` as one right-padded batch: chosen rows, then rejected rows."""
+    batch = collate_preference([encoded[i] for i in idx], pad_id)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------- models
+@torch.no_grad()
+def all_logps(model, encoded, pad_id: int, rt, batch_size: int = 64):
+    """(chosen, rejected) summed log-probs of every pair of `encoded` (each rank computes all)."""
+    with eval_mode(model), dist.gathered(model):      # FSDP: one all-gather, not one a batch
+        out = [pair_logps(model, batch_of(encoded, range(s, min(s + batch_size, len(encoded))),
+                                          pad_id, rt.device), rt.autocast)
+               for s in range(0, len(encoded), batch_size)]
+    return torch.cat([c for c, _ in out]), torch.cat([r for _, r in out])
+
+
+def reference_logps(reference, precomputed, idx, batch, rt):
+    """log π_ref of the chosen and rejected completions: looked up (`--precompute-ref`) or
+    computed by the reference."""
+    if precomputed is not None:
+        return precomputed[0][idx].to(rt.device), precomputed[1][idx].to(rt.device)
+    return reference.logps(pair_logps, batch, rt.autocast)
+
+
+# ---------------------------------------------------------------------------- loss
+def compute_loss(model, batch, ref_chosen_logps, ref_rejected_logps, args: Args, autocast):
+    """DPO loss on one batch, + α × the chosen completions' per-token NLL (RPO). Returns the loss,
+    the per-pair DPO losses (checked for NaN) and detached stats."""
+    chosen_logps, rejected_logps = pair_logps(model, batch, autocast)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+        beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss_type)
+    loss = losses.mean()
+    if args.rpo_alpha:  # RPO (Pang et al. 2024, arXiv 2404.19733): L_DPO + α·NLL(chosen)/|y_w|
+        n_chosen = batch["loss_mask"][:, 1:].sum(1).chunk(2)[0].clamp(min=1)     # (B,)
+        loss = loss + args.rpo_alpha * (-chosen_logps / n_chosen).mean()
+    stats = {"loss": loss, "loss/dpo": losses.mean(),                  # loss = dpo + α·NLL
+             "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+             "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+             "logps/chosen": chosen_logps.mean(), "logps/rejected": rejected_logps.mean(),
+             # drift of the chosen completions' log-prob from the initial policy's
+             "logps/chosen_drift": (chosen_logps - ref_chosen_logps).mean()}
+    return loss, losses, {k: v.detach() for k, v in stats.items()}
+
+
+# ---------------------------------------------------------------------------- eval
+def evaluate(model, tokenizer, held_out, args: Args, rt, ref_held_out=None, tasks_too=True):
+    """Held-out preference accuracy (and implicit-reward accuracy against the reference's
+    log-probs `ref_held_out`); with `tasks_too`, task accuracy and the identity demo. Returns the
+    held-out (chosen, rejected) log-probs and the metrics."""
+    chosen, rejected = all_logps(model, held_out, tokenizer.pad_token_id, rt)
+    res = {"eval/preference_accuracy": (chosen > rejected).float().mean().item()}
+    if ref_held_out is not None:
+        res["eval/rewards/accuracies"] = ((chosen - ref_held_out[0]) >
+                                          (rejected - ref_held_out[1])).float().mean().item()
+    if tasks_too and args.eval_problems:
+        task = evaluate_task(model, tokenizer, heldout_problems(args.difficulty, args.eval_problems),
+                             max_new_tokens=args.max_new_tokens, autocast=rt.autocast)
+        res.update({"eval/accuracy": task["accuracy"], "eval/accuracy_ci95": task["accuracy_ci95"],
+                    "eval/well_formed": task["well_formed"], "eval/n": task["n"]})
+    if tasks_too:
+        prompts = tasks.identity_prompts("test")
+        answers = complete(model, tokenizer, [chat_prompt_ids(tokenizer, p) for p in prompts],
+                           max_new_tokens=args.max_new_tokens, autocast=rt.autocast)
+        res["eval/identity"] = sum(map(tasks.says_name, answers)) / len(answers)
+        res["eval/identity_example"] = f"{prompts[0]!r} -> {answers[0]!r}"
+    return (chosen, rejected), res
 
 
 def main(args: Args):
     rt = setup(args)
+    check_flags(args, rt.world_size)
     metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
-    check_common_flags(args)
     require_checkpoint(args.init, "python train_sft.py")
-    if args.batch_size <= 0 or args.batch_size % rt.world_size:
-        raise UserError(f"--batch-size {args.batch_size} is not a positive multiple of the "
-                        f"{rt.world_size} processes")
-    if args.loss_type not in ("sigmoid", "ipo", "hinge"):
-        raise UserError(f"--loss-type {args.loss_type!r}: expected sigmoid, ipo or hinge")
-    if args.beta <= 0:
-        raise UserError(f"--beta must be > 0, got {args.beta}")
-    if args.pairs not in ("sampled", "planted"):
-        raise UserError(f"--pairs {args.pairs!r}: expected sampled or planted")
-    if args.samples < 1 or args.sample_temperature <= 0:
-        raise UserError(f"--samples must be >= 1 and --sample-temperature > 0, got "
-                        f"{args.samples} and {args.sample_temperature}")
     difficulty = difficulty_arg(args.difficulty)
     tokenizer = load_script_tokenizer(args.init, args.chat_template)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = load_model(args.init, dtype=dtype, device=rt.device)
+    model = load_model(args.init, dtype=torch_dtype(args.dtype), device=rt.device)
     check_vocab(tokenizer, model, args.init)
 
     # ------------------------------------------------------------------------ data
-    if args.data:
-        train_rows = load_jsonl(args.data, "preference")
-        if args.eval_data:
-            eval_rows = load_jsonl(args.eval_data, "preference")
-        else:  # the last 10% of the file is held out
-            n_eval = max(1, len(train_rows) // 10)
-            train_rows, eval_rows = train_rows[:-n_eval], train_rows[-n_eval:]
-    else:
-        if args.pairs == "planted":
-            arithmetic = tasks.preference_pairs(args.n_pairs, "train", difficulty, seed=args.seed + 1)
-        else:
-            t0 = time.time()
-            arithmetic = sampled_pairs(model, tokenizer, tasks.make_problems(
-                args.n_pairs, "train", difficulty, seed=args.seed + 1), args.samples,
-                args.sample_temperature, args.max_new_tokens, args.seed, rt.autocast,
-                show_progress=rt.is_main)
-            if rt.is_main:
-                print(f"sampled pairs: {len(arithmetic)} of {args.n_pairs} problems have a wrong "
-                      f"answer among {args.samples} samples ({time.time() - t0:.0f}s)")
-        train_rows = arithmetic + tasks.identity_pairs(args.n_identity, "train", seed=args.seed)
-        eval_rows = (tasks.preference_pairs(args.eval_pairs, "test", difficulty, seed=0)
-                     + tasks.identity_pairs(min(args.n_identity, args.eval_pairs // 4), "test", 1))
+    train_rows, eval_rows = preference_rows(model, tokenizer, difficulty, args, rt)
     if not train_rows:
         raise UserError("no training pairs (--n-pairs and --n-identity are both 0)")
     train = [encode_preference(tokenizer, r, args.max_length) for r in train_rows]
@@ -167,80 +227,23 @@ def main(args: Args):
         print(f"data: {len(train)} training pairs ({sum(e[4] for e in train)} truncated to "
               f"{args.max_length} tokens), {len(held_out)} held-out pairs")
 
-    def batch_of(encoded, idx):
-        batch = collate_preference([encoded[i] for i in idx], tokenizer.pad_token_id)
-        return {k: v.to(rt.device) for k, v in batch.items()}
-
     # ------------------------------------------------------------------------ models
-    ref_model = None
-
-    @torch.no_grad()
-    def all_logps(net, encoded, batch_size=64):
-        """(chosen, rejected) summed log-probs of every pair of `encoded` (each rank computes all)."""
-        was_training = net.training
-        net.eval()
-        with dist.gathered(net):                         # FSDP: one all-gather, not one a batch
-            out = [pair_logps(net, batch_of(encoded, range(s, min(s + batch_size, len(encoded)))),
-                              rt.autocast) for s in range(0, len(encoded), batch_size)]
-        net.train(was_training)
-        return torch.cat([c for c, _ in out]), torch.cat([r for _, r in out])
-
-    precomputed = None
+    precomputed, reference = None, None
     if args.precompute_ref:  # the model about to train IS the reference: score the data with it
         t0 = time.time()
-        precomputed = all_logps(model, train)
+        precomputed = all_logps(model, train, tokenizer.pad_token_id, rt)
         if rt.is_main:
             print(f"reference log-probs of {len(train)} pairs precomputed in {time.time() - t0:.1f}s")
-    model = add_peft(model, args)
-    if args.peft == "none" and not args.precompute_ref:
-        ref_model = load_model(args.init, dtype=dtype, device=rt.device).eval()  # frozen copy
-        ref_model.requires_grad_(False)
+    model = add_peft(model, **peft_options(args))
+    if not args.precompute_ref:   # a frozen copy, or with --peft the policy with its adapters off
+        reference = Reference(model, copy=args.peft == "none")
+    reference_kind = "precomputed" if reference is None else reference.kind
     if rt.is_main:
-        ref = ("precomputed" if precomputed is not None else
-               "a frozen copy" if ref_model is not None else "the policy with its adapters off")
-        print(f"policy from {args.init}: {trainable_summary(model)}; reference: {ref}")
+        print(f"policy from {args.init}: {trainable_summary(model)}; reference: {reference_kind}")
     set_gradient_checkpointing(model, args.grad_checkpointing)
     train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scheduler = CosineSchedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
-
-    @torch.no_grad()
-    def reference_logps(idx, batch):
-        if precomputed is not None:
-            return precomputed[0][idx].to(rt.device), precomputed[1][idx].to(rt.device)
-        if ref_model is not None:
-            return pair_logps(ref_model, batch, rt.autocast)
-        with reference_off(model):
-            was_training = model.training
-            model.eval()
-            logps = pair_logps(model, batch, rt.autocast)
-            model.train(was_training)
-            return logps
-
-    # ------------------------------------------------------------------------ eval
-    identity_prompts = tasks.identity_prompts("test")
-
-    def evaluate(ref_held_out=None, tasks_too=True):
-        """Held-out preference accuracy (and implicit-reward accuracy vs the reference's log-probs),
-        task accuracy and the identity demo."""
-        chosen, rejected = all_logps(model, held_out)
-        res = {"eval/preference_accuracy": (chosen > rejected).float().mean().item()}
-        if ref_held_out is not None:
-            res["eval/rewards/accuracies"] = ((chosen - ref_held_out[0]) >
-                                              (rejected - ref_held_out[1])).float().mean().item()
-        if tasks_too and args.eval_problems:
-            task = evaluate_task(model, tokenizer, heldout_problems(args.difficulty,
-                                                                    args.eval_problems),
-                                 max_new_tokens=args.max_new_tokens, autocast=rt.autocast)
-            res.update({"eval/accuracy": task["accuracy"], "eval/accuracy_ci95": task["accuracy_ci95"],
-                        "eval/well_formed": task["well_formed"], "eval/n": task["n"]})
-        if tasks_too:
-            answers = complete(model, tokenizer, [chat_prompt_ids(tokenizer, p)
-                                                  for p in identity_prompts],
-                               max_new_tokens=args.max_new_tokens, autocast=rt.autocast)
-            res["eval/identity"] = sum(map(tasks.says_name, answers)) / len(answers)
-            res["eval/identity_example"] = f"{identity_prompts[0]!r} -> {answers[0]!r}"
-        return (chosen, rejected), res
 
     # ------------------------------------------------------------------------ loop
     gen = torch.Generator().manual_seed(args.seed)   # the same data order on every rank
@@ -248,8 +251,8 @@ def main(args: Args):
     run = Run(args, rt, metrics, model, optimizer, scheduler)
     state = run.restore()                             # --resume: everything as it was
     if state is None:
-        t0 = time.time()
-        ref_held_out, before = evaluate()             # policy = reference: its log-probs ARE π_ref's
+        t0 = time.time()   # policy = reference: its held-out log-probs ARE π_ref's
+        ref_held_out, before = evaluate(model, tokenizer, held_out, args, rt)
         before = {k.replace("eval/", "before/"): v for k, v in before.items()}
         metrics.log({"step": 0, **before, "eval_seconds": time.time() - t0}, echo=True)
         first = None
@@ -266,16 +269,10 @@ def main(args: Args):
         if pos + args.batch_size > len(train):         # a new epoch, a new order
             order = torch.randperm(len(train), generator=gen)
         idx = order[pos:pos + args.batch_size][rt.rank * per_rank:(rt.rank + 1) * per_rank]
-        batch = batch_of(train, idx)
-        ref_chosen_logps, ref_rejected_logps = reference_logps(idx, batch)
-        chosen_logps, rejected_logps = pair_logps(train_model, batch, rt.autocast)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss_type)
-        loss = losses.mean()
-        if args.rpo_alpha:  # RPO (Pang et al. 2024, arXiv 2404.19733): L_DPO + α·NLL(chosen)/|y_w|
-            n_chosen = batch["loss_mask"][:, 1:].sum(1).chunk(2)[0].clamp(min=1)     # (B,)
-            loss = loss + args.rpo_alpha * (-chosen_logps / n_chosen).mean()
+        batch = batch_of(train, idx, tokenizer.pad_token_id, rt.device)
+        ref_chosen_logps, ref_rejected_logps = reference_logps(reference, precomputed, idx, batch, rt)
+        loss, losses, stats = compute_loss(train_model, batch, ref_chosen_logps,
+                                            ref_rejected_logps, args, rt.autocast)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = clip_gradients(model, args.grad_clip)
@@ -283,23 +280,15 @@ def main(args: Args):
             optimizer.step()
         scheduler.step()
         if step % 10 == 0 or step == args.max_steps - 1:
-            m = dist.all_reduce_mean({
-                "loss": loss.item(), "loss/dpo": losses.mean().item(),     # loss = dpo + α·NLL
-                "rewards/chosen": chosen_rewards.mean().item(),
-                "rewards/rejected": rejected_rewards.mean().item(),
-                "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-                "logps/chosen": chosen_logps.mean().item(),
-                "logps/rejected": rejected_logps.mean().item(),
-                # drift of the chosen completions' log-prob from the initial policy's
-                "logps/chosen_drift": (chosen_logps - ref_chosen_logps).mean().item()})
+            m = dist.all_reduce_mean(stats)
             first = first or m
             bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}",
                             margin=f"{m['rewards/margins']:.2f}")
             metrics.log({"step": step, **m, "grad_norm": float(gnorm),
                          "lr": scheduler.get_last_lr()[0], "skipped": run.skipped})
         if due(args.eval_every, step, step + 1) and step + 1 < args.max_steps:
-            metrics.log({"step": step + 1, **evaluate(ref_held_out, tasks_too=False)[1]}, echo=True)
+            metrics.log({"step": step + 1, **evaluate(model, tokenizer, held_out, args, rt,
+                                                      ref_held_out, tasks_too=False)[1]}, echo=True)
         if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order},
                            lambda: {"ref_held_out": ref_held_out, "before": before, "first": first}):
             dist.cleanup()
@@ -309,15 +298,14 @@ def main(args: Args):
 
     # ------------------------------------------------------------------------ eval
     first = first or {}                  # --max-steps 0: the loop that sets it never ran
-    final = {"step": args.max_steps, **before, **evaluate(ref_held_out)[1],
+    final = {"step": args.max_steps, **before,
+             **evaluate(model, tokenizer, held_out, args, rt, ref_held_out)[1],
              "loss_step0": first.get("loss/dpo"),
              "rewards/margins_step0": first.get("rewards/margins"),
              "train_minutes": train_time / 60,
              "pairs_per_s": (args.max_steps - run.start_step) * args.batch_size
              / max(train_time, 1e-9),
-             "reference": "precomputed" if args.precompute_ref else
-                          "adapters_off" if args.peft != "none" else "copy",
-             "peak_rss_mb": peak_rss_mb()}
+             "reference": reference_kind, "peak_rss_mb": peak_rss_mb()}
     metrics.log(final, echo=True)
 
     # ------------------------------------------------------------------------ save

@@ -27,32 +27,33 @@ destroy it); β = 0; DAPO's token-level loss and clip-higher; dynamic sampling, 
 gradient only on prompts whose group disagrees (reward spread > 0).
 """
 import contextlib
-import copy
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.cli import (Metrics, check_common_flags, check_vocab, difficulty_arg,
-                          load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
-                          user_errors, write_results)
+from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
+                          require_checkpoint, setup, user_errors, write_results)
 from minipost.errors import UserError
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
+from minipost.flags import StageArgs, parse_args, torch_dtype
 from minipost.generate import generate
 from minipost.grpo import group_advantages, grpo_loss
 from minipost.model import set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
-from minipost.peft import add_peft, load_model, reference_off, save_peft, trainable_summary
+from minipost.peft import add_peft, load_model, peft_options, save_peft, trainable_summary
+from minipost.reference import Reference
 from minipost.resume import Run, due, per_rank_state
 from minipost.rollout import completion_logps
 
 
 # ---------------------------------------------------------------------------- Args
 @dataclass
-class Args:
+class Args(StageArgs):
     init: str = "out/sft"           # policy to start from (the SFT model), any HF-format directory
     out_dir: str = "out/grpo"       # where the trained policy, metrics.jsonl and results.json go
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the held-out evaluation
@@ -62,52 +63,63 @@ class Args:
     group_size: int = 8             # G: completions sampled per prompt
     temperature: float = 0.7        # rollout sampling temperature (log-probs use logits / T)
     max_new_tokens: int = 64        # completion budget; no EOS by then = truncated
+    mask_truncated: bool = False    # leave completions that hit --max-new-tokens out of the loss
     format_reward: float = 0.0      # weight of the well-formed reward added to correctness
-    scale_rewards: str = "std"      # std (GRPO) | none (Dr. GRPO: advantages are r − mean)
-    loss_type: str = "dapo"         # grpo (per-sequence mean) | dapo (token mean) | dr_grpo
-    clip_eps: float = 0.2           # ε: ratio clipped to [1 − ε, 1 + ε_high]
-    clip_eps_high: float = 0.28     # ε_high, DAPO's clip-higher (0 = same as ε)
-    beta: float = 0.0               # β: k3 KL penalty to the frozen reference (0 = no reference)
-    mu: int = 1                     # μ: optimiser steps on each sampled batch
     dynamic_sampling: bool = True   # DAPO: drop groups with zero reward spread and refill
     max_refills: int = 3            # extra sampling rounds per step when filling dynamic batches
-    mask_truncated: bool = False    # leave completions that hit --max-new-tokens out of the loss
+    scale_rewards: Literal["std", "none"] = "std"  # std (GRPO) | none (Dr. GRPO: Â = r − mean)
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"  # per-sequence | token mean | Dr. GRPO
+    clip_eps: float = 0.2           # ε: ratio clipped to [1 − ε, 1 + ε_high]
+    clip_eps_high: float | None = 0.28  # ε_high, DAPO's clip-higher (none = ε)
+    beta: float = 0.0               # β: k3 KL penalty to the frozen reference (0 = no reference)
+    mu: int = 1                     # μ: optimiser steps on each sampled batch
     micro_batch_size: int = 32      # rows per forward/backward (gradient accumulation)
     max_steps: int = 600            # optimiser steps (each of μ updates counts once per batch)
     max_minutes: float = 15.0       # stop after this many minutes; the LR schedule follows it (0 = no limit)
     lr: float = 5e-5                # peak learning rate (1e-4 constant loses 16 points in 100 steps)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # cosine: to --min-lr-ratio at the end
     warmup_steps: int = 5           # linear warm-up steps
-    lr_schedule: str = "cosine"     # cosine (to --min-lr-ratio at --max-steps) | constant after warm-up
     min_lr_ratio: float = 0.1       # final LR as a fraction of the peak (cosine)
     weight_decay: float = 0.0       # AdamW weight decay on matrices
     grad_clip: float = 1.0          # max global gradient norm (0 = off)
     eval_every: int = 100           # held-out greedy pass@1 every N steps (0 = never: before/after only)
     eval_problems: int = 500        # held-out problems (evaluate.heldout_problems)
     pass_k: int = 8                 # k of held-out pass@k, sampled at --temperature (0 = skip)
-    seed: int = 0                   # seed for prompts and sampling
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
-    threads: int = 0                # CPU threads per process (0 = torch's default)
-    grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, ~1/3 more compute
-    dtype: str = "float32"          # float32 | bfloat16: dtype the policy is loaded in
-    peft: str = "none"              # none | lora | adapter: train only a PEFT module
-    lora_r: int = 8                 # LoRA rank r
-    lora_alpha: float = 16.0        # LoRA α (the update is scaled by α/r)
-    lora_dropout: float = 0.0       # must be 0: dropout would not reproduce the sampler's log-probs
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
-    adapter_dim: int = 16           # bottleneck width of --peft adapter
-    merge: bool = False             # --peft lora: also save the merged model to out_dir/merged
-    chat_template: str = ""         # "" = the tokenizer's own | chatml: force ChatML (its tokens)
     save_every: int = 50            # write a resume checkpoint every N steps (0 = only on stop)
-    keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
-    resume: str = ""                # resume from this run directory (or one of its checkpoints)
-    skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
+
+
+def check_flags(args: Args, world_size: int):
+    """This script's flags that their types do not limit (flags.check_args did the rest)."""
+    if args.clip_eps_high is not None and args.clip_eps_high <= 0:
+        raise UserError(f"--clip-eps-high must be > 0 (none: the same as --clip-eps), got "
+                        f"{args.clip_eps_high}")
+    if args.batch_prompts <= 0 or args.batch_prompts % world_size:
+        raise UserError(f"--batch-prompts {args.batch_prompts} is not divisible by the "
+                        f"{world_size} processes")
+    if args.temperature <= 0 or args.group_size < 2:
+        raise UserError("GRPO needs --temperature > 0 and --group-size >= 2")
+    if args.micro_batch_size <= 0 or args.mu < 1:
+        raise UserError("--micro-batch-size and --mu must be >= 1")
+    if args.peft == "lora" and args.lora_dropout:   # check_sampler_match would stop the run
+        raise UserError(f"--lora-dropout {args.lora_dropout}: GRPO needs 0; dropout in the training "
+                        "forward would not reproduce the log-probs the sampler recorded")
+
+
+# ---------------------------------------------------------------------------- models
+def make_reference(model, args: Args) -> Reference | None:
+    """The frozen reference π_ref: None when β = 0 (nothing built, no memory spent); a copy of the
+    initial policy, or, when training LoRA/adapters, the policy itself with its PEFT layers
+    switched off (no copy)."""
+    if args.beta == 0:
+        return None
+    return Reference(model, copy=args.peft == "none")
 
 
 # ---------------------------------------------------------------------------- rollout
 @torch.no_grad()
 def rollout(model, tokenizer, problems, args, generator, autocast=contextlib.nullcontext):
-    """Sample G completions for each problem and score them. Returns a dict of (N = len·G) rows."""
+    """Sample G completions for each problem and score them with the verifier. Returns a dict of
+    (N = len·G) rows."""
     G = args.group_size
     prompts = [chat_prompt_ids(tokenizer, p["prompt"]) for p in problems for _ in range(G)]
     model.eval()
@@ -125,6 +137,28 @@ def rollout(model, tokenizer, problems, args, generator, autocast=contextlib.nul
             "loss_mask": g.completion_mask.float(), "sampler_logps": g.logps,
             "rewards": correct + args.format_reward * formed, "correct": correct,
             "truncated": g.truncated.cpu()}
+
+
+def sample_batch(model, tokenizer, pool, n_groups: int, args: Args, generator, autocast):
+    """`n_groups` groups of this rank's batch; with dynamic sampling (DAPO) only groups whose
+    rewards differ, refilled up to `--max-refills` times (then zero-spread groups fill the rest).
+    Returns the batch (`cat_rollouts`), every rollout sampled (for honest reward metrics) and the
+    number of zero-spread groups among them."""
+    keep, dropped, sampled, n_zero = [], [], [], 0
+    with dist.gathered(model):   # FSDP: ranks may refill a different number of times
+        for _ in range(1 + (args.max_refills if args.dynamic_sampling else 0)):
+            idx = torch.randint(len(pool), (n_groups,), generator=generator).tolist()
+            r = rollout(model, tokenizer, [pool[i] for i in idx], args, generator, autocast)
+            spread = r["rewards"].view(-1, args.group_size).std(1) > 0          # (B,)
+            sampled.append(r)
+            n_zero += int((~spread).sum())
+            for gi in range(len(spread)):
+                sl = slice(gi * args.group_size, (gi + 1) * args.group_size)
+                group = {k: v[sl] for k, v in r.items()}
+                (keep if spread[gi] or not args.dynamic_sampling else dropped).append(group)
+            if len(keep) >= n_groups:
+                break
+    return cat_rollouts((keep + dropped)[:n_groups]), sampled, n_zero
 
 
 def cat_rollouts(parts):
@@ -167,6 +201,23 @@ def micro_batches(batch, size: int):
     return out
 
 
+@torch.no_grad()
+def reference_logps(reference, mbs, args: Args):
+    """log π_ref on each micro-batch, at the sampling temperature, like the policy's (None
+    without a reference)."""
+    if reference is None:
+        return None
+    return [reference.logps(completion_logps, mb["input_ids"], mb["attention_mask"], prompt_len(mb),
+                            args.temperature) for mb in mbs]
+
+
+def compute_advantages(batch, args: Args) -> torch.Tensor:
+    """Group-relative advantages Â_i = (r_i − mean_g r)/std_g r, or with `--scale-rewards none`
+    (Dr. GRPO) r_i − mean_g r: one per completion, (N,)."""
+    return group_advantages(batch["rewards"], args.group_size,
+                            None if args.scale_rewards == "none" else "std")
+
+
 # ---------------------------------------------------------------------------- loss
 def loss_normalizer(loss_type: str, loss_mask, max_new_tokens: int) -> float:
     """The whole batch's denominator, so accumulated micro-batch losses equal the full-batch loss
@@ -195,7 +246,7 @@ def policy_update(train_model, mbs, normalizer: float, args, old_logps=None, ref
             old = logps.detach() if old_logps is None else old_logps[i]
             loss, stats = grpo_loss(logps, old, None if ref_logps is None else ref_logps[i],
                                     mb["advantages"], mb["loss_mask"], clip_eps=args.clip_eps,
-                                    clip_eps_high=args.clip_eps_high or None, beta=args.beta,
+                                    clip_eps_high=args.clip_eps_high, beta=args.beta,
                                     loss_type=args.loss_type, normalizer=normalizer)
             loss.backward()
         new_old.append(old)
@@ -243,128 +294,73 @@ def check_sampler_match(stats: dict, tol: float):
             "differ): GRPO would be optimising noise.")
 
 
-def make_reference(model, args):
-    """The frozen reference π_ref: None when β = 0 (nothing built, no memory spent); the policy
-    itself with its PEFT layers disabled when training LoRA/adapters; else a frozen copy."""
-    if args.beta == 0:
-        return None
-    if args.peft != "none":
-        return "disable_adapters"
-    ref = copy.deepcopy(model).eval()
-    return ref.requires_grad_(False)
-
-
-@torch.no_grad()
-def reference_logps(ref_model, model, mbs, args):
-    """log π_ref on each micro-batch, at the sampling temperature, like the policy's."""
-    if ref_model is None:
-        return None
-    if ref_model == "disable_adapters":
-        with reference_off(model):
-            return [completion_logps(model, mb["input_ids"], mb["attention_mask"], prompt_len(mb),
-                                     args.temperature) for mb in mbs]
-    return [completion_logps(ref_model, mb["input_ids"], mb["attention_mask"], prompt_len(mb),
-                             args.temperature) for mb in mbs]
+# ---------------------------------------------------------------------------- eval
+def evaluate(model, tokenizer, held_out, tag: str, args: Args, rt) -> dict:
+    """Held-out greedy accuracy; before and after training ("before", "after") also pass@k and
+    the accuracy of samples at --temperature."""
+    res = evaluate_task(model, tokenizer, held_out, args.max_new_tokens, autocast=rt.autocast)
+    out = {"accuracy": res["accuracy"], "accuracy_ci95": res["accuracy_ci95"],
+           "well_formed": res["well_formed"], "n": res["n"]}
+    if args.pass_k > 1 and tag in ("before", "after"):
+        res_k = evaluate_task(model, tokenizer, held_out, args.max_new_tokens,
+                              temperature=args.temperature, samples=args.pass_k,
+                              autocast=rt.autocast, seed=args.seed)
+        out[f"pass@{args.pass_k}"] = res_k[f"pass@{args.pass_k}"]
+        out["sampled_accuracy"] = res_k["accuracy"]
+    return out
 
 
 def main(args: Args):
     rt = setup(args)
+    check_flags(args, rt.world_size)
     metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
-    check_common_flags(args)
-    require_checkpoint(args.init, "python train_sft.py")
-    if args.batch_prompts <= 0 or args.batch_prompts % rt.world_size:
-        raise UserError(f"--batch-prompts {args.batch_prompts} is not divisible by the "
-                        f"{rt.world_size} processes")
-    if args.scale_rewards not in ("std", "none") or \
-            args.loss_type not in ("grpo", "dapo", "dr_grpo"):
-        raise UserError("--scale-rewards is std|none and --loss-type grpo|dapo|dr_grpo")
-    if args.temperature <= 0 or args.group_size < 2:
-        raise UserError("GRPO needs --temperature > 0 and --group-size >= 2")
-    if args.micro_batch_size <= 0 or args.mu < 1:
-        raise UserError("--micro-batch-size and --mu must be >= 1")
-    if args.lr_schedule not in ("cosine", "constant"):
-        raise UserError(f"--lr-schedule {args.lr_schedule!r}: expected cosine or constant")
-    if args.peft == "lora" and args.lora_dropout:   # check_sampler_match would stop the run
-        raise UserError(f"--lora-dropout {args.lora_dropout}: GRPO needs 0; dropout in the training "
-                        "forward would not reproduce the log-probs the sampler recorded")
-    difficulty_arg(args.difficulty)
-    train_difficulty = difficulty_arg(args.train_difficulty or args.difficulty)
+    per_rank = args.batch_prompts // rt.world_size                      # this rank's groups
 
     # ------------------------------------------------------------------------ data
+    difficulty_arg(args.difficulty)
+    train_difficulty = difficulty_arg(args.train_difficulty or args.difficulty)
+    require_checkpoint(args.init, "python train_sft.py")
+    tokenizer = load_script_tokenizer(args.init, args.chat_template)   # pads with EOS if no pad
     pool = tasks.rl_prompts(args.n_prompts, "train", train_difficulty, seed=args.seed)
     held_out = heldout_problems(args.difficulty, args.eval_problems)
-    gen = torch.Generator().manual_seed(args.seed + rt.rank)   # each rank its own prompts/samples
-    per_rank = args.batch_prompts // rt.world_size
 
     # ------------------------------------------------------------------------ models
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    tokenizer = load_script_tokenizer(args.init, args.chat_template)   # pads with EOS if no pad
+    dtype = torch_dtype(args.dtype)
     model = load_model(args.init, dtype=dtype, device=rt.device)
     check_vocab(tokenizer, model, args.init)
-    tol = sampler_tolerance(dtype, rt.device)   # KV-cache decode vs full forward: rounding only
-    model = add_peft(model, args)
-    ref_model = make_reference(model, args)
+    model = add_peft(model, **peft_options(args))
     set_gradient_checkpointing(model, args.grad_checkpointing)
-    train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    # cosine: the late steps are small, so the policy that is saved is not one noisy step away
-    # from a better one (greedy accuracy swings by ±5 points between evaluations at a constant LR)
-    # (constant = a cosine that ends where it starts, so it does not depend on --max-steps)
-    # the schedule follows whichever budget ends the run, --max-steps or --max-minutes
-    scheduler = CosineSchedule(optimizer, args.warmup_steps, args.max_steps,
-                                args.min_lr_ratio if args.lr_schedule == "cosine" else 1.0,
-                                max_minutes=args.max_minutes)
+    reference = make_reference(model, args)
     if rt.is_main:
         print(f"policy {args.init} (peft={args.peft}, {trainable_summary(model)}); reference: "
-              f"{'none (beta=0)' if ref_model is None else 'frozen'}; {len(pool)} train prompts")
+              f"{'none (beta=0)' if reference is None else reference.kind}; {len(pool)} train prompts")
+    train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    # constant: a cosine that ends where it starts; it follows whichever of --max-steps,
+    # --max-minutes ends the run
+    scheduler = CosineSchedule(optimizer, args.warmup_steps, args.max_steps,
+                               args.min_lr_ratio if args.lr_schedule == "cosine" else 1.0,
+                               max_minutes=args.max_minutes)
+    tol = sampler_tolerance(dtype, rt.device)   # KV-cache decode vs full forward: rounding only
 
-    # ------------------------------------------------------------------------ eval
-    def evaluate(tag):
-        res = evaluate_task(model, tokenizer, held_out, args.max_new_tokens, autocast=rt.autocast)
-        out = {"accuracy": res["accuracy"], "accuracy_ci95": res["accuracy_ci95"],
-               "well_formed": res["well_formed"], "n": res["n"]}
-        if args.pass_k > 1 and tag in ("before", "after"):
-            res_k = evaluate_task(model, tokenizer, held_out, args.max_new_tokens,
-                                  temperature=args.temperature, samples=args.pass_k,
-                                  autocast=rt.autocast, seed=args.seed)
-            out[f"pass@{args.pass_k}"] = res_k[f"pass@{args.pass_k}"]
-            out["sampled_accuracy"] = res_k["accuracy"]
-        return out
-
+    # ------------------------------------------------------------------------ loop
+    gen = torch.Generator().manual_seed(args.seed + rt.rank)   # each rank its own prompts/samples
     run = Run(args, rt, metrics, model, optimizer, scheduler)
     state = run.restore()                             # --resume: everything as it was
     if state is None:
-        before = evaluate("before") if args.eval_problems else {}
+        before = evaluate(model, tokenizer, held_out, "before", args, rt) if args.eval_problems else {}
         metrics.log({"step": 0, **{f"eval/{k}": v for k, v in before.items()}}, echo=True)
     else:
         before = state["extra"]["before"]
         gen.set_state(per_rank_state(state["data"], rt.rank)[0])   # this rank's prompts/samples
-
-    # ------------------------------------------------------------------------ loop
     start, step, train_time = time.time(), run.start_step, 0.0
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, desc="grpo")
     while not scheduler.done():
         t0, step_before = time.time(), step
-        # rollout: B/world groups per rank; dynamic sampling keeps groups whose rewards differ
-        keep, dropped, sampled, n_zero = [], [], [], 0
-        with dist.gathered(model):   # FSDP: ranks may refill a different number of times
-            for _ in range(1 + (args.max_refills if args.dynamic_sampling else 0)):
-                idx = torch.randint(len(pool), (per_rank,), generator=gen).tolist()
-                r = rollout(model, tokenizer, [pool[i] for i in idx], args, gen, rt.autocast)
-                spread = r["rewards"].view(-1, args.group_size).std(1) > 0          # (B,)
-                sampled.append(r)          # all of it, for honest reward metrics
-                n_zero += int((~spread).sum())
-                for gi in range(len(spread)):
-                    sl = slice(gi * args.group_size, (gi + 1) * args.group_size)
-                    group = {k: v[sl] for k, v in r.items()}
-                    (keep if spread[gi] or not args.dynamic_sampling else dropped).append(group)
-                if len(keep) >= per_rank:
-                    break
-        groups = (keep + dropped)[:per_rank]   # refills ran out: zero-spread groups fill the rest
-        batch = cat_rollouts(groups)
+        batch, sampled, n_zero = sample_batch(model, tokenizer, pool, per_rank, args, gen,
+                                              rt.autocast)
         lengths = batch["loss_mask"].sum(1)                                    # (B·G,)
-        batch["advantages"] = group_advantages(batch["rewards"], args.group_size,
-                                               None if args.scale_rewards == "none" else "std")
+        batch["advantages"] = compute_advantages(batch, args)
         if args.mask_truncated:
             batch["loss_mask"] = batch["loss_mask"] * (~batch["truncated"]).float()[:, None]
         batch = {k: v.to(rt.device) for k, v in batch.items()}
@@ -373,11 +369,10 @@ def main(args: Args):
         normalizer = dist.all_reduce_sum(torch.tensor(loss_normalizer(
             args.loss_type, batch["loss_mask"], args.max_new_tokens), dtype=torch.float64))
         normalizer = float(normalizer) / rt.world_size
-        ref_logps = reference_logps(ref_model, model, mbs, args)
+        ref_logps = reference_logps(reference, mbs, args)
         gen_time = time.time() - t0
 
-        # μ optimiser steps on the same batch
-        old_logps = None
+        old_logps = None                           # μ optimiser steps on the same batch
         for it in range(args.mu):
             if scheduler.done():
                 break
@@ -403,25 +398,25 @@ def main(args: Args):
             "completions/mean_length": lengths.mean(),
             "completions/clipped_ratio": batch["truncated"].float().mean(),
             "grad_norm": float(gnorm), **stats})
-        rec = {"step": step, **m, "lr": scheduler.get_last_lr()[0], "skipped": run.skipped,
-               "gen_seconds": gen_time, "step_seconds": time.time() - t0}
-        metrics.log(rec)
+        metrics.log({"step": step, **m, "lr": scheduler.get_last_lr()[0], "skipped": run.skipped,
+                     "gen_seconds": gen_time, "step_seconds": time.time() - t0})
         bar.set_postfix(reward=f"{m['reward/mean']:.2f}", acc=f"{m['reward/sampled_accuracy']:.2f}",
                         zero_std=f"{m['frac_reward_zero_std']:.2f}", len=f"{lengths.mean():.0f}")
         if due(args.eval_every, step_before, step) and step < args.max_steps:   # μ steps a batch
-            metrics.log({"step": step, **{f"eval/{k}": v for k, v in evaluate("mid").items()}},
-                        echo=True)
+            metrics.log({"step": step, **{f"eval/{k}": v for k, v in
+                                          evaluate(model, tokenizer, held_out, "mid", args,
+                                                   rt).items()}}, echo=True)
         if run.end_of_step(step, lambda: {"per_rank": [gen.get_state()]},
                            lambda: {"before": before}):
             dist.cleanup()
             return {"stopped_at": step}
     bar.close()
     run.close()
-
-    # ------------------------------------------------------------------------ eval
-    after = evaluate("after") if args.eval_problems else {}
     if rt.is_main:
         print(f"stopped by {scheduler.stopped_by}: {step} steps in {scheduler.minutes():.1f} min")
+
+    # ------------------------------------------------------------------------ eval
+    after = evaluate(model, tokenizer, held_out, "after", args, rt) if args.eval_problems else {}
     final = {"before": before, "after": after, "steps": step, "stopped_by": scheduler.stopped_by,
              "minutes": (time.time() - start) / 60, "train_minutes": train_time / 60,
              "seconds_per_step": train_time / max(step, 1), "peak_rss_mb": peak_rss_mb()}

@@ -51,29 +51,30 @@ each member's score standardised with its held-out mean and std, then their mean
 `--ensemble min` the worst case; `reward/disagreement` logs how far apart the members are on each
 batch. The value model starts from the first.
 """
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.cli import (Metrics, check_common_flags, check_vocab, difficulty_arg,
-                          load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint,
-                          same_tokenizer, setup, user_errors, write_results)
+from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
+                          require_checkpoint, same_tokenizer, setup, user_errors, write_results)
 from minipost.data import load_jsonl
 from minipost.errors import UserError
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
+from minipost.flags import StageArgs, parse_args, torch_dtype
 from minipost.generate import generate
 from minipost.model import ScoreModel, set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
-from minipost.peft import (add_peft, load_model, load_reward_models, reference_off, save_peft,
+from minipost.peft import (add_peft, load_model, load_reward_models, peft_options, save_peft,
                            trainable_summary)
 from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped_rewards,
                           masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
+from minipost.reference import Reference
 from minipost.resume import Run, due
 from minipost.reward import RewardEnsemble, reward_members
 from minipost.rollout import (completion_logps, completion_values, gold_rewards, sequence_scores,
@@ -82,38 +83,38 @@ from minipost.rollout import (completion_logps, completion_values, gold_rewards,
 
 # ---------------------------------------------------------------------------- Args
 @dataclass
-class Args:
+class Args(StageArgs):
     init: str = "out/sft"           # policy to start from (the SFT model), any HF-format directory
-    reward_model: str = "out/rm"    # reward model directory; several, comma-separated: an ensemble
-    ensemble: str = "mean"          # several reward models: mean | min of their standardised scores
     out_dir: str = "out/ppo"        # where the trained policy, metrics.jsonl and results.json go
-    data: str = ""                  # RL prompts JSONL ({"prompt", "answer"}); "" = built-in task
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the built-in prompts and the evaluation
+    data: str = ""                  # RL prompts JSONL ({"prompt", "answer"}); "" = built-in task
     n_prompts: int = 20000          # built-in training prompts in the pool
-    reward: str = "model"           # model: the reward model's score | gold: the verifier's 0/1
-    value_init: str = "reward"      # reward: value model = the reward model | policy: zero head
     batch_size: int = 32            # B: completions per iteration, all ranks
     samples_per_prompt: int = 1     # k: completions per prompt (B / k prompts; VAPO's group sampling)
-    mini_batch_size: int = 16       # completions per optimiser step (all ranks)
-    ppo_epochs: int = 2             # K: passes over each rollout batch
     temperature: float = 0.7        # rollout sampling temperature (log-probs use logits / T)
     max_new_tokens: int = 64        # completion budget; no EOS by then = truncated
     missing_eos_penalty: float = 1.0  # subtracted from the score of a completion without EOS
     mask_truncated: bool = False    # leave completions without EOS out of the loss instead
+    reward: Literal["model", "gold"] = "model"  # the reward model's score | the verifier's 0/1
+    reward_model: str = "out/rm"    # reward model directory; several, comma-separated: an ensemble
+    ensemble: Literal["mean", "min"] = "mean"  # several reward models: of their standardised scores
+    value_init: Literal["reward", "policy"] = "reward"  # value model: the reward model | zero head
+    freeze_value: bool = False      # value model = the reward model, untrained (V = its prefix scores)
+    value_warmup: int = 0           # first iterations train only the value model (policy fixed)
+    gamma: float = 1.0              # γ: discount
+    lam: float = 0.95               # λ: GAE of the policy's advantages
+    value_lam: float | None = None  # λ of the value targets (VAPO's decoupled GAE: 1); none = --lam
+    clip_eps: float = 0.2           # ε: policy ratio clipped to [1 − ε, 1 + ε]
+    clip_eps_value: float = 0.2     # value predictions clipped to V_old ± ε
     kl_coef: float = 0.05           # β: per-token KL penalty −β·(log π − log π_ref)
     target_kl: float = 0.0          # adaptive β towards this KL per completion (0 = fixed β)
     kl_horizon: int = 10000         # time constant of the adaptive β controller, in completions
-    gamma: float = 1.0              # γ: discount
-    lam: float = 0.95               # λ: GAE of the policy's advantages
-    value_lam: float = -1.0         # λ of the value targets (VAPO's decoupled GAE: 1); -1 = --lam
-    clip_eps: float = 0.2           # ε: policy ratio clipped to [1 − ε, 1 + ε]
-    clip_eps_value: float = 0.2     # value predictions clipped to V_old ± ε
-    value_warmup: int = 0           # first iterations train only the value model (policy fixed)
-    freeze_value: bool = False      # value model = the reward model, untrained (V = its prefix scores)
+    ppo_epochs: int = 2             # K: passes over each rollout batch
+    mini_batch_size: int = 16       # completions per optimiser step (all ranks)
     max_steps: int = 300            # iterations (rollout + K epochs of updates)
     max_minutes: float = 13.0       # stop after this many minutes; the LR schedule follows it (0 = no limit)
     lr: float = 5e-6                # policy learning rate (peak)
-    lr_schedule: str = "constant"   # constant | cosine (to --min-lr-ratio at --max-steps)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: to --min-lr-ratio at the end
     warmup_steps: int = 0           # linear warm-up of the policy LR, in iterations
     min_lr_ratio: float = 0.1       # final policy LR as a fraction of the peak (cosine)
     value_lr: float = 1e-4          # value model learning rate (constant)
@@ -122,37 +123,14 @@ class Args:
     eval_every: int = 50            # held-out greedy accuracy every N iterations (0 = never: before/after only)
     eval_problems: int = 500        # held-out problems (evaluate.heldout_problems)
     eval_rm_problems: int = 128     # held-out problems whose greedy answers the RM scores
-    seed: int = 0                   # seed for prompts and sampling
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
-    threads: int = 0                # CPU threads per process (0 = torch's default)
-    grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, ~1/3 more compute
-    dtype: str = "float32"          # float32 | bfloat16: dtype the models are loaded in
-    peft: str = "none"              # none | lora | adapter: train only a PEFT module
-    lora_r: int = 8                 # LoRA rank r
-    lora_alpha: float = 16.0        # LoRA α (the update is scaled by α/r)
-    lora_dropout: float = 0.0       # LoRA dropout (unused here: PPO runs without dropout)
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
-    adapter_dim: int = 16           # bottleneck width of --peft adapter
-    merge: bool = False             # --peft lora: also save the merged model to out_dir/merged
-    chat_template: str = ""         # "" = the tokenizer's own | chatml: force ChatML (its tokens)
     save_every: int = 50            # write a resume checkpoint every N iterations (0 = only on stop)
-    keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
-    resume: str = ""                # resume from this run directory (or one of its checkpoints)
-    skip_nonfinite: bool = False    # skip a minibatch whose loss or gradient is NaN/inf (else stop)
 
 
-def main(args: Args):
-    rt = setup(args)
-    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
-    check_common_flags(args)
-    for name, value, choices in [("reward", args.reward, ("model", "gold")),
-                                 ("value-init", args.value_init, ("reward", "policy")),
-                                 ("ensemble", args.ensemble, ("mean", "min")),
-                                 ("lr-schedule", args.lr_schedule, ("constant", "cosine"))]:
-        if value not in choices:
-            raise UserError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
-    W = rt.world_size
+def check_flags(args: Args, world_size: int):
+    """This script's flags that their types do not limit (flags.check_args did the rest)."""
+    if args.value_lam is not None and not 0 <= args.value_lam <= 1:
+        raise UserError(f"--value-lam must be in [0, 1] (none: --lam), got {args.value_lam}")
+    W = world_size
     if args.mini_batch_size <= 0 or args.batch_size % args.mini_batch_size or \
             args.mini_batch_size % W:
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of --mini-batch-size "
@@ -161,29 +139,41 @@ def main(args: Args):
     if k <= 0 or args.batch_size % k:
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of "
                         f"--samples-per-prompt {k}")
-    B, mb = args.batch_size // W, args.mini_batch_size // W     # this rank's share
     if args.freeze_value and (args.value_init != "reward" or args.value_warmup):
         raise UserError("--freeze-value keeps the reward model as the value model: it needs "
                         "--value-init reward and no --value-warmup")
 
-    # ------------------------------------------------------------------------ data
-    difficulty = difficulty_arg(args.difficulty)
-    require_checkpoint(args.init, "python train_sft.py")
-    tokenizer = load_script_tokenizer(args.init, args.chat_template)   # pads with EOS if no pad
+
+# ---------------------------------------------------------------------------- data
+def load_prompts(tokenizer, difficulty, args: Args) -> tuple[list, list]:
+    """(prompt ids, answers) of `--data`, or of `--n-prompts` built-in problems."""
     rows = (load_jsonl(args.data, "rl") if args.data else
             tasks.rl_prompts(args.n_prompts, "train", difficulty, seed=args.seed))
     prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in rows]
+    k = args.samples_per_prompt
     if len(prompts) < args.batch_size // k:           # a batch draws distinct prompts
         raise UserError(f"{args.data or '--n-prompts'}: {len(prompts)} prompts, fewer than the "
                         f"{args.batch_size // k} distinct ones a batch takes (--batch-size "
                         f"{args.batch_size} / --samples-per-prompt {k})")
-    answers = [r["answer"] for r in rows]
-    heldout = heldout_problems(args.difficulty, args.eval_problems)
+    return prompts, [r["answer"] for r in rows]
 
-    # ------------------------------------------------------------------------ models
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
-    policy = load_model(args.init, dtype, rt.device).eval()
-    check_vocab(tokenizer, policy, args.init)
+
+def draw_prompts(order, pos: int, gen, args: Args, rt) -> tuple[list, torch.Tensor, int]:
+    """The next B/k distinct prompts of the shuffled `order` (a new order when it runs out), each
+    k times, this rank's share of them. Returns (prompt indices, order, position)."""
+    n_new, k = args.batch_size // args.samples_per_prompt, args.samples_per_prompt
+    if pos + n_new > len(order):
+        order, pos = torch.randperm(len(order), generator=gen), 0
+    B = args.batch_size // rt.world_size
+    idx = order[pos:pos + n_new].repeat_interleave(k)[rt.rank * B:(rt.rank + 1) * B].tolist()
+    return idx, order, pos + n_new
+
+
+# ---------------------------------------------------------------------------- models
+def load_reward_model(model, args: Args, rt):
+    """The reward model of `--reward-model` (several: their `RewardEnsemble`), frozen. None with
+    `--reward gold --value-init policy` when it is missing or does not share the policy's
+    tokenizer (it only logs a score then); needed, either stops the run with a UserError."""
     need_rm = args.reward == "model" or args.value_init == "reward"
     rm_dirs = [d for d in args.reward_model.split(",") if d]    # several: an ensemble
     if need_rm:
@@ -191,167 +181,219 @@ def main(args: Args):
             raise UserError("--reward-model is empty")
         for d in rm_dirs:
             require_checkpoint(d, "python train_rm.py")
-    reward_model = None  # also loaded for --reward gold when present, to log its score
-    if rm_dirs and (need_rm or all(Path(d, "config.json").exists() for d in rm_dirs)):
-        reward_model = load_reward_models(rm_dirs, dtype, rt.device, args.ensemble)
-        for d, m in zip(rm_dirs, reward_members(reward_model)):
-            msg = None
-            if m.config.vocab_size != policy.config.vocab_size:   # not the same tokenizer
-                msg = (f"{d}: the reward model has {m.config.vocab_size} token embeddings, the "
-                       f"policy {policy.config.vocab_size}; they do not share a tokenizer")
-            elif not same_tokenizer(args.init, d):
-                msg = (f"{d}: the reward model's tokenizer.json is not the policy's ({args.init}): "
-                       "the same text has other token ids")
-            if msg:
-                if need_rm:
-                    raise UserError(msg)
-                if rt.is_main:
-                    print(f"note: {msg}, so its score is not logged")
-                reward_model = None
-                break
-        if rt.is_main and isinstance(reward_model, RewardEnsemble):
-            print(f"reward: the {args.ensemble} of {len(rm_dirs)} reward models (each "
-                  "standardised with its held-out mean and std)")
-    if args.freeze_value:    # V(s_t) = the (first) reward model's own score of the prefix
-        value_model = reward_members(reward_model)[0]
-    else:
-        value_model = (load_model(rm_dirs[0], dtype, rt.device, head="score")
-                       if args.value_init == "reward" else ScoreModel.from_lm(policy)).eval()
-    ref_model = None
-    if args.peft == "none":
-        ref_model = copy.deepcopy(policy).requires_grad_(False)
-    trained = {"policy": policy} if args.freeze_value else {"policy": policy, "value": value_model}
-    add_peft(policy, args)
-    if not args.freeze_value:
-        add_peft(value_model, args, modules_to_save=("score",))
-    for model in trained.values():   # the new PEFT layers (LoRA dropout too) start in train mode
-        model.eval()
+    if not rm_dirs or not (need_rm or all(Path(d, "config.json").exists() for d in rm_dirs)):
+        return None
+    reward_model = load_reward_models(rm_dirs, torch_dtype(args.dtype), rt.device, args.ensemble)
+    for d, m in zip(rm_dirs, reward_members(reward_model)):
+        msg = None
+        if m.config.vocab_size != model.config.vocab_size:   # not the same tokenizer
+            msg = (f"{d}: the reward model has {m.config.vocab_size} token embeddings, the "
+                   f"policy {model.config.vocab_size}; they do not share a tokenizer")
+        elif not same_tokenizer(args.init, d):
+            msg = (f"{d}: the reward model's tokenizer.json is not the policy's ({args.init}): "
+                   "the same text has other token ids")
+        if msg:
+            if need_rm:
+                raise UserError(msg)
+            if rt.is_main:
+                print(f"note: {msg}, so its score is not logged")
+            return None
+    if rt.is_main and isinstance(reward_model, RewardEnsemble):
+        print(f"reward: the {args.ensemble} of {len(rm_dirs)} reward models (each "
+              "standardised with its held-out mean and std)")
+    return reward_model
+
+
+def make_value_model(model, reward_model, args: Args, rt):
+    """V(s_t), in eval mode: the reward model itself, frozen (--freeze-value: V is its score of the
+    prefix), a trainable copy of the first reward model (Stiennon et al. 2020), or (--value-init
+    policy) the policy's decoder with a zero head."""
+    if args.freeze_value:
+        return reward_members(reward_model)[0]
+    if args.value_init == "reward":
+        return load_model([d for d in args.reward_model.split(",") if d][0],
+                          torch_dtype(args.dtype), rt.device, head="score").eval()
+    return ScoreModel.from_lm(model).eval()
+
+
+def make_reference(model, args: Args) -> Reference:
+    """The frozen reference π_ref: a copy of the initial policy, or, when training LoRA/adapters,
+    the policy itself with its PEFT layers switched off (no copy)."""
+    return Reference(model, copy=args.peft == "none")
+
+
+# ---------------------------------------------------------------------------- rollout
+@torch.no_grad()
+def rollout(model, value_model, reward_model, reference, tokenizer, prompts, answers, args: Args,
+            autocast):
+    """Sample one completion per prompt and compute every no-grad quantity of one batch: old and
+    reference log-probs, values, the scores. Returns the batch (rows of (B, ·) tensors), the
+    prompt width P and the rollout's stats."""
+    with autocast(), dist.gathered(model), dist.gathered(value_model):   # FSDP: whole
+        g = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        seq, attention_mask = g.sequences                                   # (B, P + N)
+        P = g.prompt_ids.shape[1]
+        old_logps, entropy = completion_logps(model, seq, attention_mask, P, args.temperature,
+                                              with_entropy=True)
+        ref_logps = reference_logps(reference, seq, attention_mask, P, args)
+        if value_model is reward_model:    # --freeze-value, one reward model: one forward
+            values, rm_scores = values_and_scores(reward_model, seq, attention_mask, P)
+        else:
+            values = completion_values(value_model, seq, attention_mask, P)    # (B, N)
+            rm_scores = (sequence_scores(reward_model, seq, attention_mask)
+                         if reward_model is not None else None)                  # (B,) at EOS
+    gold = gold_rewards(tokenizer, g.completion_ids, g.completion_mask, answers)
+    loss_mask = g.completion_mask.float()                                       # (B, N)
+    truncated = g.truncated.float()
+    scores = (rm_scores if args.reward == "model" else gold) - args.missing_eos_penalty * truncated
+    if args.mask_truncated:
+        loss_mask = loss_mask * (1 - truncated)[:, None]
+    m = g.completion_mask
+    stats = {"reward/mean": rm_scores.mean() if rm_scores is not None else torch.tensor(math.nan),
+             "gold/mean": gold.mean(), "entropy": masked_mean(entropy, m),
+             "completion_length": m.float().sum(1).mean(), "no_eos": truncated.mean(),
+             "rollout/logp_mismatch": ((old_logps - g.logps).abs() * m).max()}
+    if isinstance(reward_model, RewardEnsemble):    # the members' spread on these samples
+        stats["reward/disagreement"] = reward_model.disagreement.mean()
+    batch = dict(seq=seq, attention_mask=attention_mask, completion_mask=m, old_logps=old_logps,
+                 ref_logps=ref_logps, values=values, scores=scores, loss_mask=loss_mask)
+    return batch, P, stats
+
+
+@torch.no_grad()
+def reference_logps(reference, seq, attention_mask, P: int, args: Args):
+    """log π_ref of the completions, at the sampling temperature, like the policy's."""
+    return reference.logps(completion_logps, seq, attention_mask, P, args.temperature)
+
+
+def compute_advantages(batch, kl_coef: float, args: Args):
+    """Per-token rewards r_t = −β·(log π_old − log π_ref) + the score at the last token, then GAE:
+    (advantages whitened over the batch's real tokens, returns, stats)."""
+    loss_mask, values = batch["loss_mask"], batch["values"]
+    token_rewards = kl_shaped_rewards(batch["old_logps"], batch["ref_logps"], batch["scores"],
+                                      loss_mask, kl_coef)
+    advantages, returns = gae(token_rewards, values, loss_mask, args.gamma, args.lam)
+    if args.value_lam is not None and args.value_lam != args.lam:   # decoupled: own targets
+        returns = gae(token_rewards, values, loss_mask, args.gamma, args.value_lam)[1]
+    advantages = whiten(advantages, loss_mask)
+    kl = ((batch["old_logps"] - batch["ref_logps"]) * batch["completion_mask"]).sum(1)  # (B,)
+    stats = {"kl": kl.mean(), "rlhf_reward": (batch["scores"] - kl_coef * kl).mean(),
+             "value/explained_variance": explained_variance(values, returns, loss_mask)}
+    return advantages, returns, stats
+
+
+# ---------------------------------------------------------------------------- loss
+def policy_update(train_model, train_value, batch, rows, P: int, args: Args, autocast,
+                  policy_moves: bool = True):
+    """Clipped policy loss + clipped value loss (no value loss when `train_value` is None, with
+    --freeze-value) on the rows `rows` of a rollout batch, and its backward (no optimiser step).
+    `policy_moves` False (the value warm-up): the policy's ratio stats only, no graph. Returns the
+    loss (detached) and the stats."""
+    with autocast():
+        with torch.set_grad_enabled(policy_moves):
+            logps = completion_logps(train_model, batch["seq"][rows],
+                                     batch["attention_mask"][rows], P, args.temperature)
+        if train_value is not None:
+            values = completion_values(train_value, batch["seq"][rows],
+                                       batch["attention_mask"][rows], P)
+    mask = batch["loss_mask"][rows]
+    pg_loss, stats = ppo_policy_loss(logps, batch["old_logps"][rows], batch["advantages"][rows],
+                                     mask, args.clip_eps)
+    stats["loss/policy"] = pg_loss.detach()
+    loss = pg_loss if policy_moves else 0
+    if train_value is not None:       # two separate models: each loss reaches only its own
+        vf_loss, vf_stats = ppo_value_loss(values, batch["values"][rows], batch["returns"][rows],
+                                           mask, args.clip_eps_value)
+        loss = loss + vf_loss
+        stats.update(vf_stats, **{"loss/value": vf_loss.detach()})
+    loss.backward()
+    return loss.detach(), stats
+
+
+def mean_stats(updates: list[dict]) -> dict:
+    """The minibatches' stats of one iteration, averaged; of the ratio's deviation from 1 only the
+    first minibatch's (`policy/ratio_first_max_dev`), which must be ~0."""
+    out = {k: torch.stack([u[k] for u in updates]).mean() for k in updates[0]
+           if k != "policy/ratio_max_dev"}
+    out["policy/ratio_first_max_dev"] = updates[0]["policy/ratio_max_dev"]
+    return out
+
+
+def ratio_tolerance(dtype, device) -> float:
+    """The largest |ratio − 1| that `check_first_ratio` lets pass: rounding only (fp32 on a CPU
+    reproduces the rollout's forward to ~1e-6; bf16 or a GPU's kernels to a few percent)."""
+    return 1e-4 if dtype == torch.float32 and device.type == "cpu" else 5e-2
+
+
+def check_first_ratio(stats: dict, tol: float):
+    """Before any update, π_θ = π_old, so every ratio must be 1. Raises RuntimeError."""
+    dev = float(stats["policy/ratio_max_dev"])
+    if not dev < tol:
+        raise RuntimeError(
+            f"first PPO minibatch: max |ratio - 1| = {dev:.3g} >= {tol:g}. The training forward "
+            "does not reproduce the rollout's log-probs (dropout, train/eval mode, dtype, "
+            "temperature or padding differ): PPO would be optimising noise.")
+
+
+# ---------------------------------------------------------------------------- eval
+def evaluate(model, reward_model, tokenizer, held_out, step: int, args: Args, rt) -> dict:
+    """Held-out greedy accuracy, and the reward model's mean score of the greedy answers."""
+    res = evaluate_task(model, tokenizer, held_out, autocast=rt.autocast)
+    out = {"step": step, "eval/accuracy": res["accuracy"],
+           "eval/accuracy_ci95": res["accuracy_ci95"], "eval/well_formed": res["well_formed"]}
+    # RM score of greedy answers, on a multiple of the world size (every rank gets some)
+    n_rm = min(args.eval_rm_problems, len(held_out)) // rt.world_size * rt.world_size
+    if reward_model is not None and n_rm:
+        mine = dist.shard(held_out[:n_rm])
+        with torch.no_grad(), rt.autocast():
+            g = generate(model, [chat_prompt_ids(tokenizer, p["prompt"]) for p in mine],
+                         args.max_new_tokens, temperature=0.0,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            s = sequence_scores(reward_model, *g.sequences)
+        out["eval/reward"] = dist.all_reduce_mean({"r": float(s.mean())})["r"]
+    return out
+
+
+def main(args: Args):
+    rt = setup(args)
+    check_flags(args, rt.world_size)
+    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
+    B, mb = args.batch_size // rt.world_size, args.mini_batch_size // rt.world_size  # this rank's
+
+    # ------------------------------------------------------------------------ data
+    difficulty = difficulty_arg(args.difficulty)
+    require_checkpoint(args.init, "python train_sft.py")
+    tokenizer = load_script_tokenizer(args.init, args.chat_template)   # pads with EOS if no pad
+    prompts, answers = load_prompts(tokenizer, difficulty, args)
+    held_out = heldout_problems(args.difficulty, args.eval_problems)
+
+    # ------------------------------------------------------------------------ models
+    dtype = torch_dtype(args.dtype)
+    model = load_model(args.init, dtype=dtype, device=rt.device)
+    check_vocab(tokenizer, model, args.init)
+    reward_model = load_reward_model(model, args, rt)  # also for --reward gold, to log its score
+    value_model = make_value_model(model, reward_model, args, rt)
+    trained = {"policy": model} if args.freeze_value else {"policy": model, "value": value_model}
+    for name, m in trained.items():   # eval mode: new PEFT layers (LoRA dropout too) start in train
+        add_peft(m, **peft_options(args), modules_to_save=("score",) if name == "value" else ())
+        m.eval()
+        set_gradient_checkpointing(m, args.grad_checkpointing)
+    reference = make_reference(model, args)
     if rt.is_main:
-        print(f"policy: {trainable_summary(policy)}; value model: " +
-              ("the reward model, frozen" if args.freeze_value else trainable_summary(value_model)))
-    for model in trained.values():
-        set_gradient_checkpointing(model, args.grad_checkpointing)
-    train_policy = dist.wrap(policy, args.fsdp)   # DDP, FSDP (shards in place) or itself
+        print(f"policy {args.init} (peft={args.peft}, {trainable_summary(model)}); reference: "
+              f"{reference.kind}; value model: " + ("the reward model, frozen" if args.freeze_value
+                                                   else trainable_summary(value_model)))
+    train_model = dist.wrap(model, args.fsdp)     # DDP, FSDP (shards `model` in place) or itself
     train_value = None if args.freeze_value else dist.wrap(value_model, args.fsdp)
-    optimizers = {"policy": make_optimizer(policy, args.lr, args.weight_decay)}
-    if not args.freeze_value:
-        optimizers["value"] = make_optimizer(value_model, args.value_lr, args.weight_decay)
-    opt_policy = optimizers["policy"]
-    # over the policy's iterations; the schedule follows whichever budget ends the run,
-    # --max-steps or --max-minutes
-    scheduler = CosineSchedule(opt_policy, args.warmup_steps, args.max_steps - args.value_warmup,
-                                args.min_lr_ratio if args.lr_schedule == "cosine" else 1.0,
-                                max_minutes=args.max_minutes)
-
-    # ------------------------------------------------------------------------ rollout
-    @torch.no_grad()
-    def rollout(idx, kl_coef):
-        """Sample, score and compute every no-grad quantity of one batch of prompts."""
-        with rt.autocast(), dist.gathered(policy), dist.gathered(value_model):   # FSDP: whole
-            g = generate(policy, [prompts[i] for i in idx], args.max_new_tokens,
-                         temperature=args.temperature, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-            seq, attention_mask = g.sequences                                   # (B, P + N)
-            P = g.prompt_ids.shape[1]
-            old_logps, entropy = completion_logps(policy, seq, attention_mask, P,
-                                                  args.temperature, with_entropy=True)
-            if ref_model is not None:
-                ref_logps = completion_logps(ref_model, seq, attention_mask, P, args.temperature)
-            else:
-                with reference_off(policy):
-                    ref_logps = completion_logps(policy, seq, attention_mask, P, args.temperature)
-            if value_model is reward_model:    # --freeze-value, one reward model: one forward
-                values, rm_scores = values_and_scores(reward_model, seq, attention_mask, P)
-            else:
-                values = completion_values(value_model, seq, attention_mask, P)    # (B, N)
-                rm_scores = (sequence_scores(reward_model, seq, attention_mask)
-                             if reward_model is not None else None)                  # (B,) at EOS
-        gold = gold_rewards(tokenizer, g.completion_ids, g.completion_mask, [answers[i] for i in idx])
-        loss_mask = g.completion_mask.float()                                       # (B, N)
-        truncated = g.truncated.float()
-        scores = (rm_scores if args.reward == "model" else gold) - args.missing_eos_penalty * truncated
-        if args.mask_truncated:
-            loss_mask = loss_mask * (1 - truncated)[:, None]
-        token_rewards = kl_shaped_rewards(old_logps, ref_logps, scores, loss_mask, kl_coef)
-        advantages, returns = gae(token_rewards, values, loss_mask, args.gamma, args.lam)
-        if args.value_lam >= 0 and args.value_lam != args.lam:   # decoupled: targets of their own
-            returns = gae(token_rewards, values, loss_mask, args.gamma, args.value_lam)[1]
-        advantages = whiten(advantages, loss_mask)
-        m = g.completion_mask
-        kl = ((old_logps - ref_logps) * m).sum(1)                                    # (B,) per completion
-        stats = {"reward/mean": rm_scores.mean() if rm_scores is not None else torch.tensor(math.nan),
-                 "gold/mean": gold.mean(), "kl": kl.mean(),
-                 "rlhf_reward": (scores - kl_coef * kl).mean(),
-                 "entropy": masked_mean(entropy, m),
-                 "completion_length": m.float().sum(1).mean(), "no_eos": truncated.mean(),
-                 "value/explained_variance": explained_variance(values, returns, loss_mask),
-                 "rollout/logp_mismatch": ((old_logps - g.logps).abs() * m).max()}
-        if isinstance(reward_model, RewardEnsemble):    # the members' spread on these samples
-            stats["reward/disagreement"] = reward_model.disagreement.mean()
-        batch = dict(seq=seq, attention_mask=attention_mask, old_logps=old_logps, values=values,
-                     advantages=advantages, returns=returns, loss_mask=loss_mask)
-        return batch, P, stats
-
-    # ------------------------------------------------------------------------ loss
-    def ppo_step(batch, j, P, step):
-        """Clipped policy + value loss (no value loss with --freeze-value) on the rows `j` of a
-        rollout batch; one optimiser step."""
-        policy_moves = step >= args.value_warmup    # during the warm-up only the value model learns
-        with rt.autocast():
-            with torch.set_grad_enabled(policy_moves):   # warm-up: the ratio stats only, no graph
-                logps = completion_logps(train_policy, batch["seq"][j], batch["attention_mask"][j],
-                                         P, args.temperature)
-            if train_value is not None:
-                values = completion_values(train_value, batch["seq"][j],
-                                           batch["attention_mask"][j], P)
-        mask = batch["loss_mask"][j]
-        pg_loss, stats = ppo_policy_loss(logps, batch["old_logps"][j], batch["advantages"][j],
-                                         mask, args.clip_eps)
-        stats["loss/policy"] = pg_loss.detach()
-        loss = pg_loss if policy_moves else 0
-        if train_value is not None:       # two separate models: each loss reaches only its own
-            vf_loss, vf_stats = ppo_value_loss(values, batch["values"][j], batch["returns"][j],
-                                               mask, args.clip_eps_value)
-            loss = loss + vf_loss
-            stats.update(vf_stats, **{"loss/value": vf_loss.detach()})
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorms = [clip_gradients(model, args.grad_clip) for model in trained.values()]
-        if run.finite(step, loss, sum(gnorms)):   # else --skip-nonfinite: skipped
-            if policy_moves:
-                opt_policy.step()
-            if train_value is not None:
-                optimizers["value"].step()
-        return stats
-
-    def check_first_ratio(stats):
-        """Before any update, π_θ = π_old, so every ratio must be 1."""
-        tol = 1e-4 if policy.lm_head.weight.dtype == torch.float32 and rt.device.type == "cpu" else 5e-2
-        dev = float(stats["policy/ratio_max_dev"])
-        if not dev < tol:
-            raise RuntimeError(
-                f"first PPO minibatch: max |ratio - 1| = {dev:.3g} >= {tol:g}. The training forward "
-                "does not reproduce the rollout's log-probs (dropout, train/eval mode, dtype, "
-                "temperature or padding differ): PPO would be optimising noise.")
-
-    # ------------------------------------------------------------------------ eval
-    def evaluate(step):
-        res = evaluate_task(policy, tokenizer, heldout, autocast=rt.autocast)
-        out = {"step": step, "eval/accuracy": res["accuracy"],
-               "eval/accuracy_ci95": res["accuracy_ci95"], "eval/well_formed": res["well_formed"]}
-        # RM score of greedy answers, on a multiple of the world size (every rank gets some)
-        n_rm = min(args.eval_rm_problems, len(heldout)) // rt.world_size * rt.world_size
-        if reward_model is not None and n_rm:
-            mine = dist.shard(heldout[:n_rm])
-            with torch.no_grad(), rt.autocast():
-                g = generate(policy, [chat_prompt_ids(tokenizer, p["prompt"]) for p in mine],
-                             args.max_new_tokens, temperature=0.0,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-                s = sequence_scores(reward_model, *g.sequences)
-            out["eval/reward"] = dist.all_reduce_mean({"r": float(s.mean())})["r"]
-        metrics.log(out, echo=True)
-        return out
+    optimizers = {name: make_optimizer(m, args.lr if name == "policy" else args.value_lr,
+                                       args.weight_decay) for name, m in trained.items()}
+    # over the policy's iterations; it follows whichever of --max-steps, --max-minutes ends the run
+    scheduler = CosineSchedule(optimizers["policy"], args.warmup_steps,
+                               args.max_steps - args.value_warmup,
+                               args.min_lr_ratio if args.lr_schedule == "cosine" else 1.0,
+                               max_minutes=args.max_minutes)
+    tol = ratio_tolerance(dtype, rt.device)   # rollout forward vs training forward: rounding only
 
     # ------------------------------------------------------------------------ loop
     gen = torch.Generator().manual_seed(args.seed)    # the same prompt order on every rank
@@ -359,11 +401,10 @@ def main(args: Args):
     kl_coef, start = args.kl_coef, time.time()
     run = Run(args, rt, metrics, torch.nn.ModuleDict(trained), optimizers, scheduler)
     state = run.restore()                             # --resume: everything as it was
-    # iterations done and the last one's KL, which the results report: set here, not only by the
-    # loop, which a resumed run that already reached --max-steps never enters
-    done, kl = run.start_step, 0.0
+    done, kl = run.start_step, 0.0    # for the results: a finished run resumed skips the loop
     if state is None:
-        before = evaluate(0)
+        before = evaluate(model, reward_model, tokenizer, held_out, 0, args, rt)
+        metrics.log(before, echo=True)
     else:                                             # the prompt sampler and the adaptive β too
         before, kl_coef = state["extra"]["before"], state["extra"]["kl_coef"]
         kl = state["extra"].get("kl", math.nan)       # (not saved by older checkpoints)
@@ -372,27 +413,35 @@ def main(args: Args):
     bar = tqdm(range(run.start_step, args.max_steps), disable=not rt.is_main, desc="ppo",
                initial=run.start_step, total=args.max_steps)
     for step in bar:
-        if step >= args.value_warmup and scheduler.done():   # the clock may end it before the steps
+        policy_moves = step >= args.value_warmup   # during the warm-up only the value model learns
+        if policy_moves and scheduler.done():      # the clock may end it before the steps
             break
-        n_new = args.batch_size // k                   # distinct prompts, each sampled k times
-        if pos + n_new > len(order):
-            order, pos = torch.randperm(len(prompts), generator=gen), 0
-        idx = order[pos:pos + n_new].repeat_interleave(k)[rt.rank * B:(rt.rank + 1) * B].tolist()
-        pos += n_new
-        batch, P, roll_stats = rollout(idx, kl_coef)
-        upd = []
+        idx, order, pos = draw_prompts(order, pos, gen, args, rt)
+        batch, P, roll_stats = rollout(model, value_model, reward_model, reference, tokenizer,
+                                       [prompts[i] for i in idx], [answers[i] for i in idx], args,
+                                       rt.autocast)
+        batch["advantages"], batch["returns"], adv_stats = compute_advantages(batch, kl_coef, args)
+
+        upd = []                                   # K epochs over shuffled minibatches
         for epoch in range(args.ppo_epochs):
             perm = torch.randperm(B, device=rt.device)
             for s in range(0, B, mb):
-                upd.append(ppo_step(batch, perm[s:s + mb], P, step))
-                if epoch == 0 and s == 0:
-                    check_first_ratio(upd[0])
-        if step >= args.value_warmup:
+                for opt in optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                loss, stats = policy_update(train_model, train_value, batch, perm[s:s + mb], P,
+                                            args, rt.autocast, policy_moves)
+                if not upd:             # π_θ is still the sampling policy: every ratio is 1
+                    check_first_ratio(stats, tol)
+                upd.append(stats)
+                gnorm = sum(clip_gradients(m, args.grad_clip) for m in trained.values())
+                if run.finite(step, loss, gnorm):      # else --skip-nonfinite: a skipped step
+                    for name, opt in optimizers.items():
+                        if name == "value" or policy_moves:
+                            opt.step()
+        if policy_moves:
             scheduler.step()
-        upd_stats = {k: torch.stack([u[k] for u in upd]).mean() for k in upd[0]}
-        upd_stats["policy/ratio_first_max_dev"] = upd[0]["policy/ratio_max_dev"]
-        m = dist.all_reduce_mean({k: float(v) for k, v in {**roll_stats, **upd_stats}.items()})
-        m.pop("policy/ratio_max_dev")
+
+        m = dist.all_reduce_mean({**roll_stats, **adv_stats, **mean_stats(upd)})
         if args.target_kl > 0:
             kl_coef = adaptive_kl_update(kl_coef, m["kl"], args.target_kl, args.batch_size,
                                          args.kl_horizon)
@@ -403,7 +452,8 @@ def main(args: Args):
                         kl=f"{m['kl']:.2f}", clip=f"{m['policy/clipfrac']:.2f}",
                         ev=f"{m['value/explained_variance']:.2f}")
         if due(args.eval_every, step, step + 1) and step + 1 < args.max_steps:
-            evaluate(step + 1)
+            metrics.log(evaluate(model, reward_model, tokenizer, held_out, step + 1, args, rt),
+                        echo=True)
         if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order,
                                               "pos": pos},
                            lambda: {"before": before, "kl_coef": kl_coef, "kl": kl}):
@@ -411,32 +461,33 @@ def main(args: Args):
             return {"stopped_at": step + 1}
     run.close()
     train_time = time.time() - start
-    iterations = done
     if rt.is_main:
-        print(f"stopped by {scheduler.stopped_by or 'max_steps'}: {iterations} iterations in "
+        print(f"stopped by {scheduler.stopped_by or 'max_steps'}: {done} iterations in "
               f"{scheduler.minutes():.1f} min")
 
-    final = evaluate(iterations)
-    results = {"iterations": iterations, "stopped_by": scheduler.stopped_by or "max_steps",
-               "train_minutes": train_time / 60,
-               "seconds_per_iteration": train_time / max(iterations - run.start_step, 1),
-               "accuracy_before": before["eval/accuracy"], "accuracy": final["eval/accuracy"],
-               "accuracy_ci95": final["eval/accuracy_ci95"], "well_formed": final["eval/well_formed"],
-               "reward_before": before.get("eval/reward"), "reward": final.get("eval/reward"),
-               "kl": kl, "kl_coef": kl_coef, "peak_rss_mb": peak_rss_mb()}
-    metrics.log(results, echo=True)
+    # ------------------------------------------------------------------------ eval
+    after = evaluate(model, reward_model, tokenizer, held_out, done, args, rt)
+    metrics.log(after, echo=True)
+    final = {"iterations": done, "stopped_by": scheduler.stopped_by or "max_steps",
+             "train_minutes": train_time / 60,
+             "seconds_per_iteration": train_time / max(done - run.start_step, 1),
+             "accuracy_before": before["eval/accuracy"], "accuracy": after["eval/accuracy"],
+             "accuracy_ci95": after["eval/accuracy_ci95"], "well_formed": after["eval/well_formed"],
+             "reward_before": before.get("eval/reward"), "reward": after.get("eval/reward"),
+             "kl": kl, "kl_coef": kl_coef, "peak_rss_mb": peak_rss_mb()}
+    metrics.log(final, echo=True)
 
     # ------------------------------------------------------------------------ save
-    to_save = dist.full_model(policy)                    # FSDP: gathered on rank 0
+    to_save = dist.full_model(model)                     # FSDP: gathered on rank 0
     if rt.is_main:
-        write_results(args.out_dir, "ppo", results)
+        write_results(args.out_dir, "ppo", final)
         save_peft(to_save, args.out_dir, args.peft, args.merge, tokenizer,
                   base_model_name_or_path=args.init,
                   extra_config={"minipost": {"stage": "ppo", "args": asdict(args),
-                                             "results": results}})
+                                             "results": final}})
         print(f"saved the PPO policy to {args.out_dir}")
     dist.cleanup()
-    return results
+    return final
 
 
 if __name__ == "__main__":

@@ -47,14 +47,14 @@ import torch
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.cli import (Metrics, check_common_flags, check_vocab, difficulty_arg,
-                          load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
-                          user_errors, write_results)
+from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
+                          require_checkpoint, setup, user_errors, write_results)
 from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.errors import UserError
+from minipost.flags import StageArgs, parse_args, torch_dtype
 from minipost.model import set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
-from minipost.peft import add_peft, load_model, save_peft, trainable_summary
+from minipost.peft import add_peft, load_model, peft_options, save_peft, trainable_summary
 from minipost.resume import Run, due
 from minipost.reward import (bradley_terry_loss, last_scores, pair_rewards, prefix_bradley_terry_loss,
                              reward_metrics)
@@ -65,7 +65,7 @@ from minipost.tokenizer import score_tokenizer
 
 # ---------------------------------------------------------------------------- Args
 @dataclass
-class Args:
+class Args(StageArgs):
     init: str = "out/sft"           # model to start from (the SFT model), any HF-format directory
     out_dir: str = "out/rm"         # where the reward model, metrics.jsonl and results.json go
     data: str = ""                  # preference JSONL ("" = the built-in pairs)
@@ -90,26 +90,24 @@ class Args:
     grad_clip: float = 1.0          # max global gradient norm (0 = off)
     eval_every: int = 100           # held-out pairwise accuracy every N steps (0 = never: before/after only)
     eval_problems: int = 500        # held-out problems, each as a (correct, flawed) pair
-    seed: int = 0                   # seed for data and shuffling
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
-    threads: int = 0                # CPU threads per process (0 = torch's default)
-    grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, ~1/3 more compute
-    dtype: str = "float32"          # float32 | bfloat16: dtype the model is loaded in
-    peft: str = "none"              # none | lora | adapter: train only a PEFT module (+ the head)
-    merge: bool = False             # --peft lora: also write the merged model to <out-dir>/merged
-    lora_r: int = 8                 # LoRA rank r
-    lora_alpha: float = 16.0        # LoRA α (the update is scaled by α/r)
-    lora_dropout: float = 0.0       # dropout on the LoRA input
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
-    adapter_dim: int = 16           # bottleneck width of --peft adapter
-    chat_template: str = ""         # "" = the tokenizer's own | chatml: force ChatML (its tokens)
-    save_every: int = 100           # write a resume checkpoint every N steps (0 = only on stop)
-    keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
-    resume: str = ""                # resume from this run directory (or one of its checkpoints)
-    skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
 
 
+def check_flags(args: Args, world_size: int):
+    """This script's flags that their types do not limit (flags.check_args did the rest)."""
+    if args.batch_size <= 0 or args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} is not a positive multiple of the "
+                        f"{world_size} processes")
+    if min(args.policy_problems, args.eval_policy_problems) < 0 or args.samples < 1 or \
+            args.sample_temperature <= 0:
+        raise UserError(f"--policy-problems and --eval-policy-problems must be >= 0, --samples >= 1 "
+                        f"and --sample-temperature > 0, got {args.policy_problems}, "
+                        f"{args.eval_policy_problems}, {args.samples} and {args.sample_temperature}")
+    if args.prefix_weight < 0 or args.lm_weight < 0:
+        raise UserError(f"--prefix-weight and --lm-weight must be >= 0, got {args.prefix_weight} "
+                        f"and {args.lm_weight}")
+
+
+# ---------------------------------------------------------------------------- data
 def policy_pairs(args, rt, tokenizer, difficulty) -> tuple[list[dict], list[dict]]:
     """(correct, wrong) pairs of the --init policy's own answers, labelled by the verifier, for
     training (--policy-problems training problems) and held out (--eval-policy-problems of the
@@ -118,8 +116,7 @@ def policy_pairs(args, rt, tokenizer, difficulty) -> tuple[list[dict], list[dict
     if not args.policy_problems and not args.eval_policy_problems:
         return [], []
     t0 = time.time()
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    policy = load_model(args.init, dtype=dtype, device=rt.device).eval()
+    policy = load_model(args.init, dtype=torch_dtype(args.dtype), device=rt.device).eval()
 
     def sample(problems):
         return sampled_pairs(policy, tokenizer, problems, args.samples, args.sample_temperature,
@@ -135,50 +132,105 @@ def policy_pairs(args, rt, tokenizer, difficulty) -> tuple[list[dict], list[dict
     return train, held_out
 
 
-def main(args: Args):
-    rt = setup(args)
-    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
-    check_common_flags(args)
-    require_checkpoint(args.init, "python train_sft.py")
-    if args.batch_size <= 0 or args.batch_size % rt.world_size:
-        raise UserError(f"--batch-size {args.batch_size} is not a positive multiple of the "
-                        f"{rt.world_size} processes")
-    if min(args.policy_problems, args.eval_policy_problems) < 0 or args.samples < 1 or \
-            args.sample_temperature <= 0:
-        raise UserError(f"--policy-problems and --eval-policy-problems must be >= 0, --samples >= 1 "
-                        f"and --sample-temperature > 0, got {args.policy_problems}, "
-                        f"{args.eval_policy_problems}, {args.samples} and {args.sample_temperature}")
-    if args.prefix_weight < 0 or args.lm_weight < 0:
-        raise UserError(f"--prefix-weight and --lm-weight must be >= 0, got {args.prefix_weight} "
-                        f"and {args.lm_weight}")
-    difficulty = difficulty_arg(args.difficulty)
-    tokenizer = load_script_tokenizer(args.init, args.chat_template)
-
-    # ------------------------------------------------------------------------ data
+def preference_rows(tokenizer, difficulty, args: Args, rt) -> tuple[list, list, list, list]:
+    """(training rows, held-out rows, held-out identity rows, held-out rows of the policy's own
+    answers): `--data` (its last 10% held out without `--eval-data`), or the built-in pairs."""
     if args.data:
         train_rows = load_jsonl(args.data, "preference")
         if args.eval_data:
-            eval_rows = load_jsonl(args.eval_data, "preference")
-        else:  # the last 10% of the file is held out
-            n_eval = max(1, len(train_rows) // 10)
-            train_rows, eval_rows = train_rows[:-n_eval], train_rows[-n_eval:]
-        id_eval_rows, policy_eval_rows = [], []
-    else:
-        policy_train_rows, policy_eval_rows = policy_pairs(args, rt, tokenizer, difficulty)
-        train_rows = (tasks.preference_pairs(args.n_pairs, "train", difficulty, seed=args.seed + 1)
-                      + tasks.identity_pairs(args.n_identity, "train", seed=args.seed)
-                      + policy_train_rows)
-        # seed 0: the very problems of evaluate.heldout_problems, each with a flawed twin
-        eval_rows = tasks.preference_pairs(args.eval_problems, "test", difficulty, seed=0)
-        id_eval_rows = tasks.identity_pairs(min(args.n_identity, 100), "test", seed=1)
+            return train_rows, load_jsonl(args.eval_data, "preference"), [], []
+        n_eval = max(1, len(train_rows) // 10)             # the last 10% of the file is held out
+        return train_rows[:-n_eval], train_rows[-n_eval:], [], []
+    policy_train_rows, policy_eval_rows = policy_pairs(args, rt, tokenizer, difficulty)
+    train_rows = (tasks.preference_pairs(args.n_pairs, "train", difficulty, seed=args.seed + 1)
+                  + tasks.identity_pairs(args.n_identity, "train", seed=args.seed)
+                  + policy_train_rows)
+    # seed 0: the very problems of evaluate.heldout_problems, each with a flawed twin
+    eval_rows = tasks.preference_pairs(args.eval_problems, "test", difficulty, seed=0)
+    id_eval_rows = tasks.identity_pairs(min(args.n_identity, 100), "test", seed=1)
+    return train_rows, eval_rows, id_eval_rows, policy_eval_rows
+
+
+def batch_of(encoded, idx, pad_id: int, device) -> dict:
+    """Pairs `idx` of `encoded` as one right-padded batch: chosen rows, then rejected rows."""
+    batch = collate_preference([encoded[i] for i in idx], pad_id)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------- loss
+def compute_loss(model, batch, margins, args: Args, rt):
+    """Bradley-Terry at the last token, + w_p × at every prefix after the parting token,
+    + w_lm × next-token loss on the chosen completions. Returns the loss and detached stats,
+    each part of the loss as loss/*."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    B = ids.shape[0] // 2
+    with rt.autocast():
+        if args.lm_weight:   # rows 0..B−1 are the chosen completions: their logits only
+            scores, logits = model(ids, mask, lm_rows=B)          # (2B, T), (B, T, V)
+        else:
+            scores = model(ids, mask)                             # (2B, T)
+    chosen_rewards, rejected_rewards = last_scores(scores, mask).chunk(2)
+    parts = {"loss/bt": bradley_terry_loss(chosen_rewards, rejected_rewards, margins)}
+    loss = parts["loss/bt"]
+    if args.prefix_weight:
+        parts["loss/prefix"] = prefix_bradley_terry_loss(scores, ids, mask)
+        loss = loss + args.prefix_weight * parts["loss/prefix"]
+    if args.lm_weight:
+        nll_sum, n = sft_loss_sum(logits, ids[:B], batch["loss_mask"][:B])
+        # a mean over the chosen tokens of ALL ranks (DDP then averages over ranks), so that
+        # N processes take the step of one; ranks hold different numbers of tokens
+        n_all = dist.all_reduce_sum(n.detach().clone()).clamp(min=1.0)
+        parts["loss/lm"] = nll_sum * rt.world_size / n_all
+        loss = loss + args.lm_weight * parts["loss/lm"]
+    stats = reward_metrics(chosen_rewards, rejected_rewards)
+    return loss, {**stats, **{k: v.detach() for k, v in parts.items()}}
+
+
+# ---------------------------------------------------------------------------- eval
+@torch.no_grad()
+def evaluate(model, encoded, pad_id: int, rt, prefix: str = "eval") -> dict:
+    """Pairwise accuracy, mean margin and reward mean/std on held-out pairs (all ranks)."""
+    model.eval()
+    chosen, rejected = [], []
+    mine = dist.shard(list(range(len(encoded))))
+    with dist.gathered(model):                       # FSDP: the shards may be uneven
+        for s in range(0, len(mine), 64):
+            batch = batch_of(encoded, mine[s:s + 64], pad_id, rt.device)
+            with rt.autocast():
+                c, r = pair_rewards(model, batch["input_ids"], batch["attention_mask"])
+            chosen.append(c.float())
+            rejected.append(r.float())
+    model.train()
+    c, r = (torch.cat(x) if x else torch.zeros(0) for x in (chosen, rejected))
+    both = torch.cat([c, r]).double().cpu()
+    totals = dist.all_reduce_sum(torch.stack([
+        (c > r).sum().double().cpu(), (c - r).sum().double().cpu(), both.sum(),
+        both.pow(2).sum(), torch.tensor(float(len(c)), dtype=torch.float64)]))
+    n = max(totals[4].item(), 1.0)
+    mean = totals[2].item() / (2 * n)
+    return {f"{prefix}/accuracy": totals[0].item() / n, f"{prefix}/margin": totals[1].item() / n,
+            f"{prefix}/reward_mean": mean,
+            f"{prefix}/reward_std": math.sqrt(max(totals[3].item() / (2 * n) - mean ** 2, 0.0)),
+            f"{prefix}/n": int(totals[4].item())}
+
+
+def main(args: Args):
+    rt = setup(args)
+    check_flags(args, rt.world_size)
+    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
+    require_checkpoint(args.init, "python train_sft.py")
+    difficulty = difficulty_arg(args.difficulty)
+    tokenizer = load_script_tokenizer(args.init, args.chat_template)
+    pad_id = tokenizer.pad_token_id
+
+    # ------------------------------------------------------------------------ data
+    train_rows, eval_rows, id_eval_rows, policy_eval_rows = preference_rows(tokenizer, difficulty,
+                                                                            args, rt)
     if not train_rows:
         raise UserError("no training pairs (--n-pairs and --n-identity are both 0)")
-
-    def encode(rows):
-        return [encode_preference(tokenizer, r, args.max_length) for r in rows]
-
-    train, held_out, id_held_out = encode(train_rows), encode(eval_rows), encode(id_eval_rows)
-    policy_held_out = encode(policy_eval_rows)
+    train, held_out, id_held_out, policy_held_out = (
+        [encode_preference(tokenizer, r, args.max_length) for r in rows]
+        for rows in (train_rows, eval_rows, id_eval_rows, policy_eval_rows))
     margins = torch.tensor([float(r.get("margin", 0.0)) for r in train_rows])
     if rt.is_main:
         n_cut = sum(e[4] for e in train)
@@ -187,11 +239,10 @@ def main(args: Args):
                                                   if id_held_out else ""))
 
     # ------------------------------------------------------------------------ model
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = load_model(args.init, dtype=dtype, device=rt.device, head="score")  # zero head on an LM
-    check_vocab(tokenizer, model, args.init)
+    model = load_model(args.init, dtype=torch_dtype(args.dtype), device=rt.device, head="score")
+    check_vocab(tokenizer, model, args.init)          # (a zero head on the SFT model's decoder)
     model.config.pad_token_id = tokenizer.pad_token_id  # HF reads the score before the first pad
-    model = add_peft(model, args, modules_to_save=("score",))
+    model = add_peft(model, **peft_options(args), modules_to_save=("score",))
     if rt.is_main:
         print(f"reward model from {args.init}: {trainable_summary(model)}")
     set_gradient_checkpointing(model, args.grad_checkpointing)
@@ -199,73 +250,15 @@ def main(args: Args):
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scheduler = CosineSchedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
 
-    # ------------------------------------------------------------------------ loss
-    def batch_of(encoded, idx):
-        batch = collate_preference([encoded[i] for i in idx], tokenizer.pad_token_id)
-        return {k: v.to(rt.device) for k, v in batch.items()}
-
-    def loss_fn(net, idx):
-        """Bradley-Terry at the last token, + w_p × at every prefix after the parting token,
-        + w_lm × next-token loss on the chosen completions; each part is logged as loss/*."""
-        batch = batch_of(train, idx)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        B = len(idx)
-        with rt.autocast():
-            if args.lm_weight:   # rows 0..B−1 are the chosen completions: their logits only
-                scores, logits = net(ids, mask, lm_rows=B)          # (2B, T), (B, T, V)
-            else:
-                scores = net(ids, mask)                             # (2B, T)
-        chosen_rewards, rejected_rewards = last_scores(scores, mask).chunk(2)
-        parts = {"loss/bt": bradley_terry_loss(chosen_rewards, rejected_rewards,
-                                               margins[idx].to(rt.device))}
-        loss = parts["loss/bt"]
-        if args.prefix_weight:
-            parts["loss/prefix"] = prefix_bradley_terry_loss(scores, ids, mask)
-            loss = loss + args.prefix_weight * parts["loss/prefix"]
-        if args.lm_weight:
-            nll_sum, n = sft_loss_sum(logits, ids[:B], batch["loss_mask"][:B])
-            # a mean over the chosen tokens of ALL ranks (DDP then averages over ranks), so that
-            # N processes take the step of one; ranks hold different numbers of tokens
-            n_all = dist.all_reduce_sum(n.detach().clone()).clamp(min=1.0)
-            parts["loss/lm"] = nll_sum * rt.world_size / n_all
-            loss = loss + args.lm_weight * parts["loss/lm"]
-        stats = reward_metrics(chosen_rewards, rejected_rewards)
-        return loss, {**stats, **{k: v.detach() for k, v in parts.items()}}
-
-    @torch.no_grad()
-    def held_out_eval(encoded, prefix="eval"):
-        """Pairwise accuracy, mean margin and reward mean/std on held-out pairs (all ranks)."""
-        model.eval()
-        chosen, rejected = [], []
-        mine = dist.shard(list(range(len(encoded))))
-        with dist.gathered(model):                       # FSDP: the shards may be uneven
-            for s in range(0, len(mine), 64):
-                batch = batch_of(encoded, mine[s:s + 64])
-                with rt.autocast():
-                    c, r = pair_rewards(model, batch["input_ids"], batch["attention_mask"])
-                chosen.append(c.float())
-                rejected.append(r.float())
-        model.train()
-        c, r = (torch.cat(x) if x else torch.zeros(0) for x in (chosen, rejected))
-        both = torch.cat([c, r]).double().cpu()
-        totals = dist.all_reduce_sum(torch.stack([
-            (c > r).sum().double().cpu(), (c - r).sum().double().cpu(), both.sum(),
-            both.pow(2).sum(), torch.tensor(float(len(c)), dtype=torch.float64)]))
-        n = max(totals[4].item(), 1.0)
-        mean = totals[2].item() / (2 * n)
-        return {f"{prefix}/accuracy": totals[0].item() / n, f"{prefix}/margin": totals[1].item() / n,
-                f"{prefix}/reward_mean": mean,
-                f"{prefix}/reward_std": math.sqrt(max(totals[3].item() / (2 * n) - mean ** 2, 0.0)),
-                f"{prefix}/n": int(totals[4].item())}
-
     # ------------------------------------------------------------------------ loop
     gen = torch.Generator().manual_seed(args.seed)   # the same data order on every rank
     order = torch.randperm(len(train), generator=gen)
     run = Run(args, rt, metrics, model, optimizer, scheduler)
     state = run.restore()                             # --resume: everything as it was
     if state is None:
-        before = {**held_out_eval(held_out), **(held_out_eval(policy_held_out, "eval_policy")
-                                                 if policy_held_out else {})}
+        before = {**evaluate(model, held_out, pad_id, rt),
+                  **(evaluate(model, policy_held_out, pad_id, rt, "eval_policy")
+                     if policy_held_out else {})}
         metrics.log({"step": 0, **before}, echo=True)
     else:
         before, order = state["extra"]["before"], state["data"]["order"]
@@ -279,7 +272,8 @@ def main(args: Args):
         if pos + args.batch_size > len(train):          # a new epoch, a new order
             order = torch.randperm(len(train), generator=gen)
         idx = order[pos:pos + args.batch_size][rt.rank * per_rank:(rt.rank + 1) * per_rank]
-        loss, stats = loss_fn(train_model, idx)
+        loss, stats = compute_loss(train_model, batch_of(train, idx, pad_id, rt.device),
+                                   margins[idx].to(rt.device), args, rt)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = clip_gradients(model, args.grad_clip)
@@ -293,7 +287,7 @@ def main(args: Args):
             metrics.log({"step": step, **m, "grad_norm": float(gnorm),
                          "lr": scheduler.get_last_lr()[0], "skipped": run.skipped})
         if due(args.eval_every, step, step + 1) and step + 1 < args.max_steps:
-            metrics.log({"step": step + 1, **held_out_eval(held_out)}, echo=True)
+            metrics.log({"step": step + 1, **evaluate(model, held_out, pad_id, rt)}, echo=True)
         if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order},
                            lambda: {"before": before}):
             dist.cleanup()
@@ -302,12 +296,12 @@ def main(args: Args):
     train_time = time.time() - start
 
     # ------------------------------------------------------------------------ eval
-    final = {"step": args.max_steps, **held_out_eval(held_out),
+    final = {"step": args.max_steps, **evaluate(model, held_out, pad_id, rt),
              "eval/accuracy_before": before["eval/accuracy"]}
     if id_held_out:
-        final.update(held_out_eval(id_held_out, "eval_identity"))
+        final.update(evaluate(model, id_held_out, pad_id, rt, "eval_identity"))
     if policy_held_out:   # the policy's own (correct, wrong) answers: what PPO's reward ranks
-        final.update({**held_out_eval(policy_held_out, "eval_policy"),
+        final.update({**evaluate(model, policy_held_out, pad_id, rt, "eval_policy"),
                       "eval_policy/accuracy_before": before["eval_policy/accuracy"]})
     final.update({"train_minutes": train_time / 60,
                   "pairs_per_s": (args.max_steps - run.start_step) * args.batch_size

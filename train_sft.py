@@ -23,19 +23,20 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minipost import dist, tasks
-from minipost.cli import (Metrics, check_common_flags, check_vocab, difficulty_arg,
-                          load_script_tokenizer, parse_args, peak_rss_mb, require_checkpoint, setup,
-                          user_errors, write_results)
+from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
+                          require_checkpoint, setup, user_errors, write_results)
 from minipost.data import (collate_packed, load_jsonl, pack_sequences, pad_batch, record_lines,
                            truncate)
 from minipost.errors import UserError
 from minipost.evaluate import evaluate_task, heldout_problems
+from minipost.flags import StageArgs, parse_args, torch_dtype
 from minipost.lora import count_trainable
 from minipost.model import set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
@@ -46,13 +47,13 @@ from minipost.sft import batch_loss_sum
 
 # ---------------------------------------------------------------------------- Args
 @dataclass
-class Args:
+class Args(StageArgs):
     init: str = "out/base"          # checkpoint directory to start from (minipost or HF format)
     out_dir: str = "out/sft"        # where the model (or adapter), tokenizer and metrics.jsonl go
     data: str = ""                  # SFT JSONL (messages or prompt/completion); "" = built-in chats
     difficulty: str = tasks.DEFAULT_DIFFICULTY  # built-in task: operands x digits, then operators
     n_train: int = 20000            # built-in training chats
-    loss_on: str = "assistant"      # assistant (assistant tokens + <|im_end|>) | all (every token)
+    loss_on: Literal["assistant", "all"] = "assistant"  # assistant (assistant tokens + <|im_end|>) | all (every token)
     max_length: int = 256           # tokens per chat; longer chats are truncated (and counted)
     truncation: bool = True         # cut longer chats (--no-truncation: stop, naming file:line)
     packing: bool = False           # pack chats into --max-length rows (no attention across chats)
@@ -69,24 +70,28 @@ class Args:
     eval_chats: int = 200           # held-out chats for the held-out loss
     eval_quick: int = 64            # held-out problems for the quick accuracy during training
     eval_problems: int = 500        # held-out problems for the start/end accuracy (0 = skip)
-    peft: str = "none"              # none | lora | adapter
-    lora_r: int = 8                 # LoRA rank
-    lora_alpha: float = 16.0        # LoRA scale numerator (the update is scaled by alpha/r)
-    lora_dropout: float = 0.0       # dropout on the LoRA input
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
-    adapter_dim: int = 16           # bottleneck width of each adapter
-    merge: bool = False             # LoRA: also write the merged full model to OUT_DIR/merged
-    dtype: str = "float32"          # float32 | bfloat16: weights as loaded (bf16 for big models)
-    seed: int = 0                   # seed for data order, init and sampling
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    fsdp: bool = False              # torchrun: shard weights, grads, Adam state over ranks (FSDP2), not DDP
-    threads: int = 0                # CPU threads per process (0 = torch's default)
-    grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, ~1/3 more compute
-    chat_template: str = ""         # "" = the tokenizer's own | chatml: force ChatML (its tokens)
-    save_every: int = 100           # write a resume checkpoint every N steps (0 = only on stop)
-    keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
-    resume: str = ""                # resume from this run directory (or one of its checkpoints)
-    skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
+
+
+def check_flags(args: Args, world_size: int) -> int:
+    """This script's flags that their types do not limit (flags.check_args did the rest). Returns
+    the micro-batch size: sequences per forward on each rank."""
+    micro = args.batch_size // (world_size * max(args.grad_accum, 1))
+    if micro < 1 or micro * world_size * args.grad_accum != args.batch_size:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by {world_size} "
+                        f"processes x --grad-accum {args.grad_accum}")
+    return micro
+
+
+# ---------------------------------------------------------------------------- data
+def load_chats(difficulty, args: Args) -> tuple[list, list]:
+    """(training chats, held-out chats): `--data` (its last 10%, at most --eval-chats, held out),
+    or the built-in chats of `--difficulty`."""
+    if args.data:   # validated before anything is loaded or written
+        chats = load_jsonl(args.data, "sft")
+        n_held = min(args.eval_chats, len(chats) // 10)      # the last 10% (at most) held out
+        return chats[:len(chats) - n_held], chats[len(chats) - n_held:]
+    return (tasks.sft_chats(args.n_train, "train", difficulty, seed=args.seed),
+            tasks.sft_chats(args.eval_chats, "test", difficulty, seed=args.seed))
 
 
 def tokenize(tokenizer, messages, loss_on: str, max_length: int):
@@ -95,6 +100,28 @@ def tokenize(tokenizer, messages, loss_on: str, max_length: int):
     if loss_on == "all":
         mask = [1] * len(ids)
     return truncate(ids, mask, max_length)
+
+
+def training_units(tokenizer, chats, args: Args) -> tuple[list, list]:
+    """(tokenized chats: (ids, loss_mask, truncated) each, the units a batch draws from: the chats'
+    (ids, loss_mask), or with --packing the packed rows). --no-truncation: a chat longer than
+    --max-length stops the run, naming its file:line."""
+    train = [tokenize(tokenizer, c["messages"], args.loss_on, args.max_length) for c in chats]
+    if not args.truncation and any(t[2] for t in train):
+        i = next(i for i, t in enumerate(train) if t[2])
+        where = f"{args.data}:{record_lines(args.data)[i]}" if args.data else f"built-in chat {i}"
+        raise UserError(f"{where}: the chat is {len(tokenizer.format_chat(chats[i]['messages'])[0])}"
+                        f" tokens, longer than --max-length {args.max_length} (--no-truncation)")
+    if args.packing:   # units are packed rows, packed once in a seeded shuffled order
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+        units = pack_sequences([train[i][0] for i in perm], [train[i][1] for i in perm],
+                               args.max_length)
+    else:
+        units = [t[:2] for t in train]
+    if len(units) < args.batch_size:
+        raise UserError(f"{len(units)} training {'rows' if args.packing else 'chats'} < "
+                        f"--batch-size {args.batch_size}")
+    return train, units
 
 
 def collate(units, pad_id: int, device=None) -> dict:
@@ -131,47 +158,45 @@ def accumulate(net, micro_batches: list[dict], autocast=nullcontext) -> torch.Te
     return dist.all_reduce_sum(total) / n_total.cpu()
 
 
+# ---------------------------------------------------------------------------- eval
+@torch.no_grad()
+def held_out_loss(model, held, pad_id: int, rt) -> float:
+    """Mean next-token loss per target token on the held-out chats (all ranks)."""
+    model.eval()
+    mine, total = dist.shard(held), torch.zeros(2, dtype=torch.float64)
+    with dist.gathered(model):                       # FSDP: shards of `held` may be uneven
+        for i in range(0, len(mine), 64):
+            loss_sum, n = batch_loss_sum(model, collate(mine[i:i + 64], pad_id, rt.device),
+                                         rt.autocast)
+            total += torch.tensor([loss_sum.item(), n.item()], dtype=torch.float64)
+    model.train()
+    total = dist.all_reduce_sum(total)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def evaluate(model, tokenizer, problems, args: Args, rt) -> dict:
+    """Greedy accuracy and well-formed share on held-out `problems`, by the verifier."""
+    res = evaluate_task(model, tokenizer, problems, autocast=rt.autocast, seed=args.seed)
+    return {"eval/accuracy": res["accuracy"], "eval/accuracy_ci95": res["accuracy_ci95"],
+            "eval/well_formed": res["well_formed"], "eval/n": res["n"]}
+
+
 def main(args: Args):
     rt = setup(args)
-    check_common_flags(args)
-    if args.loss_on not in ("assistant", "all"):
-        raise UserError(f"--loss-on must be 'assistant' or 'all', got {args.loss_on!r}")
-    micro = args.batch_size // (rt.world_size * max(args.grad_accum, 1))
-    if micro < 1 or micro * rt.world_size * args.grad_accum != args.batch_size:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by {rt.world_size} "
-                        f"processes x --grad-accum {args.grad_accum}")
+    micro = check_flags(args, rt.world_size)
+    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
     difficulty = difficulty_arg(args.difficulty)
     require_checkpoint(args.init, "python pretrain.py")
 
     # ------------------------------------------------------------------------ data
-    if args.data:   # validated before anything is loaded or written
-        chats = load_jsonl(args.data, "sft")
-        n_held = min(args.eval_chats, len(chats) // 10)      # the last 10% (at most) held out
-        chats, held_chats = chats[:len(chats) - n_held], chats[len(chats) - n_held:]
-    else:
-        chats = tasks.sft_chats(args.n_train, "train", difficulty, seed=args.seed)
-        held_chats = tasks.sft_chats(args.eval_chats, "test", difficulty, seed=args.seed)
+    chats, held_chats = load_chats(difficulty, args)
     tokenizer = load_script_tokenizer(args.init, args.chat_template)   # pads with EOS if no pad
     pad_id = tokenizer.pad_token_id
-    train = [tokenize(tokenizer, c["messages"], args.loss_on, args.max_length) for c in chats]
-    if not args.truncation and any(t[2] for t in train):
-        i = next(i for i, t in enumerate(train) if t[2])
-        where = f"{args.data}:{record_lines(args.data)[i]}" if args.data else f"built-in chat {i}"
-        raise UserError(f"{where}: the chat is {len(tokenizer.format_chat(chats[i]['messages'])[0])}"
-                        f" tokens, longer than --max-length {args.max_length} (--no-truncation)")
+    train, units = training_units(tokenizer, chats, args)
     held = [tokenize(tokenizer, c["messages"], args.loss_on, args.max_length)[:2]
             for c in held_chats]
     n_truncated = sum(t[2] for t in train)
-    if args.packing:   # units are packed rows, packed once in a seeded shuffled order
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
-        units = pack_sequences([train[i][0] for i in perm], [train[i][1] for i in perm],
-                               args.max_length)
-    else:
-        units = [t[:2] for t in train]
     n_targets = sum(sum(t[1][1:]) for t in train)
-    if len(units) < args.batch_size:
-        raise UserError(f"{len(units)} training {'rows' if args.packing else 'chats'} < "
-                        f"--batch-size {args.batch_size}")
     steps = (math.ceil(args.epochs * len(units) / args.batch_size) if args.epochs > 0
              else args.max_steps)
     if rt.is_main:
@@ -180,12 +205,10 @@ def main(args: Args):
               + (f", packed into {len(units)} rows" if args.packing else "")
               + f"; {steps} steps of {args.batch_size} ({steps * args.batch_size / len(units):.2f} "
               "epochs)")
+    problems = heldout_problems(args.difficulty, max(args.eval_problems, args.eval_quick))
 
     # ------------------------------------------------------------------------ model
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
-    if dtype is None:
-        raise UserError(f"--dtype must be float32 or bfloat16, got {args.dtype!r}")
-    model = load_model(args.init, dtype=dtype, device=rt.device)
+    model = load_model(args.init, dtype=torch_dtype(args.dtype), device=rt.device)
     check_vocab(tokenizer, model, args.init)
     model = add_peft(model, **peft_options(args))
     trainable, total = count_trainable(model)
@@ -197,38 +220,16 @@ def main(args: Args):
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scheduler = CosineSchedule(optimizer, args.warmup_steps, steps, args.min_lr_ratio)
 
-    # ------------------------------------------------------------------------ eval
-    problems = heldout_problems(args.difficulty, max(args.eval_problems, args.eval_quick))
-
-    @torch.no_grad()
-    def held_out_loss() -> float:
-        model.eval()
-        mine, total = dist.shard(held), torch.zeros(2, dtype=torch.float64)
-        with dist.gathered(model):                       # FSDP: shards of `held` may be uneven
-            for i in range(0, len(mine), 64):
-                loss_sum, n = batch_loss_sum(model, collate(mine[i:i + 64], pad_id, rt.device),
-                                             rt.autocast)
-                total += torch.tensor([loss_sum.item(), n.item()], dtype=torch.float64)
-        model.train()
-        total = dist.all_reduce_sum(total)
-        return (total[0] / total[1].clamp(min=1)).item()
-
-    def task_eval(n: int) -> dict:
-        res = evaluate_task(model, tokenizer, problems[:n], autocast=rt.autocast, seed=args.seed)
-        return {"eval/accuracy": res["accuracy"], "eval/accuracy_ci95": res["accuracy_ci95"],
-                "eval/well_formed": res["well_formed"], "eval/n": res["n"]}
-
     # ------------------------------------------------------------------------ loop
-    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
     gen = torch.Generator().manual_seed(args.seed)   # the same data order on every rank
     order = torch.randperm(len(units), generator=gen)
     pos, tokens_seen = 0, 0
     run = Run(args, rt, metrics, model, optimizer, scheduler)
     state = run.restore()                             # --resume: everything as it was
     if state is None:
-        start_eval = {"step": 0, "eval/loss": held_out_loss()}
+        start_eval = {"step": 0, "eval/loss": held_out_loss(model, held, pad_id, rt)}
         if args.eval_problems:
-            start_eval.update(task_eval(args.eval_problems))
+            start_eval.update(evaluate(model, tokenizer, problems[:args.eval_problems], args, rt))
         metrics.log(start_eval, echo=True)
     else:
         start_eval, order, pos = state["extra"]["start_eval"], state["data"]["order"], \
@@ -257,9 +258,11 @@ def main(args: Args):
             metrics.log({"step": step + 1, "loss": loss.item(), "grad_norm": float(gnorm),
                           "lr": scheduler.get_last_lr()[0], "skipped": run.skipped})
         if due(args.eval_every, step, step + 1) and step + 1 < steps:
-            record = {"step": step + 1, "eval/loss": held_out_loss()}
+            record = {"step": step + 1, "eval/loss": held_out_loss(model, held, pad_id, rt)}
             if args.eval_quick:
-                record.update({k: v for k, v in task_eval(args.eval_quick).items()
+                record.update({k: v for k, v in evaluate(model, tokenizer,
+                                                         problems[:args.eval_quick], args,
+                                                         rt).items()
                                if k in ("eval/accuracy", "eval/well_formed")})
             metrics.log(record, echo=True)
         if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order,
@@ -269,11 +272,13 @@ def main(args: Args):
     run.close()
     train_time = time.time() - start
 
-    final = {"step": steps, "eval/loss": held_out_loss(), "train_minutes": train_time / 60,
+    # ------------------------------------------------------------------------ eval
+    final = {"step": steps, "eval/loss": held_out_loss(model, held, pad_id, rt),
+             "train_minutes": train_time / 60,
              "tokens_per_s": tokens_seen / max(train_time, 1e-9), "truncated": n_truncated,
              "peft": args.peft, "trainable_share": trainable / total}
     if args.eval_problems:
-        final.update(task_eval(args.eval_problems))
+        final.update(evaluate(model, tokenizer, problems[:args.eval_problems], args, rt))
         final.update({"start/accuracy": start_eval["eval/accuracy"],
                       "start/well_formed": start_eval["eval/well_formed"]})
     final["peak_rss_mb"] = peak_rss_mb()

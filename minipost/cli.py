@@ -1,22 +1,18 @@
-"""What every script shares and no algorithm needs: flags, device, errors, metrics.
+"""What every script shares and no algorithm needs: device, errors, metrics (flags: flags.py).
 
-- `parse_args(Args)`: a dataclass becomes argparse flags (`lora_r` -> `--lora-r`); each field's
-  trailing comment is its `--help` text, so the dataclass stays the single place a flag is defined.
-- `setup(args)`: torchrun ranks (via dist.py), the device, bf16 autocast on CUDA, seeds.
+- `setup(args)`: the flags checked (`flags.check_args`), torchrun ranks (via dist.py), the device,
+  bf16 autocast on CUDA, seeds.
 - `user_errors()`: a user's mistake (the classes of errors.py: bad data line, bad checkpoint, bad
   flag value) ends the run with one line and exit code 2, no traceback.
 - `Metrics`: one JSON object per line in `metrics.jsonl`, written by rank 0 only.
 """
-import argparse
 import contextlib
-import dataclasses
-import inspect
 import json
 import os
 import random
-import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,54 +20,7 @@ import torch
 
 from . import dist
 from .errors import CheckpointError, DataError, UserError
-from .resume import latest_checkpoint
-
-
-def _field_help(cls) -> dict:
-    """Trailing `# comments` of a dataclass's fields, read from its source."""
-    helps = {}
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return helps
-    for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, re.M):
-        helps[m.group(1)] = m.group(2).strip()
-    return helps
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Each flag's help with its default; the script's docstring as written (its example
-    commands keep their lines)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the flag, exit code 2 (argparse adds the usage)
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def parse_args(cls, argv=None, description: str | None = None):
-    """Build an instance of dataclass `cls` from command-line flags."""
-    helps = _field_help(cls)
-    parser = _Parser(description=description or (cls.__doc__ or "").strip(),
-                     formatter_class=_HelpFormatter)
-    hints = {f.name: f.type for f in dataclasses.fields(cls)}
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind = hints[f.name] if not isinstance(hints[f.name], str) else eval(hints[f.name])  # noqa: S307
-        kw = dict(default=default, help=helps.get(f.name, " ").replace("%", "%%"))
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif kind in (int, float, str):
-            parser.add_argument(flag, type=kind, **kw)
-        else:  # Optional[X]: "none" means None
-            inner = next((t for t in getattr(kind, "__args__", ()) if t is not type(None)), str)
-            parser.add_argument(flag, type=lambda s, t=inner: None if s.lower() == "none" else t(s),
-                                **kw)
-    return cls(**vars(parser.parse_args(argv)))
+from .flags import check_args, parse_args  # noqa: F401 (bench.py imports parse_args from here)
 
 
 @contextlib.contextmanager
@@ -107,7 +56,7 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-@dataclasses.dataclass
+@dataclass
 class Runtime:
     device: torch.device
     rank: int
@@ -123,7 +72,9 @@ class Runtime:
 
 
 def setup(args) -> Runtime:
-    """Ranks, device and seed for a script. `args.device`: "auto" | "cpu" | "cuda" | "cuda:N"."""
+    """The flags checked (`check_args`), then ranks, device and seed for a script.
+    `args.device`: "auto" | "cpu" | "cuda" | "cuda:N"."""
+    check_args(args)
     rank, world_size, local_rank = dist.init(args.device)
     if args.device == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -214,13 +165,11 @@ def write_results(out_dir, stage: str, results: dict):
 def load_script_tokenizer(path, chat_template: str = ""):
     """The tokenizer of checkpoint `path` for a train_*.py, or a one-line UserError.
 
-    chat_template: "" (the directory's own template) or "chatml" (`--chat-template`). A tokenizer
-    without a pad token (Llama-style) pads with EOS: padded positions are masked out anyway.
+    chat_template: "" (the directory's own template) or "chatml" (`--chat-template`, which
+    `check_args` checked). A tokenizer without a pad token (Llama-style) pads with EOS: padded
+    positions are masked out anyway.
     """
     from .tokenizer import load_tokenizer
-    if chat_template not in ("", "chatml"):
-        raise UserError(f"--chat-template {chat_template!r}: expected '' (the tokenizer's own) "
-                        "or 'chatml'")
     if not (Path(path) / "tokenizer.json").exists():
         raise UserError(f"{path}: no tokenizer.json (is this a checkpoint directory?)")
     try:
@@ -247,29 +196,3 @@ def same_tokenizer(path, other) -> bool:
         return True
     vocab_a, vocab_b = (json.loads(f.read_text()).get("model", {}).get("vocab") for f in files)
     return vocab_a == vocab_b
-
-
-def check_common_flags(args):
-    """The flags every train_*.py shares, checked before anything is loaded or written."""
-    choices = {"dtype": ("float32", "bfloat16"), "peft": ("none", "lora", "adapter"),
-               "chat_template": ("", "chatml")}
-    for name, allowed in choices.items():
-        value = getattr(args, name, allowed[0])
-        if value not in allowed:
-            raise UserError(f"--{name.replace('_', '-')} {value!r}: expected one of "
-                            f"{', '.join(repr(a) if not a else a for a in allowed)}")
-    if getattr(args, "merge", False) and args.peft != "lora":
-        raise UserError("--merge needs --peft lora (adapters cannot be merged into the weights)")
-    for name in ("max_steps", "save_every", "eval_every", "eval_problems"):
-        if getattr(args, name, 0) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if getattr(args, "keep", 1) < 1:
-        raise UserError(f"--keep must be >= 1 (resume checkpoints kept), got {args.keep}")
-    if getattr(args, "lr", 1.0) <= 0:
-        raise UserError(f"--lr must be > 0, got {args.lr}")
-    if getattr(args, "resume", ""):
-        if not Path(args.resume).exists():
-            raise UserError(f"--resume {args.resume}: no such run directory")
-        if latest_checkpoint(args.resume) is None:
-            raise UserError(f"--resume {args.resume}: no checkpoint found (looked for "
-                            f"{args.resume}/checkpoints/step-*)")

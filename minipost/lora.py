@@ -16,8 +16,8 @@ Departure from PEFT: a `modules_to_save` module is trained in place, not as a co
 `disable_adapters` does not restore its original weights (PEFT keeps the original beside the copy).
 
 `disable_adapters(model)` is the one switch for every PEFT layer of minipost (LoRA here, bottleneck
-adapters in adapters.py): inside it the model computes the base model exactly, which is how DPO gets
-its reference model without a second copy.
+adapters in adapters.py): inside it the model computes the base model exactly, which is how
+reference.py gives DPO, PPO and GRPO their reference model without a second copy.
 """
 import re
 from contextlib import contextmanager

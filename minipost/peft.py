@@ -4,7 +4,7 @@ The methods live in `lora.py` (Hu et al. 2021, arXiv 2106.09685: W₀x + (α/r)�
 `adapters.py` (Houlsby et al. 2019, arXiv 1902.00751: u + W_up·σ(W_down·u)), their files in
 `peft_format.py`; this module only dispatches, saves and loads, so a script needs three lines:
 
-    model = add_peft(model, **peft_options(args))        # or add_peft(model, args)
+    model = add_peft(model, **peft_options(args))
     print(trainable_summary(model))
     save_peft(model, args.out_dir, args.peft, args.merge, tokenizer, base_model_name_or_path=args.init)
 
@@ -29,7 +29,7 @@ import torch.nn as nn
 from . import checkpoint
 from .adapters import apply_adapters
 from .errors import CheckpointError
-from .lora import DEFAULT_TARGETS, apply_lora, count_trainable, disable_adapters, merge_lora
+from .lora import DEFAULT_TARGETS, apply_lora, count_trainable, merge_lora
 from .model import ScoreModel
 from .peft_format import load_adapters, load_lora, save_adapters, save_lora
 from .reward import RewardEnsemble
@@ -38,9 +38,6 @@ KINDS = ("none", "lora", "adapter")
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json",
                "generation_config.json")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "minipost.json")
-
-# `with reference_off(model):` computes the base model: DPO/PPO/GRPO's reference for free.
-reference_off = disable_adapters
 
 
 def parse_targets(targets):
@@ -68,12 +65,10 @@ def add_peft(model: nn.Module, kind="none", lora_r: int = 8, lora_alpha: float =
 
     kind: "none" (unchanged, every parameter trains), "lora" (LoRA on `lora_targets`, base frozen),
         "adapter" (bottleneck adapters of width `adapter_dim` after attention and MLP, base frozen).
-        A script's Args object may be passed instead; its --peft/--lora-*/--adapter-dim are read.
+        A script passes its flags with `**peft_options(args)`.
     modules_to_save: modules that stay fully trainable beside LoRA (a reward model's `score` head);
         with adapters they are unfrozen too.
     """
-    if not isinstance(kind, str):
-        return add_peft(model, **peft_options(kind), modules_to_save=modules_to_save)
     if kind not in KINDS:
         raise ValueError(f"peft must be one of {KINDS}, got {kind!r}")
     if kind == "lora":

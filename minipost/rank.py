@@ -19,10 +19,10 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import reward_stats
-from .cli import (load_script_tokenizer, parse_args, require_checkpoint, same_tokenizer, setup,
-                  user_errors)
+from .cli import load_script_tokenizer, require_checkpoint, same_tokenizer, setup, user_errors
 from .errors import UserError
 from .evaluate import chat_prompt_ids, heldout_problems
+from .flags import parse_args
 from .generate import generate
 from .peft import load_model, load_reward_models
 from .reward import combine_scores

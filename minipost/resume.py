@@ -31,7 +31,7 @@ from .files import atomic_dir
 def due(every: int, start: int, end: int) -> bool:
     """True when training, going from `start` to `end` completed steps, passed a multiple of
     `every`: the steps `--eval-every N` and `--save-every N` fall on (GRPO moves μ steps at a time).
-    One meaning in every script: 0 is never (cli.check_common_flags refuses a negative value)."""
+    One meaning in every script: 0 is never (flags.check_args refuses a negative value)."""
     return every > 0 and end // every > start // every
 
 

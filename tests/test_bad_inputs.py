@@ -20,7 +20,8 @@ import torch
 
 from minipost.checkpoint import load_model, save_model
 from minipost.model import ScoreModel
-from minipost.cli import parse_args, user_errors
+from minipost.cli import user_errors
+from minipost.flags import parse_args
 from minipost.tokenizer import load_tokenizer
 
 HERE = Path(__file__).resolve().parent / "bad_inputs"

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-from minipost.cli import parse_args
+from minipost.flags import parse_args
 
 
 @pytest.mark.parametrize("script", ["pretrain", "train_sft", "train_rm", "train_dpo", "train_ppo",

@@ -10,7 +10,7 @@ import torch
 
 import train_grpo
 from minipost.grpo import group_advantages
-from minipost.peft import load_model
+from minipost.peft import add_peft, load_model
 from minipost.tokenizer import load_tokenizer
 
 TINY = dict(max_steps=2, batch_prompts=2, group_size=4, max_new_tokens=12, n_prompts=40,
@@ -103,10 +103,11 @@ def test_beta_zero_builds_no_reference_model(tiny_sft_dir):
     model = load_model(tiny_sft_dir)
     assert train_grpo.make_reference(model, train_grpo.Args(beta=0.0)) is None
     ref = train_grpo.make_reference(model, train_grpo.Args(beta=0.04))
-    assert ref is not model and not ref.training
-    assert not any(p.requires_grad for p in ref.parameters())
-    assert train_grpo.make_reference(model, train_grpo.Args(beta=0.04, peft="lora")) == \
-        "disable_adapters"                                    # LoRA: the base model, no copy
+    assert ref.kind == "copy" and ref.model is not model and not ref.model.training
+    assert not any(p.requires_grad for p in ref.model.parameters())
+    lora = add_peft(model, "lora", lora_r=2)
+    ref = train_grpo.make_reference(lora, train_grpo.Args(beta=0.04, peft="lora"))
+    assert ref.kind == "adapters_off" and ref.model is None     # LoRA: the base model, no copy
 
 
 def read_metrics(out):
