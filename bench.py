@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from bench_common import (bench_config, flops_per_token, generation_flops, matmul_ceiling,
                           random_ids, row, sync, time_steps)
-from minipost.cli import parse_args, peak_rss_mb, setup, user_errors
+from minipost.cli import peak_rss_mb, setup, user_errors
+from minipost.flags import parse_args
 from minipost.dpo import dpo_loss, pair_logps
 from minipost.errors import UserError
 from minipost.generate import generate

@@ -20,7 +20,7 @@ import torch
 
 from . import dist
 from .errors import CheckpointError, DataError, UserError
-from .flags import check_args, parse_args  # noqa: F401 (bench.py imports parse_args from here)
+from .flags import check_args
 
 
 @contextlib.contextmanager
