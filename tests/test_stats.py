@@ -48,7 +48,7 @@ def test_pass_at_k_matches_the_binomials_where_they_fit_and_stays_finite_where_t
     for n, c, k in [(20, 7, 5), (50, 1, 10), (100, 30, 64)]:
         exact = 1 - math.comb(n - c, k) / math.comb(n, k)
         assert pass_at_k(n, c, k) == pytest.approx(exact, rel=1e-12)
-    assert 0 < pass_at_k(5000, 3, 40) < 1          # C(5000, 40) is ~1e100: the product never forms it
+    assert 0 < pass_at_k(5000, 3, 40) < 1     # C(5000, 40) ~ 1e100: the product never forms it
 
 
 def test_pass_at_k_is_any_of_the_first_k_averaged_over_orderings_not_one_ordering():
