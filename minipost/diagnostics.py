@@ -6,15 +6,9 @@ with a NaN there, is skipped) and returns one plain sentence the first time it s
 never again. `for_script(name)` gives the watchers of a script; `check(watchers, step, metrics)`
 feeds them all and returns the new warnings.
 
-The signatures:
-- GRPO: most groups with zero reward spread for many steps (no learning signal); entropy
-  collapsing; the sampler's and trainer's log-probs disagreeing.
-- PPO: the reward model's score rising while the verifier's reward falls (over-optimisation, Gao
-  et al. 2022, arXiv 2210.10760); KL to the reference running away; the value model explaining
-  less than a constant would (negative explained variance).
-- DPO: chosen log-probs falling steadily while the margins grow (the squeezing effect, Ren and
-  Sutherland 2024, arXiv 2407.10490).
-- Every script: a loss that stops moving; a gradient norm that explodes.
+GRPO: ZeroRewardSpread, EntropyCollapse, SamplerMismatch. PPO: RewardOverOptimisation (Gao et al.
+2022, arXiv 2210.10760), KLRunaway, NegativeExplainedVariance (and entropy and mismatch). DPO:
+Squeezing (Ren and Sutherland 2024, arXiv 2407.10490). Every script: LossPlateau, GradExplosion.
 Every threshold is a named constant below, with the reason for its value.
 """
 import math
@@ -77,10 +71,10 @@ class Watcher:
         """[the warning] if this record shows the failure for the first time, else []."""
         if self.fired:
             return []
-        values = [metrics.get(k) for k in self.metrics]
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        values = [_number(metrics.get(k)) for k in self.metrics]
+        if None in values:
             return []
-        message = self.check(step, *[float(v) for v in values])
+        message = self.check(step, *values)
         self.fired = message is not None
         return [message] if message else []
 
@@ -88,29 +82,44 @@ class Watcher:
         raise NotImplementedError
 
 
+def _number(value) -> float | None:
+    """A finite float from a number or a one-element tensor; None for anything else or NaN."""
+    if value is None or isinstance(value, (bool, str)):
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return x if math.isfinite(x) else None
+
+
 def _mean(xs) -> float:
     return sum(xs) / len(xs)
 
 
 class ZeroRewardSpread(Watcher):
+    """Most GRPO groups with equal rewards (`frac_reward_zero_std`) for many steps in a row."""
+
     metrics = ("frac_reward_zero_std",)
 
     def __init__(self):
         super().__init__()
-        self.run = 0
+        self.streak = 0
 
     def check(self, step, frac):
-        self.run = self.run + 1 if frac >= ZERO_SPREAD_FRAC else 0
-        if self.run >= ZERO_SPREAD_STEPS:
-            return (f"no learning signal: for {self.run} steps at least {ZERO_SPREAD_FRAC:.0%} of "
-                    "the groups had the same reward for every completion (frac_reward_zero_std), "
-                    "so their advantages are zero; the task is too hard or too easy for the policy "
-                    "(try another --train-difficulty, a larger --group-size or a higher "
-                    "--temperature)")
+        self.streak = self.streak + 1 if frac >= ZERO_SPREAD_FRAC else 0
+        if self.streak >= ZERO_SPREAD_STEPS:
+            return (f"no learning signal: for {self.streak} steps at least "
+                    f"{ZERO_SPREAD_FRAC:.0%} of the groups had the same reward for every "
+                    "completion (frac_reward_zero_std), so their advantages are zero; the task is "
+                    "too hard or too easy for the policy (try another --train-difficulty, a larger "
+                    "--group-size or a higher --temperature)")
         return None
 
 
 class EntropyCollapse(Watcher):
+    """The policy's token entropy (`entropy`) falling to a small share of its start."""
+
     metrics = ("entropy",)
 
     def __init__(self):
@@ -133,21 +142,25 @@ class EntropyCollapse(Watcher):
 
 
 class SamplerMismatch(Watcher):
+    """The sampler's and the trainer's log-probs of the same tokens disagreeing."""
+
     def __init__(self, metric: str = "sampler_logp_max_diff"):
         super().__init__()
-        self.metrics, self.run = (metric,), 0
+        self.metrics, self.streak = (metric,), 0
 
     def check(self, step, diff):
-        self.run = self.run + 1 if diff > SAMPLER_MISMATCH_NATS else 0
-        if self.run >= SAMPLER_MISMATCH_STEPS:
+        self.streak = self.streak + 1 if diff > SAMPLER_MISMATCH_NATS else 0
+        if self.streak >= SAMPLER_MISMATCH_STEPS:
             return (f"sampler/trainer mismatch: the trainer's log-probs of the sampled tokens "
                     f"differ from the sampler's by up to {diff:.3g} nats ({self.metrics[0]}) for "
-                    f"{self.run} steps; the importance ratios measure that gap, not learning "
+                    f"{self.streak} steps; the importance ratios measure that gap, not learning "
                     "(check dtype, temperature and dropout of the two forwards)")
         return None
 
 
 class RewardOverOptimisation(Watcher):
+    """The reward model's score (`reward/mean`) rising while the verifier's (`gold/mean`) falls."""
+
     metrics = ("reward/mean", "gold/mean")
 
     def __init__(self):
@@ -173,23 +186,27 @@ class RewardOverOptimisation(Watcher):
 
 
 class KLRunaway(Watcher):
+    """The KL per completion (`kl`) staying above a limit."""
+
     metrics = ("kl",)
 
     def __init__(self, limit: float = KL_RUNAWAY_NATS):
         super().__init__()
-        self.limit, self.run = limit, 0
+        self.limit, self.streak = limit, 0
 
     def check(self, step, kl):
-        self.run = self.run + 1 if kl > self.limit else 0
-        if self.run >= KL_RUNAWAY_STEPS:
+        self.streak = self.streak + 1 if kl > self.limit else 0
+        if self.streak >= KL_RUNAWAY_STEPS:
             return (f"KL runaway: the KL to the reference has been above {self.limit:g} nats per "
-                    f"completion for {self.run} steps (now {kl:.3g}); the policy has left the "
+                    f"completion for {self.streak} steps (now {kl:.3g}); the policy has left the "
                     "reference far behind (raise --kl-coef, set --target-kl, or lower the "
                     "learning rate)")
         return None
 
 
 class NegativeExplainedVariance(Watcher):
+    """The value model's explained variance below 0 over a window."""
+
     metrics = ("value/explained_variance",)
 
     def __init__(self):
@@ -209,6 +226,8 @@ class NegativeExplainedVariance(Watcher):
 
 
 class Squeezing(Watcher):
+    """DPO's chosen log-prob drift falling steadily while the margin grows."""
+
     metrics = ("logps/chosen_drift", "rewards/margins")
 
     def __init__(self):
@@ -236,6 +255,8 @@ class Squeezing(Watcher):
 
 
 class LossPlateau(Watcher):
+    """A loss that has not changed at all for many steps."""
+
     def __init__(self, metric: str = "loss"):
         super().__init__()
         self.metrics, self.last = (metric,), deque(maxlen=LOSS_FLAT_STEPS)
@@ -252,6 +273,8 @@ class LossPlateau(Watcher):
 
 
 class GradExplosion(Watcher):
+    """A gradient norm far above its recent median."""
+
     metrics = ("grad_norm",)
 
     def __init__(self):

@@ -4,6 +4,7 @@ import math
 import random
 
 import pytest
+import torch
 
 from minipost import diagnostics as d
 
@@ -31,6 +32,11 @@ def test_a_watcher_fires_once_and_skips_records_without_its_metric_or_with_nan()
     # 20 losses counted (5 + 15 after the skipped lines): fires at the 22nd record, then never again
     assert [s for s, _ in fired] == [d.LOSS_FLAT_STEPS + 2]
     assert "loss has stopped moving" in fired[0][1]
+
+
+def test_a_watcher_reads_one_element_tensors_as_numbers():
+    fired = feed(d.LossPlateau(), [{"loss": torch.tensor(0.0)}] * 30)
+    assert [s for s, _ in fired] == [d.LOSS_FLAT_STEPS]
 
 
 def test_zero_reward_spread():
