@@ -4,7 +4,9 @@
   bf16 autocast on CUDA, seeds.
 - `user_errors()`: a user's mistake (the classes of errors.py: bad data line, bad checkpoint, bad
   flag value) ends the run with one line and exit code 2, no traceback.
-- `Metrics`: one JSON object per line in `metrics.jsonl`, written by rank 0 only.
+- `Metrics`: one JSON object per line in `metrics.jsonl`, written by rank 0 only; with `watch`,
+  the failure watchers of diagnostics.py read every record and their warnings are printed and
+  logged; with `--report-to tensorboard`, every number is also a TensorBoard scalar.
 """
 import contextlib
 import json
@@ -17,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from . import dist
+from . import diagnostics, dist
 from .errors import CheckpointError, DataError, UserError
 from .flags import check_args
 
@@ -96,15 +99,29 @@ class Metrics:
     """Append-only `metrics.jsonl` in the output directory (rank 0 only), plus printed lines.
 
     Nothing is touched until the first `log`: a run that stops on bad input before training
-    leaves the output directory as it was.
+    leaves the output directory as it was. `report_to="tensorboard"` also writes every numeric
+    value as a scalar to OUT_DIR/tensorboard (the `tensorboard` package is optional: without it
+    this raises a UserError naming the install command); metrics.jsonl stays the record.
     """
 
-    def __init__(self, out_dir, is_main: bool = True, append: bool = False):
+    def __init__(self, out_dir, is_main: bool = True, append: bool = False,
+                 report_to: str = "none"):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.is_main = is_main
         self.t0 = time.time()
         self.fresh = not append          # the previous run's file is replaced at the first log
         self.n_lines = 0                 # lines this run's file holds (rank 0); a resume point
+        self.watchers = []               # diagnostics.Watcher: see `watch`
+        # every rank checks, so every rank stops on a missing package, not rank 0 alone
+        self.summary_writer = summary_writer_class() if report_to == "tensorboard" else None
+        self.board, self.last_step = None, 0
+
+    def watch(self, script: str):
+        """From now on feed every logged record to the failure watchers of `script`
+        (diagnostics.for_script): each warning is printed once as one line and logged as a
+        record {"step", "warning"}. Records without the metrics a watcher reads (evaluations,
+        summaries) pass it by."""
+        self.watchers = diagnostics.for_script(script)
 
     def _open(self):
         if self.fresh:
@@ -130,13 +147,41 @@ class Metrics:
         self._open()
         record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
         record.setdefault("time", round(time.time() - self.t0, 2))
+        step = self.last_step = record.get("step", self.last_step)   # a summary: the last step
+        self._write(record, step)
+        if echo:
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in record.items()))
+        for warning in diagnostics.check(self.watchers, step, record):
+            tqdm.write(f"warning (step {step}): {warning}")
+            self._write({"step": step, "warning": warning, "time": record["time"]}, step)
+
+    def _write(self, record: dict, step):
+        """One line of metrics.jsonl and, with --report-to tensorboard, its numbers as scalars at
+        `step`."""
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self.n_lines += 1
-        if echo:
-            from tqdm import tqdm
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                for k, v in record.items()))
+        if self.summary_writer is None:
+            return
+        if self.board is None:
+            self.board = self.summary_writer(log_dir=str(self.path.parent / "tensorboard"))
+        for k, v in record.items():
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if number and k not in ("step", "time"):
+                self.board.add_scalar(k, v, global_step=step)
+        self.board.flush()      # the run may end without a close: every line is on disk
+
+
+def summary_writer_class():
+    """torch.utils.tensorboard.SummaryWriter, or a one-line UserError naming the install command
+    (`tensorboard` is an optional dependency, needed only by --report-to tensorboard)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--report-to tensorboard needs the tensorboard package: "
+                        "pip install tensorboard") from None
+    return SummaryWriter
 
 
 def peak_rss_mb() -> float:

@@ -116,6 +116,7 @@ class RunArgs:
     keep: int = 2                   # resume checkpoints kept in OUT_DIR/checkpoints
     resume: str = ""                # resume from this run directory (or one of its checkpoints)
     skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
+    report_to: Literal["none", "tensorboard"] = "none"  # tensorboard: also to OUT_DIR/tensorboard
 
 
 @dataclass
