@@ -65,7 +65,9 @@ class Args(RunArgs):
 
 def main(args: Args):
     rt = setup(args)
-    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
+    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume),
+                      report_to=args.report_to)
+    metrics.watch("pretrain")   # diagnostics.py: a failure signature is said once
     if args.batch_size % rt.world_size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the "
                         f"{rt.world_size} processes")

@@ -217,7 +217,9 @@ def evaluate(model, encoded, pad_id: int, rt, prefix: str = "eval") -> dict:
 def main(args: Args):
     rt = setup(args)
     check_flags(args, rt.world_size)
-    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
+    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume),
+                      report_to=args.report_to)
+    metrics.watch("rm")   # diagnostics.py: a failure signature is said once
     require_checkpoint(args.init, "python train_sft.py")
     difficulty = difficulty_arg(args.difficulty)
     tokenizer = load_script_tokenizer(args.init, args.chat_template)

@@ -184,7 +184,9 @@ def evaluate(model, tokenizer, problems, args: Args, rt) -> dict:
 def main(args: Args):
     rt = setup(args)
     micro = check_flags(args, rt.world_size)
-    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
+    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume),
+                      report_to=args.report_to)
+    metrics.watch("sft")   # diagnostics.py: a failure signature is said once
     difficulty = difficulty_arg(args.difficulty)
     require_checkpoint(args.init, "python pretrain.py")
 

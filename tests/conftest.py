@@ -5,9 +5,14 @@ model (hidden 32, 2 layers) and its tokenizer (ChatML special tokens included), 
 session by `pretrain.main` with tiny flags (a few seconds on one CPU thread). It is only a few
 steps of pretraining, not a real SFT model: the scripts' end-to-end tests check that they run and
 save, not what they learn. Tests must not write into it (copy it, or use it as `--init` only).
+
+`watched` runs a script with a fake TensorBoard writer and a watcher that fires at once;
+`warnings_of(out)` reads the warnings the run logged.
 """
+import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,3 +38,39 @@ def tiny_sft_dir(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return str(out)
+
+
+class FakeSummaryWriter:
+    """The two methods of torch's SummaryWriter that cli.Metrics calls, recording the scalars."""
+
+    def __init__(self, log_dir):
+        self.log_dir, self.scalars = log_dir, {}
+
+    def add_scalar(self, tag, value, global_step):
+        self.scalars.setdefault(tag, []).append((global_step, value))
+
+    def flush(self):
+        pass
+
+
+@pytest.fixture
+def watched(monkeypatch):
+    """A script run under this fixture reports to a fake TensorBoard (`--report-to tensorboard`,
+    whether or not tensorboard is installed) and its loss-plateau watcher fires at the first
+    training record (a plateau of one value). Returns the list of writers the run made."""
+    from minipost import cli, diagnostics
+    writers = []
+
+    def make(log_dir):
+        writers.append(FakeSummaryWriter(log_dir))
+        return writers[-1]
+
+    monkeypatch.setattr(cli, "summary_writer_class", lambda: make)
+    monkeypatch.setattr(diagnostics, "LOSS_FLAT_STEPS", 1)
+    return writers
+
+
+def warnings_of(out) -> list[dict]:
+    """The {"step", "warning"} records of a run's metrics.jsonl."""
+    lines = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if "warning" in x]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_PRETRAIN
+from conftest import TINY_PRETRAIN, warnings_of
 from minipost.checkpoint import load_model
 from minipost.tokenizer import load_tokenizer
 
@@ -35,6 +35,22 @@ def test_pretrain_end_to_end_saves_a_loadable_checkpoint_and_metrics(tmp_path):
     assert model.config.vocab_size == tok.vocab_size
     assert model.config.eos_token_id == tok.eos_token_id != tok.pad_token_id
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+
+
+def test_pretrain_warns_once_in_metrics_jsonl_and_reports_to_tensorboard(tmp_path, watched):
+    import pretrain
+    threads = torch.get_num_threads()
+    try:
+        pretrain.main(pretrain.Args(out_dir=str(tmp_path / "base"), report_to="tensorboard",
+                                    **{**TINY_PRETRAIN, "max_steps": 12}))
+    finally:
+        torch.set_num_threads(threads)
+    (warning,) = warnings_of(tmp_path / "base")          # the loss is watched from the first line
+    assert warning["step"] == 0 and warning["warning"].startswith("the loss has stopped moving")
+    (writer,) = watched
+    assert writer.log_dir == str(tmp_path / "base" / "tensorboard")
+    assert [s for s, _ in writer.scalars["loss"]] == [0, 10, 11]
+    assert "eval/loss" in writer.scalars and "grad_norm" in writer.scalars
 
 
 def test_negative_eval_every_is_a_user_error(tmp_path):

@@ -11,6 +11,7 @@ from torch.testing import assert_close
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_sft  # noqa: E402
+from conftest import warnings_of  # noqa: E402
 from minipost import tasks  # noqa: E402
 from minipost.checkpoint import save_model  # noqa: E402
 from minipost.cli import user_errors  # noqa: E402
@@ -161,6 +162,15 @@ def test_end_to_end_tiny_run(base, tmp_path, peft):
     if peft == "lora":   # a later stage can --init from the LoRA output; it equals the merged one
         ids = torch.tensor([[5, 6, 7, 8]])
         assert_close(load_model(out)(ids), load_model(out / "merged")(ids), atol=1e-5, rtol=0)
+
+
+def test_sft_warns_once_in_metrics_jsonl_and_reports_to_tensorboard(base, tmp_path, watched):
+    train_sft.main(tiny_args(base, tmp_path / "sft", report_to="tensorboard"))
+    (warning,) = warnings_of(tmp_path / "sft")
+    assert warning["step"] == 1 and warning["warning"].startswith("the loss has stopped moving")
+    (writer,) = watched
+    assert [s for s, _ in writer.scalars["loss"]] == [1, 3]
+    assert [s for s, _ in writer.scalars["eval/loss"]] == [0, 2, 3]
 
 
 def test_bad_data_line_exits_2_naming_file_and_line(base, tmp_path, capsys):
