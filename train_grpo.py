@@ -234,15 +234,18 @@ def policy_update(train_model, mbs, normalizer: float, args, old_logps=None, ref
 
     old_logps None: this is the first update on the batch; the detached current log-probs are the
     old ones, so ρ = 1 exactly (μ = 1 is then the on-policy GRPO gradient). That they are the
-    sampler's is reported as `sampler_logp_max_diff`, for `check_sampler_match`.
+    sampler's is reported as `sampler_logp_max_diff`, for `check_sampler_match`; the policy that
+    sampled is also measured: `entropy`, its mean token entropy on the completions.
     """
     sums, new_old, total_loss = {}, [], 0.0
     sync = getattr(train_model, "no_sync", None)
+    first = old_logps is None
     for i, mb in enumerate(mbs):
         ctx = sync() if sync is not None and i < len(mbs) - 1 else contextlib.nullcontext()
         with ctx:
-            logps = completion_logps(train_model, mb["input_ids"], mb["attention_mask"],
-                                     prompt_len(mb), args.temperature)            # (n, C)
+            out = completion_logps(train_model, mb["input_ids"], mb["attention_mask"],
+                                   prompt_len(mb), args.temperature, with_entropy=first)
+            logps, entropy = out if first else (out, None)                    # (n, C)
             old = logps.detach() if old_logps is None else old_logps[i]
             loss, stats = grpo_loss(logps, old, None if ref_logps is None else ref_logps[i],
                                     mb["advantages"], mb["loss_mask"], clip_eps=args.clip_eps,
@@ -251,6 +254,8 @@ def policy_update(train_model, mbs, normalizer: float, args, old_logps=None, ref
             loss.backward()
         new_old.append(old)
         m = mb["loss_mask"].bool()
+        if first:                      # a token mean, as the stats below are
+            stats["entropy"] = (entropy * m).sum() / m.sum().clamp(min=1)
         # the sampler's KV-cache log-probs against this full forward: ~1e-6
         # (docs/pitfalls.md, "KV-cache decoding equals the full forward")
         stats["sampler_logp_max_diff"] = ((logps.detach() - mb["sampler_logps"]).abs() * m).max()
@@ -296,8 +301,10 @@ def check_sampler_match(stats: dict, tol: float):
 
 # ---------------------------------------------------------------------------- eval
 def evaluate(model, tokenizer, held_out, tag: str, args: Args, rt) -> dict:
-    """Held-out greedy accuracy; before and after training ("before", "after") also pass@k and
-    the accuracy of samples at --temperature."""
+    """Held-out greedy accuracy; before and after training ("before", "after") also, from
+    --pass-k samples a problem at --temperature, the unbiased pass@k for k = 1 … --pass-k with
+    its 95% intervals (lists `pass@k`, `pass@k_ci95`; evaluate.evaluate_task), and the accuracy
+    of one sample."""
     res = evaluate_task(model, tokenizer, held_out, args.max_new_tokens, autocast=rt.autocast)
     out = {"accuracy": res["accuracy"], "accuracy_ci95": res["accuracy_ci95"],
            "well_formed": res["well_formed"], "n": res["n"]}
@@ -305,7 +312,8 @@ def evaluate(model, tokenizer, held_out, tag: str, args: Args, rt) -> dict:
         res_k = evaluate_task(model, tokenizer, held_out, args.max_new_tokens,
                               temperature=args.temperature, samples=args.pass_k,
                               autocast=rt.autocast, seed=args.seed)
-        out[f"pass@{args.pass_k}"] = res_k[f"pass@{args.pass_k}"]
+        for key in (f"pass@{args.pass_k}", "pass@k", "pass@k_ci95"):
+            out[key] = res_k[key]
         out["sampled_accuracy"] = res_k["accuracy"]
     return out
 
@@ -313,7 +321,9 @@ def evaluate(model, tokenizer, held_out, tag: str, args: Args, rt) -> dict:
 def main(args: Args):
     rt = setup(args)
     check_flags(args, rt.world_size)
-    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
+    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume),
+                      report_to=args.report_to)
+    metrics.watch("grpo")   # diagnostics.py: a failure signature is said once
     per_rank = args.batch_prompts // rt.world_size                      # this rank's groups
 
     # ------------------------------------------------------------------------ data
@@ -381,6 +391,7 @@ def main(args: Args):
                                              ref_logps)
             if it == 0:                 # π_θ is still the sampling policy: it must score as one
                 check_sampler_match(stats, tol)
+                sampler = {k: stats[k] for k in ("sampler_logp_max_diff", "entropy")}
             gnorm = clip_gradients(model, args.grad_clip)
             if run.finite(step, stats["loss"], gnorm):  # else --skip-nonfinite: a skipped step
                 optimizer.step()
@@ -397,7 +408,7 @@ def main(args: Args):
             "frac_reward_zero_std": n_zero / n_groups, "groups_sampled": n_groups,
             "completions/mean_length": lengths.mean(),
             "completions/clipped_ratio": batch["truncated"].float().mean(),
-            "grad_norm": float(gnorm), **stats})
+            "grad_norm": float(gnorm), **stats, **sampler})   # the sampling policy's: update 1
         metrics.log({"step": step, **m, "lr": scheduler.get_last_lr()[0], "skipped": run.skipped,
                      "gen_seconds": gen_time, "step_seconds": time.time() - t0})
         bar.set_postfix(reward=f"{m['reward/mean']:.2f}", acc=f"{m['reward/sampled_accuracy']:.2f}",

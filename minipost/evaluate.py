@@ -1,8 +1,10 @@
 """Held-out evaluation shared by every stage: task accuracy by the verifier, with a 95% interval.
 
-Greedy pass@1 is the headline number; pass@k samples k completions at a temperature and counts a
-problem solved if any is correct. Under torchrun each rank scores its share of the problems and the
-counts are summed, so every rank returns the same numbers.
+Greedy pass@1 is the headline number. With n samples a problem at a temperature, pass@k for
+k = 1 … n is the unbiased estimator of Chen et al. 2021 (stats.pass_at_k: the chance that k of the
+n samples include a correct one, averaged over problems); at k = n it is "any sample correct".
+Under torchrun each rank scores its share of the problems and the counts are summed, so every rank
+returns the same numbers.
 """
 import math
 
@@ -10,6 +12,7 @@ import torch
 
 from . import dist
 from .generate import generate
+from .stats import mean_pass_at_k
 from .tasks import Difficulty, digit_check, is_well_formed, rl_prompts, verify
 
 
@@ -59,13 +62,16 @@ def evaluate_task(model, tokenizer, problems: list[dict], max_new_tokens: int = 
                   autocast=None, seed: int = 0) -> dict:
     """Accuracy and well-formed share on chat problems ({"prompt"|"question", "answer"}).
 
-    samples > 1: pass@k with k = samples at `temperature` (each problem counts once).
-    Returns {"accuracy", "accuracy_ci95", "well_formed", "n"} (+ "pass@k" when samples > 1).
+    samples = n > 1 at a temperature > 0: also the unbiased pass@k of Chen et al. 2021 for
+    k = 1 … n over the problems (stats.mean_pass_at_k), as lists "pass@k" and "pass@k_ci95"
+    (index k − 1), and "pass@n" alone; accuracy and well-formed share are the first sample's.
+    Returns {"accuracy", "accuracy_ci95", "well_formed", "n"} (+ those when samples > 1).
     """
     mine = dist.shard(problems)
     prompts = [chat_prompt_ids(tokenizer, p.get("prompt", p.get("question"))) for p in mine]
     g = torch.Generator().manual_seed(seed + dist.rank())
-    correct = formed = solved_any = 0.0
+    correct = formed = 0.0
+    n_correct = torch.zeros(samples + 1, dtype=torch.float64)   # problems with c correct samples
     if samples == 1 or temperature == 0:
         texts = complete(model, tokenizer, prompts, max_new_tokens, batch_size, temperature,
                          generator=g, autocast=autocast)
@@ -79,16 +85,25 @@ def evaluate_task(model, tokenizer, problems: list[dict], max_new_tokens: int = 
             scores = [verify(t, p["answer"]) for t in texts[i * samples:(i + 1) * samples]]
             correct += scores[0]
             formed += is_well_formed(texts[i * samples])
-            solved_any += max(scores)
-    totals = dist.all_reduce_sum(torch.tensor([correct, formed, solved_any, float(len(mine))],
+            n_correct[int(sum(scores))] += 1
+    totals = dist.all_reduce_sum(torch.tensor([correct, formed, float(len(mine))],
                                               dtype=torch.float64)).tolist()
-    n = int(totals[3])
+    n = int(totals[2])
     acc = totals[0] / max(n, 1)
     result = {"accuracy": acc, "accuracy_ci95": ci95(acc, n), "well_formed": totals[1] / max(n, 1),
               "n": n}
-    if samples > 1 and temperature > 0:
-        result[f"pass@{samples}"] = totals[2] / max(n, 1)
+    if samples > 1 and temperature > 0 and n:
+        result.update(pass_at_ks(samples, dist.all_reduce_sum(n_correct)))
     return result
+
+
+def pass_at_ks(samples: int, n_correct: torch.Tensor) -> dict:
+    """{"pass@n", "pass@k", "pass@k_ci95"} from `n_correct[c]`, the number of problems with c of
+    their `samples` = n samples correct (the ranks' counts summed): lists over k = 1 … n."""
+    counts = [c for c, m in enumerate(n_correct.long().tolist()) for _ in range(m)]
+    ks = [mean_pass_at_k(samples, counts, k) for k in range(1, samples + 1)]
+    return {f"pass@{samples}": ks[-1]["mean"], "pass@k": [r["mean"] for r in ks],
+            "pass@k_ci95": [r["ci95"] for r in ks]}
 
 
 def evaluate_base(model, tokenizer, prompts_answers: list[tuple[str, str]],

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import train_grpo
+from conftest import warnings_of
+from minipost import diagnostics
 from minipost.grpo import group_advantages
 from minipost.peft import add_peft, load_model
 from minipost.tokenizer import load_tokenizer
@@ -133,6 +135,33 @@ def test_train_grpo_end_to_end_full(tiny_sft_dir, tmp_path):
     assert model.config.vocab_size == load_tokenizer(out).vocab_size
 
 
+def test_train_grpo_logs_entropy_the_first_updates_mismatch_pass_at_k_and_warnings(
+        tiny_sft_dir, tmp_path, watched, monkeypatch):
+    """μ = 2 at a large learning rate: the second update's log-probs are far from the sampler's,
+    the first's are not, and the first's is what `sampler_logp_max_diff` reports. (The tiny model
+    solves nothing: a reward by the completion's length gives the groups a spread to learn from.)"""
+    monkeypatch.setattr(train_grpo.tasks, "verify", lambda text, answer: float(len(text) % 2))
+    monkeypatch.setattr(diagnostics, "ENTROPY_WINDOW", 1)          # entropy below 2x its start:
+    monkeypatch.setattr(diagnostics, "ENTROPY_COLLAPSE_SHARE", 2.0)  # fires at the first step
+    out = tmp_path / "grpo"
+    final = train_grpo.main(train_grpo.Args(init=tiny_sft_dir, out_dir=str(out), mu=2, lr=1e-2,
+                                            warmup_steps=0, report_to="tensorboard",
+                                            **{**TINY, "max_steps": 4}))
+    train = [x for x in read_metrics(out) if "reward/mean" in x]
+    assert len(train) == 2 and all(x["entropy"] > 0 for x in train)
+    assert all(x["sampler_logp_max_diff"] < 1e-3 for x in train)    # sampler_tolerance on a CPU
+    assert [w["warning"].split(":")[0] for w in warnings_of(out)] == [
+        "entropy collapse", "the loss has stopped moving"]
+    assert all(w["step"] == 2 for w in warnings_of(out))
+    for res in (final["before"], final["after"]):   # unbiased pass@k, k = 1 … 2, with intervals
+        assert len(res["pass@k"]) == len(res["pass@k_ci95"]) == 2
+        assert res["pass@k"][0] <= res["pass@k"][1] == res["pass@2"]
+    last = read_metrics(out)[-1]
+    assert last["eval/pass@k"] == final["after"]["pass@k"] and "eval/pass@k_ci95" in last
+    (writer,) = watched
+    assert [s for s, _ in writer.scalars["entropy"]] == [2, 4]
+
+
 def test_train_grpo_end_to_end_lora_with_kl(tiny_sft_dir, tmp_path):
     out = tmp_path / "grpo_lora"
     train_grpo.main(train_grpo.Args(init=tiny_sft_dir, out_dir=str(out), peft="lora", lora_r=2,
@@ -205,7 +234,8 @@ def test_trainer_log_probs_that_do_not_match_the_sampler_stop_the_run(tiny_sft_d
     scores another distribution (here T = 1 against the sampler's 0.7) is a bug, not noise."""
     real = train_grpo.completion_logps
     monkeypatch.setattr(train_grpo, "completion_logps",
-                        lambda model, ids, mask, P, temperature: real(model, ids, mask, P, 1.0))
+                        lambda model, ids, mask, P, temperature, **kw: real(model, ids, mask, P,
+                                                                             1.0, **kw))
     with pytest.raises(RuntimeError, match="sampler's log-probs"):
         train_grpo.main(train_grpo.Args(init=tiny_sft_dir, out_dir=str(tmp_path / "o"),
                                         temperature=0.7, **{**TINY, "eval_problems": 0,
