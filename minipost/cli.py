@@ -119,8 +119,8 @@ class Metrics:
     def watch(self, script: str):
         """From now on feed every logged record to the failure watchers of `script`
         (diagnostics.for_script): each warning is printed once as one line and logged as a
-        record {"step", "warning"}. Records without the metrics a watcher reads (evaluations,
-        summaries) pass it by."""
+        record {"step", "warning"}. Records without a step (a run's closing summary) are not
+        watched; records without the metrics a watcher reads (evaluations) pass it by."""
         self.watchers = diagnostics.for_script(script)
 
     def _open(self):
@@ -152,7 +152,8 @@ class Metrics:
         if echo:
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in record.items()))
-        for warning in diagnostics.check(self.watchers, step, record):
+        watched = self.watchers if "step" in record else []     # a closing summary is no step
+        for warning in diagnostics.check(watched, step, record):
             tqdm.write(f"warning (step {step}): {warning}")
             self._write({"step": step, "warning": warning, "time": record["time"]}, step)
 
