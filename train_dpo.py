@@ -160,10 +160,12 @@ def reference_logps(reference, precomputed, idx, batch, rt):
 
 
 # ---------------------------------------------------------------------------- loss
-def compute_loss(model, batch, ref_chosen_logps, ref_rejected_logps, args: Args, autocast):
+def compute_loss(model, batch, ref_chosen_logps, ref_rejected_logps, args: Args, autocast,
+                 with_entropy: bool = False):
     """DPO loss on one batch, + α × the chosen completions' per-token NLL (RPO). Returns the loss,
-    the per-pair DPO losses (checked for NaN) and detached stats."""
-    chosen_logps, rejected_logps = pair_logps(model, batch, autocast)
+    the per-pair DPO losses (checked for NaN) and detached stats (`with_entropy`: also the
+    policy's token entropy on the chosen completions)."""
+    chosen_logps, rejected_logps, *entropy = pair_logps(model, batch, autocast, with_entropy)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
         beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss_type)
@@ -177,7 +179,8 @@ def compute_loss(model, batch, ref_chosen_logps, ref_rejected_logps, args: Args,
              "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
              "logps/chosen": chosen_logps.mean(), "logps/rejected": rejected_logps.mean(),
              # drift of the chosen completions' log-prob from the initial policy's
-             "logps/chosen_drift": (chosen_logps - ref_chosen_logps).mean()}
+             "logps/chosen_drift": (chosen_logps - ref_chosen_logps).mean(),
+             **({"entropy": entropy[0]} if with_entropy else {})}
     return loss, losses, {k: v.detach() for k, v in stats.items()}
 
 
@@ -208,7 +211,9 @@ def evaluate(model, tokenizer, held_out, args: Args, rt, ref_held_out=None, task
 def main(args: Args):
     rt = setup(args)
     check_flags(args, rt.world_size)
-    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
+    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume),
+                      report_to=args.report_to)
+    metrics.watch("dpo")   # diagnostics.py: a failure signature is said once
     require_checkpoint(args.init, "python train_sft.py")
     difficulty = difficulty_arg(args.difficulty)
     tokenizer = load_script_tokenizer(args.init, args.chat_template)
@@ -271,15 +276,16 @@ def main(args: Args):
         idx = order[pos:pos + args.batch_size][rt.rank * per_rank:(rt.rank + 1) * per_rank]
         batch = batch_of(train, idx, tokenizer.pad_token_id, rt.device)
         ref_chosen_logps, ref_rejected_logps = reference_logps(reference, precomputed, idx, batch, rt)
+        log_now = step % 10 == 0 or step == args.max_steps - 1
         loss, losses, stats = compute_loss(train_model, batch, ref_chosen_logps,
-                                            ref_rejected_logps, args, rt.autocast)
+                                            ref_rejected_logps, args, rt.autocast, log_now)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = clip_gradients(model, args.grad_clip)
         if run.finite(step, losses, gnorm):             # else --skip-nonfinite: a skipped step
             optimizer.step()
         scheduler.step()
-        if step % 10 == 0 or step == args.max_steps - 1:
+        if log_now:
             m = dist.all_reduce_mean(stats)
             first = first or m
             bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}",

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import first_logit_column, token_logprobs
+from .rollout import token_entropy
 
 
 def sequence_logps(
@@ -52,20 +53,27 @@ def sequence_logps(
     return summed
 
 
-def pair_logps(model, batch, autocast=nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(model, batch, autocast=nullcontext, with_entropy: bool = False):
     """Summed completion log-probs of chosen and rejected, from one forward pass: two (B,).
 
     The batch is right-padded (`data.collate_preference`), so causal attention alone keeps every
     real token from seeing padding; no attention mask is needed (and the fast causal path is used).
     The LM head runs only from the column before the first token any row scores (`logits_to_keep`):
-    the prompts' logits are never read.
+    the prompts' logits are never read. `with_entropy`: also the policy's mean token entropy on the
+    chosen completions (rollout.token_entropy, detached), a third output (a 0-d tensor).
     """
     ids, loss_mask = batch["input_ids"], batch["loss_mask"]
     start = first_logit_column(loss_mask)
     with autocast():
         logits = model(ids, logits_to_keep=ids.shape[1] - start)               # (2B, T−start, V)
     token_logps = token_logprobs(logits, ids[:, start:])                       # fp32
-    return sequence_logps(token_logps, loss_mask[:, start:]).chunk(2)          # SUM, not mean
+    chosen, rejected = sequence_logps(token_logps, loss_mask[:, start:]).chunk(2)  # SUM, not mean
+    if not with_entropy:
+        return chosen, rejected
+    B = len(chosen)
+    with torch.no_grad():                       # the chosen rows: the first B
+        entropy = token_entropy(logits[:B], loss_mask[:B, start + 1:])
+    return chosen, rejected, entropy
 
 
 def dpo_loss(

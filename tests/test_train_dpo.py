@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train_dpo
+from conftest import warnings_of
 from minipost import tasks
 from minipost.cli import UserError
 from minipost.data import collate_preference, encode_preference
@@ -82,6 +83,34 @@ def test_adapters_off_reference_equals_the_initial_model(tiny_sft_dir, kind):
     for init, ref, new in zip(initial, ref_logps, trained):
         assert torch.equal(ref, init)                                 # bit for bit
         assert not torch.allclose(new, init)                          # the adapters do act
+
+
+def test_pair_logps_entropy_is_the_chosen_rows_token_entropy_and_changes_no_logp(tiny_sft_dir):
+    policy = load_model(tiny_sft_dir)
+    batch = tiny_batch(tiny_sft_dir)
+    chosen, rejected = train_dpo.pair_logps(policy, batch)
+    chosen_e, rejected_e, entropy = train_dpo.pair_logps(policy, batch, with_entropy=True)
+    assert torch.equal(chosen, chosen_e) and torch.equal(rejected, rejected_e)
+    B = len(chosen)                      # by hand: H of every position of the chosen rows alone,
+    with torch.no_grad():                # averaged over the tokens their loss mask scores
+        logp = policy(batch["input_ids"][:B]).float().log_softmax(-1)[:, :-1]   # (B, T−1, V)
+    h = -(logp.exp() * logp).sum(-1)
+    mask = batch["loss_mask"][:B, 1:].float()
+    assert entropy.item() == pytest.approx(((h * mask).sum() / mask.sum()).item(), rel=1e-5)
+    assert not entropy.requires_grad
+
+
+def test_train_dpo_logs_entropy_warns_once_and_reports_to_tensorboard(tiny_sft_dir, tmp_path,
+                                                                      watched):
+    out = tmp_path / "dpo"
+    train_dpo.main(train_dpo.Args(init=tiny_sft_dir, out_dir=str(out), report_to="tensorboard",
+                                  **TINY))
+    train = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in train] == [0, 2] and all(r["entropy"] > 0 for r in train)
+    (warning,) = warnings_of(out)
+    assert warning["step"] == 0 and warning["warning"].startswith("the loss has stopped moving")
+    (writer,) = watched
+    assert [s for s, _ in writer.scalars["entropy"]] == [0, 2]
 
 
 @pytest.mark.parametrize("peft,loss_type", [("none", "ipo"), ("lora", "sigmoid"),
