@@ -358,7 +358,9 @@ def evaluate(model, reward_model, tokenizer, held_out, step: int, args: Args, rt
 def main(args: Args):
     rt = setup(args)
     check_flags(args, rt.world_size)
-    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume))
+    metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume),
+                      report_to=args.report_to)
+    metrics.watch("ppo")   # diagnostics.py: a failure signature is said once
     B, mb = args.batch_size // rt.world_size, args.mini_batch_size // rt.world_size  # this rank's
 
     # ------------------------------------------------------------------------ data
@@ -432,8 +434,11 @@ def main(args: Args):
                                             args, rt.autocast, policy_moves)
                 if not upd:             # π_θ is still the sampling policy: every ratio is 1
                     check_first_ratio(stats, tol)
+                norms = [clip_gradients(m, args.grad_clip) for m in trained.values()]
+                if policy_moves:        # the policy's norm before clipping (none in the warm-up)
+                    stats["grad_norm"] = norms[0]
                 upd.append(stats)
-                gnorm = sum(clip_gradients(m, args.grad_clip) for m in trained.values())
+                gnorm = sum(norms)
                 if run.finite(step, loss, gnorm):      # else --skip-nonfinite: a skipped step
                     for name, opt in optimizers.items():
                         if name == "value" or policy_moves:

@@ -184,6 +184,27 @@ def test_train_ppo_end_to_end(tiny_sft_dir, tiny_rm_dir, tmp_path, peft):
         load_model(out)                                      # a LoRA output loads, merged
 
 
+def test_train_ppo_logs_the_policys_grad_norm_warns_and_reports_to_tensorboard(
+        tiny_sft_dir, tiny_rm_dir, tmp_path, watched, monkeypatch):
+    """A value warm-up iteration moves no policy, so it logs no grad_norm; the exploding-gradient
+    watcher, made to fire at any norm above 0 × the previous one, fires at the second norm."""
+    import train_ppo
+    from conftest import warnings_of
+    from minipost import diagnostics
+    monkeypatch.setattr(diagnostics, "GRAD_WINDOW", 1)
+    monkeypatch.setattr(diagnostics, "GRAD_EXPLODE_FACTOR", 0.0)
+    out = tmp_path / "ppo"
+    train_ppo.main(tiny_args(tiny_sft_dir, tiny_rm_dir, out, max_steps=3, value_warmup=1,
+                             eval_every=0, report_to="tensorboard"))
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    it = [r for r in logs if "policy/clipfrac" in r]
+    assert "grad_norm" not in it[0] and all(r["grad_norm"] > 0 for r in it[1:])
+    assert [(w["step"], w["warning"].split(":")[0]) for w in warnings_of(out)] == [
+        (1, "the loss has stopped moving"), (3, "exploding gradient")]
+    (writer,) = watched
+    assert [s for s, _ in writer.scalars["grad_norm"]] == [2, 3]
+
+
 def test_train_ppo_with_a_reward_model_ensemble(tiny_sft_dir, tiny_rm_dir, tmp_path):
     import train_ppo
     torch.manual_seed(1)                     # a second member: another head, its own scale

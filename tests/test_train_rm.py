@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train_rm
+from conftest import warnings_of
 from minipost.cli import UserError
 from minipost.data import DataError
 from minipost.model import ScoreModel
@@ -52,6 +53,16 @@ def test_train_rm_end_to_end(tiny_sft_dir, tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["stage"] == "rm"
     model = load_model(out, head="score")
     assert isinstance(model, ScoreModel) and model.score.weight.abs().sum() > 0  # the head trained
+
+
+def test_train_rm_warns_once_and_reports_to_tensorboard(tiny_sft_dir, tmp_path, watched):
+    out = tmp_path / "rm"
+    train_rm.main(train_rm.Args(init=tiny_sft_dir, out_dir=str(out), report_to="tensorboard",
+                                **{**TINY, "policy_problems": 0, "eval_policy_problems": 0}))
+    (warning,) = warnings_of(out)
+    assert warning["step"] == 0 and warning["warning"].startswith("the loss has stopped moving")
+    (writer,) = watched
+    assert [s for s, _ in writer.scalars["loss"]] == [0, 2]
 
 
 def test_train_rm_reads_a_jsonl_and_stops_on_a_bad_line(tiny_sft_dir, tmp_path):
