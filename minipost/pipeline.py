@@ -10,7 +10,9 @@ Each stage runs as its own process (`python <script> --init ... --out-dir ...`),
 command a user would type, so a stage's memory is returned when it ends and a failure names the
 stage and the command that re-runs it. `--device`, `--threads` and `--seed` are passed to every
 stage. At the end every stage's `results.json` (written by `cli.write_results`) is read and its
-held-out numbers are printed side by side and written to `<out>/scoreboard.md`.
+held-out numbers are printed side by side and written to `<out>/scoreboard.md`. Each stage's
+curves go to `<out>/<stage>/curves.png` and the stages' key curves, overlaid, to `<out>/curves.png`
+beside the scoreboard (minipost.plot; without matplotlib, an optional dependency, one line says so).
 
 With `--seeds S1 S2 ...` the whole pipeline runs once per seed, each in `<out>/seed-S/` (its base
 model, SFT and every later stage all from that seed), and `<out>/scoreboard.md` (and `.json`) gives
@@ -27,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from minipost.errors import DataError, UserError
 from minipost.stats import seed_table, summarize
 
 ROOT = Path(__file__).resolve().parent.parent   # the stage scripts live in the repository root
@@ -161,6 +164,32 @@ def seed_scoreboard(out, seeds) -> tuple[str, dict]:
     return seed_table(rows, seeds), summary
 
 
+# ---------------------------------------------------------------------------- curves
+# the summary figure: the curves every stage's reader looks at first, each stage a line
+SUMMARY_METRICS = ("loss", "reward/mean", "kl", "entropy", "eval/loss", "eval/accuracy")
+
+
+def can_plot() -> bool:
+    """Whether matplotlib, an optional dependency, is installed."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def plot_curves(run_dirs, png, metrics=None):
+    """`run_dirs`' curves into `png` (minipost.plot.plot_runs), `metrics` those of them some run
+    logs (None: all); a run that cannot be drawn is one printed line, never a failed pipeline,
+    and without matplotlib nothing is drawn (`main` says so once)."""
+    from minipost.plot import plot_runs, read_curves
+    if not can_plot():
+        return
+    try:
+        if metrics:
+            logged = {name for d in run_dirs for name in read_curves(d)}
+            metrics = [m for m in metrics if m in logged] or None
+        plot_runs(run_dirs, png, metrics)
+    except (UserError, DataError) as e:
+        print(f"=== no {png}: {e}", flush=True)
+
+
 def run_stages(args, out: Path, seed: int) -> None:
     """Every stage from --start-at on, one process each, into `out` with `seed`."""
     names = [s for s, _, _ in STAGES]
@@ -176,6 +205,10 @@ def run_stages(args, out: Path, seed: int) -> None:
             sys.exit(f"pipeline: stage {stage} failed (exit code {rc}); fix it and re-run with "
                      f"--start-at {stage}")
         print(f"=== {stage} done in {(time.time() - start) / 60:.1f} min", flush=True)
+        plot_curves([out / stage], out / stage / "curves.png")
+    done = [out / s for s in names if (out / s / "metrics.jsonl").exists()]
+    if done:                     # beside the scoreboard: every stage that has run, overlaid
+        plot_curves(done, out / "curves.png", SUMMARY_METRICS)
 
 
 def main(argv=None) -> str:
@@ -196,6 +229,8 @@ def main(argv=None) -> str:
     args = p.parse_args(argv)
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds {' '.join(map(str, args.seeds))}: each seed once")
+    if not can_plot():
+        print("note: no curves.png: matplotlib is missing (pip install matplotlib)", flush=True)
 
     t0 = time.time()
     out = Path(args.out)

@@ -67,6 +67,9 @@ def test_pipeline_end_to_end_with_tiny_flags(tmp_path):
         assert (tmp_path / stage / "results.json").exists(), stage
     assert "missing" not in board
     assert (tmp_path / "scoreboard.md").read_text().count("\n|") >= len(pipeline.STAGES) + 1
+    if pipeline.can_plot():
+        assert all((tmp_path / stage / "curves.png").exists() for stage, _, _ in pipeline.STAGES)
+        assert (tmp_path / "curves.png").exists()
 
 
 def test_seed_scoreboard_gives_mean_spread_and_each_seed(tmp_path):
@@ -114,3 +117,38 @@ def test_pipeline_two_seeds_end_to_end_with_tiny_flags(tmp_path):
             assert (tmp_path / f"seed-{seed}" / stage / "results.json").exists(), (seed, stage)
     summary = json.loads((tmp_path / "scoreboard.json").read_text())
     assert summary["grpo: after"]["seeds"] == [0, 1] and "seed 0 | seed 1" in board
+
+
+def fake_stage(cmd, cwd):
+    """A stage "runs": its results.json, and a metrics.jsonl of two training lines and one
+    evaluation (the RM's, like the real one, logs no eval/accuracy)."""
+    out = Path(cmd[cmd.index("--out-dir") + 1])
+    write(out.parent, out.name, {"eval/accuracy": 0.5})
+    lines = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5},
+             {"step": 2, "eval/accuracy": 0.5, "eval/accuracy_ci95": 0.1}]
+    if out.name == "rm":
+        lines = lines[:2]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return type("Done", (), {"returncode": 0})()
+
+
+def test_each_stage_and_the_summary_beside_the_scoreboard_get_a_curves_png(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from minipost.plot import read_curves
+    monkeypatch.setattr(pipeline.subprocess, "run", fake_stage)
+    pipeline.main(["--out", str(tmp_path)])
+    for stage, _, _ in pipeline.STAGES:
+        assert (tmp_path / stage / "curves.png").stat().st_size > 0, stage
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    # the summary draws the key metrics some stage logs: the RM's missing eval/accuracy is no error
+    pipeline.plot_curves([tmp_path / "rm"], tmp_path / "rm.png", ["loss", "eval/accuracy"])
+    assert (tmp_path / "rm.png").exists() and "eval/accuracy" not in read_curves(tmp_path / "rm")
+
+
+def test_without_matplotlib_the_pipeline_says_so_once_and_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pipeline.subprocess, "run", fake_stage)
+    monkeypatch.setattr(pipeline, "can_plot", lambda: False)
+    board = pipeline.main(["--out", str(tmp_path)])
+    assert "missing" not in board and not list(tmp_path.rglob("*.png"))
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if "pip install matplotlib" in ln]
+    assert notes == ["note: no curves.png: matplotlib is missing (pip install matplotlib)"]
