@@ -20,8 +20,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from .model import first_logit_column, token_logprobs
-from .rollout import token_entropy
+from .model import first_logit_column, token_entropy, token_logprobs
 
 
 def sequence_logps(
@@ -60,7 +59,7 @@ def pair_logps(model, batch, autocast=nullcontext, with_entropy: bool = False):
     real token from seeing padding; no attention mask is needed (and the fast causal path is used).
     The LM head runs only from the column before the first token any row scores (`logits_to_keep`):
     the prompts' logits are never read. `with_entropy`: also the policy's mean token entropy on the
-    chosen completions (rollout.token_entropy, detached), a third output (a 0-d tensor).
+    chosen completions (model.token_entropy, detached), a third output (a 0-d tensor).
     """
     ids, loss_mask = batch["input_ids"], batch["loss_mask"]
     start = first_logit_column(loss_mask)

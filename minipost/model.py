@@ -18,6 +18,9 @@ Padding: batches may be left-padded (generation) or right-padded (training). Pos
 attention mask (`cumsum(mask) - 1`), so each row sees the positions it would see alone; this matters
 for learned positions (GPT-2) and is harmless for RoPE (docs/pitfalls.md, "Padding and position
 ids").
+
+Per-token quantities of the logits that every loss and log reads: `token_logprobs` and, aligned
+with it, `token_entropy` (the `entropy` the RL and preference scripts log).
 """
 from dataclasses import dataclass, asdict, field
 
@@ -359,6 +362,33 @@ def token_logprobs(logits, tokens):
     targets = tokens.roll(-1, dims=1)                             # (B, T) the next token
     logps = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
     return logps.view(tokens.shape)[:, :-1]                       # (B, T-1)
+
+
+def entropies(logits):
+    """H = −Σ_v p_v log p_v of softmax(logits) at every position, fp32: (..., V) -> (...)."""
+    logp_all = logits.float().log_softmax(-1)
+    return -(logp_all.exp() * logp_all).sum(-1)
+
+
+def token_entropy(logits, mask):
+    """Mean entropy (nats) of the policy's next-token distributions at the scored tokens.
+
+    H_t = −Σ_v π(v | x_<t) log π(v | x_<t), from the logits that predict token t, aligned as
+    `token_logprobs` aligns log-probs: logits (B, T, V) give T − 1 distributions, for the
+    tokens 1 … T−1. A policy whose entropy falls towards 0 samples the same completion every time
+    (a collapsed group has no reward spread to learn from). Differentiable; call it under
+    `torch.no_grad()` when it is only logged.
+
+    Args:
+        logits: (B, T, V) model outputs, any float dtype (computed in fp32).
+        mask: (B, T − 1) 1 on the scored tokens, the mask applied to token_logprobs' output.
+
+    Returns the mean over masked tokens (every token weighs the same, not every sequence); NaN
+    when the mask is empty.
+    """
+    m = mask.float()
+    entropy = entropies(logits[:, :-1])                                            # (B, T−1)
+    return (entropy * m).sum() / m.sum()
 
 
 def first_logit_column(loss_mask) -> int:

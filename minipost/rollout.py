@@ -19,8 +19,6 @@ These helpers compute, for the N completion columns:
   truncation" and "Reward-model score position").
 - `values_and_scores(score_model, sequences, attention_mask, prompt_len)`: both of the above from
   one forward, for PPO whose value model is the reward model itself (`--freeze-value`).
-- `token_entropy(logits, mask)`: the mean entropy of the next-token distributions at the scored
-  tokens, the number every RL and preference script logs as `entropy`.
 - `gold_rewards(tokenizer, completion_ids, completion_mask, answers)`: the verifier's 0/1 reward.
 - `sampled_pairs(model, tokenizer, problems, ...)`: preference pairs from the policy's own answers,
   labelled by the verifier (`pair_up`): the comparisons of DPO's and the reward model's built-in data.
@@ -36,7 +34,7 @@ from tqdm import tqdm
 
 from .evaluate import chat_prompt_ids
 from .generate import generate
-from .model import last_scores, token_logprobs
+from .model import entropies, last_scores, token_logprobs
 from .tasks import verify
 
 
@@ -64,35 +62,8 @@ def completion_logps(model, sequences, attention_mask, prompt_len: int, temperat
     if not with_entropy:
         return logps
     with torch.no_grad():
-        entropy = _entropies(logits[:, :-1])                                       # (B, N)
+        entropy = entropies(logits[:, :-1])                                        # (B, N)
     return logps, entropy
-
-
-def _entropies(logits):
-    """H = −Σ_v p_v log p_v of softmax(logits) at every position, fp32: (..., V) -> (...)."""
-    logp_all = logits.float().log_softmax(-1)
-    return -(logp_all.exp() * logp_all).sum(-1)
-
-
-def token_entropy(logits, mask):
-    """Mean entropy (nats) of the policy's next-token distributions at the scored tokens.
-
-    H_t = −Σ_v π(v | x_<t) log π(v | x_<t), from the logits that predict token t, aligned as
-    `model.token_logprobs` aligns log-probs: logits (B, T, V) give T − 1 distributions, for the
-    tokens 1 … T−1. A policy whose entropy falls towards 0 samples the same completion every time
-    (a collapsed group has no reward spread to learn from). Differentiable; call it under
-    `torch.no_grad()` when it is only logged.
-
-    Args:
-        logits: (B, T, V) model outputs, any float dtype (computed in fp32).
-        mask: (B, T − 1) 1 on the scored tokens, the mask applied to token_logprobs' output.
-
-    Returns the mean over masked tokens (every token weighs the same, not every sequence); NaN
-    when the mask is empty.
-    """
-    m = mask.float()
-    entropy = _entropies(logits[:, :-1])                                           # (B, T−1)
-    return (entropy * m).sum() / m.sum()
 
 
 def completion_values(value_model, sequences, attention_mask, prompt_len: int):

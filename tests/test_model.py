@@ -1,8 +1,11 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from minipost.model import GPT, GPTConfig, KVCache, last_token_index, token_logprobs
+from minipost.model import (GPT, GPTConfig, KVCache, last_token_index, token_entropy,
+                            token_logprobs)
 
 CONFIGS = {
     "llama": GPTConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -195,3 +198,26 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_fewer_saved_tensor
     assert saved1 < 0.5 * saved0, (saved1, saved0)          # only each block's input is kept
     with torch.no_grad():                                   # no grad, no cache: a plain forward
         torch.testing.assert_close(model(x, mask), make(name)(x, mask))
+
+
+def test_token_entropy_by_hand_uniform_is_log_v_and_one_hot_is_zero():
+    # row 0: uniform over V=4 at every position, H = ln 4; row 1: one logit +inf-like, H ≈ 0
+    logits = torch.zeros(2, 3, 4, dtype=torch.float64)
+    logits[1, :, 0] = 100.0
+    mask = torch.ones(2, 2)                     # (B, T − 1): the distributions of tokens 1 and 2
+    # token mean over 4 masked tokens: (2 · ln 4 + 2 · 0) / 4
+    assert float(token_entropy(logits, mask)) == pytest.approx(math.log(4) / 2)
+    row_0 = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    assert float(token_entropy(logits, row_0)) == pytest.approx(math.log(4))
+    assert math.isnan(float(token_entropy(logits, torch.zeros(2, 2))))
+
+
+def test_token_entropy_reads_the_logits_that_predict_the_masked_tokens():
+    # the last position's logits predict no token: they never count, whatever they hold
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 2] = torch.tensor([50.0, 0, 0, 0])
+    assert float(token_entropy(logits, torch.ones(1, 2))) == pytest.approx(math.log(4))
+    # masking the token at column 1 leaves the distribution at column 1 (which predicts token 2)
+    logits[0, 1] = torch.tensor([50.0, 0, 0, 0])
+    assert float(token_entropy(logits, torch.tensor([[1.0, 0.0]]))) == pytest.approx(math.log(4))
+    assert float(token_entropy(logits, torch.tensor([[0.0, 1.0]]))) == pytest.approx(0, abs=1e-6)

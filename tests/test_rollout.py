@@ -1,4 +1,4 @@
-"""rollout.py: the shifted completion columns of log-probs, values and scores; token entropy."""
+"""rollout.py: the shifted completion columns of log-probs, values and scores, and entropies."""
 import math
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 
 from minipost import tasks
 from minipost.generate import generate
-from minipost.model import GPT, GPTConfig, ScoreModel
+from minipost.model import GPT, GPTConfig, ScoreModel, token_entropy
 from minipost.rollout import (completion_logps, completion_values, gold_rewards, sequence_scores,
-                              token_entropy, values_and_scores)
+                              values_and_scores)
 from minipost.tokenizer import train_tokenizer
 
 CFG = GPTConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -75,29 +75,6 @@ def test_gold_rewards_use_the_verifier_on_the_masked_tokens():
         completion_mask[i, :len(row)] = True
     rewards = gold_rewards(tok, completion_ids, completion_mask, ["3", "3", "3"])
     assert rewards.tolist() == [1.0, 0.0, 1.0]
-
-
-def test_token_entropy_by_hand_uniform_is_log_v_and_one_hot_is_zero():
-    # row 0: uniform over V=4 at every position, H = ln 4; row 1: one logit +inf-like, H ≈ 0
-    logits = torch.zeros(2, 3, 4, dtype=torch.float64)
-    logits[1, :, 0] = 100.0
-    mask = torch.ones(2, 2)                     # (B, T − 1): the distributions of tokens 1 and 2
-    # token mean over 4 masked tokens: (2 · ln 4 + 2 · 0) / 4
-    assert float(token_entropy(logits, mask)) == pytest.approx(math.log(4) / 2)
-    row_0 = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
-    assert float(token_entropy(logits, row_0)) == pytest.approx(math.log(4))
-    assert math.isnan(float(token_entropy(logits, torch.zeros(2, 2))))
-
-
-def test_token_entropy_reads_the_logits_that_predict_the_masked_tokens():
-    # the last position's logits predict no token: they never count, whatever they hold
-    logits = torch.zeros(1, 3, 4)
-    logits[0, 2] = torch.tensor([50.0, 0, 0, 0])
-    assert float(token_entropy(logits, torch.ones(1, 2))) == pytest.approx(math.log(4))
-    # masking the token at column 1 leaves the distribution at column 1 (which predicts token 2)
-    logits[0, 1] = torch.tensor([50.0, 0, 0, 0])
-    assert float(token_entropy(logits, torch.tensor([[1.0, 0.0]]))) == pytest.approx(math.log(4))
-    assert float(token_entropy(logits, torch.tensor([[0.0, 1.0]]))) == pytest.approx(0, abs=1e-6)
 
 
 def test_token_entropy_is_the_mean_of_completion_logps_entropy_over_the_completion():
