@@ -128,12 +128,15 @@ def ppo_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float = 0.2,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped-surrogate policy loss, averaged over the masked tokens of the batch.
 
-    Schulman et al. 2017 (arXiv 1707.06347), L^CLIP as a loss to minimise:
+    Schulman et al. 2017 (arXiv 1707.06347), L^CLIP as a loss to minimise, with the paper's
+    optional entropy bonus c·H[π_θ](s_t) (its L^{CLIP+VF+S}, here without the value term):
         ρ_t = exp(log π_θ(a_t) − log π_old(a_t)),
-        ℓ_t = max(−A_t·ρ_t, −A_t·clip(ρ_t, 1−ε, 1+ε)),   L = Σ m_t ℓ_t / Σ m_t
+        ℓ_t = max(−A_t·ρ_t, −A_t·clip(ρ_t, 1−ε, 1+ε)) − c·H_t,   L = Σ m_t ℓ_t / Σ m_t
     The log-ratio is clamped to ±20 before exp (LOG_RATIO_CLAMP): beyond that the token is far
     outside the trust region anyway, and exp would overflow in low precision (docs/pitfalls.md,
     "Numerical stability").
@@ -144,6 +147,8 @@ def ppo_policy_loss(
         advantages: (B, T) per-token advantages (detached; usually whitened).
         mask: (B, T) 1 on completion tokens.
         clip_eps: ε.
+        entropy: (B, T) token entropies of π_θ WITH grad, or None (needed when entropy_coef ≠ 0).
+        entropy_coef: c (0 = no bonus).
 
     Returns:
         (loss, stats): loss is a scalar MEAN over all masked tokens of the batch (token-level).
@@ -156,7 +161,10 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)                                              # (B, T) ρ
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    if entropy_coef:
+        per_token = per_token - entropy_coef * entropy                      # − c·H bonus
+    loss = masked_mean(per_token, mask)
     clipfrac, max_dev = ratio_stats(ratio.detach(), advantages, mask, clip_eps, clip_eps)
     stats = {
         "policy/clipfrac": clipfrac,
@@ -245,6 +253,32 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     var_returns = _masked_var(returns, mask)
     ev = 1 - _masked_var(returns - values, mask) / var_returns
     return torch.where(var_returns > 0, ev, torch.full_like(ev, float("nan"))).detach()
+
+
+def logp_advantage_covariance(logps: torch.Tensor, advantages: torch.Tensor,
+                              mask: torch.Tensor) -> torch.Tensor:
+    """Covariance over the batch's tokens between log π(a_t) and the advantage A_t.
+
+    Cui et al. 2025, "The Entropy Mechanism of Reinforcement Learning for Reasoning Language
+    Models" (arXiv 2505.22617): under a policy-gradient step the entropy changes by about
+    −η·Cov(log π(a|s), π(a|s)·A(s, a)) per state (−η·Cov(log π, A) for natural policy gradient),
+    so a positive covariance — confident tokens with positive advantages — means entropy is
+    falling. As in their Clip-Cov/KL-Cov, the covariance is taken over all scored tokens of the
+    batch, with the batch means (plug-in, n in the denominator):
+        Cov = (1/n) Σ_t m_t·(log π_t − mean log π)·(A_t − mean A)
+
+    Args:
+        logps: (B, T) log-probs of the sampled tokens.
+        advantages: (B,) one per sequence (broadcast over its tokens) or (B, T) one per token.
+        mask: (B, T) 1 on the scored tokens.
+
+    Returns a detached scalar (0 for an empty mask).
+    """
+    m = mask.bool()
+    adv = (advantages[:, None] if advantages.dim() == 1 else advantages).expand_as(logps)
+    x = logps.detach() - masked_mean(logps.detach(), m)                        # (B, T)
+    a = adv.detach().to(x.dtype) - masked_mean(adv.detach().to(x.dtype), m)   # (B, T)
+    return masked_mean(x * a, m)
 
 
 def adaptive_kl_update(

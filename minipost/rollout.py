@@ -39,7 +39,7 @@ from .tasks import verify
 
 
 def completion_logps(model, sequences, attention_mask, prompt_len: int, temperature: float = 1.0,
-                     with_entropy: bool = False):
+                     with_entropy: bool = False, entropy_grad: bool = False):
     """Log-probs (B, N) of the completion tokens under softmax(logits / T), N = T_seq − prompt_len.
 
     Args:
@@ -49,6 +49,7 @@ def completion_logps(model, sequences, attention_mask, prompt_len: int, temperat
         temperature: the sampling temperature; 0 (greedy) scores at temperature 1, as `generate`
             records it.
         with_entropy: also return the per-token entropy (B, N) of softmax(logits / T), detached.
+        entropy_grad: the entropy keeps its graph (an entropy bonus in the loss differentiates it).
 
     Returns logps (B, N), or (logps, entropy). Values at padded completion positions are garbage
     the caller masks out.
@@ -61,7 +62,7 @@ def completion_logps(model, sequences, attention_mask, prompt_len: int, temperat
     logps = token_logprobs(logits, sequences[:, prompt_len - 1:])                  # (B, N)
     if not with_entropy:
         return logps
-    with torch.no_grad():
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = entropies(logits[:, :-1])                                        # (B, N)
     return logps, entropy
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from minipost.grpo import group_advantages, grpo_loss, kl_k3
+from minipost.grpo import (group_advantages, grpo_loss, kl_k3, reinforce_pp_advantages,
+                           rloo_advantages)
+from minipost.model import entropies
 
 F64 = dict(dtype=torch.float64)
 
@@ -219,3 +221,100 @@ def test_dr_grpo_needs_its_constant_normalizer():
     padded, _ = grpo_loss(wide[0], wide[1], None, adv, wide[2], beta=0.0, loss_type="dr_grpo",
                           normalizer=16.0)
     assert narrow.item() == padded.item() == pytest.approx(7 / 16)    # (−2 + 9) / 16
+
+
+# ---------------------------------------------------------------------------- RLOO, REINFORCE++
+def test_rloo_advantages_hand_computed():
+    # group [1, 2, 3]: baselines (2+3)/2, (1+3)/2, (1+2)/2 = 2.5, 2, 1.5 → [−1.5, 0, 1.5]
+    # group [0, 0, 4]: baselines 2, 2, 0 → [−2, −2, 4]  (= G/(G−1)·(r − mean) = 3/2·[−4/3, −4/3, 8/3])
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 4.0], **F64)
+    assert_close(rloo_advantages(rewards, 3), torch.tensor([-1.5, 0, 1.5, -2, -2, 4], **F64))
+    assert_close(rloo_advantages(rewards, 3), 1.5 * group_advantages(rewards, 3, scale=None))
+
+
+def test_rloo_baseline_excludes_the_sample_itself():
+    # Â_i − r_i = −baseline_i must not move when r_i moves; the others' baselines move by Δ/(G−1)
+    rewards = torch.tensor([0.0, 1.0, 1.0, 0.0], **F64)
+    bumped = rewards.clone()
+    bumped[0] += 3.0
+    base, base_bumped = rewards - rloo_advantages(rewards, 4), bumped - rloo_advantages(bumped, 4)
+    assert_close(base_bumped[0], base[0])
+    assert_close(base_bumped[1:], base[1:] + 1.0)            # 3 / (G − 1)
+    with pytest.raises(ValueError):
+        rloo_advantages(torch.zeros(4), 1)
+
+
+def _reinforce_pp_case():
+    # seq 0: 2 tokens, reward 1; seq 1: 3 tokens, reward 0 (one group of G = 2)
+    # log π_old − log π_ref: seq 0 [0.2, 0.4], seq 1 [0, −0.2, 0.6]; β = 0.5
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    ref_logps = torch.full((2, 3), -1.0, **F64)
+    logps = ref_logps + torch.tensor([[0.2, 0.4, 9.0], [0.0, -0.2, 0.6]], **F64)
+    return torch.tensor([1.0, 0.0], **F64), mask, logps, ref_logps
+
+
+def test_reinforce_pp_advantages_hand_computed():
+    rewards, mask, logps, ref_logps = _reinforce_pp_case()
+    # token rewards −β·k1 (+ r at the last token): seq 0 [−0.1, −0.2 + 1], seq 1 [0, 0.1, −0.3]
+    # returns to go: seq 0 [0.7, 0.8], seq 1 [−0.2, −0.2, −0.3]; mean over 5 tokens 0.16,
+    # deviations [0.54, 0.64, −0.36, −0.36, −0.46], unbiased var 1.172/4 = 0.293
+    adv = reinforce_pp_advantages(rewards, mask, logps, ref_logps, beta=0.5, eps=0.0)
+    s = math.sqrt(0.293)
+    assert_close(adv, torch.tensor([[0.54, 0.64, 0], [-0.36, -0.36, -0.46]], **F64) / s)
+    # with the group baseline the scores are [0.5, −0.5]: returns seq 0 [0.2, 0.3],
+    # seq 1 [−0.7, −0.7, −0.8]; the same deviations (var 0.293), divided without re-centring
+    adv = reinforce_pp_advantages(rewards, mask, logps, ref_logps, beta=0.5, group_size=2, eps=0.0)
+    assert_close(adv, torch.tensor([[0.2, 0.3, 0], [-0.7, -0.7, -0.8]], **F64) / s)
+
+
+def test_reinforce_pp_normalises_over_the_batch_not_the_group():
+    # REINFORCE++ compares with the batch: a group of 1s beside a group of 0s gets A > 0;
+    # its baseline variant compares with the group first, so that group gets exactly 0
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0], **F64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]])
+    plain = reinforce_pp_advantages(rewards, mask)
+    assert (plain[:2][mask[:2].bool()] > 0).all() and (plain[2:][mask[2:].bool()] < 0).all()
+    assert (reinforce_pp_advantages(rewards, mask, group_size=2) == 0).all()
+
+
+@pytest.mark.parametrize("estimator", ["group_std", "group_none", "rloo", "reinforce_pp",
+                                       "reinforce_pp_baseline"])
+def test_constant_rewards_give_zero_advantage_in_every_estimator(estimator):
+    rewards = torch.ones(6, **F64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]] * 2)
+    adv = {"group_std": lambda: group_advantages(rewards, 3),
+           "group_none": lambda: group_advantages(rewards, 3, scale=None),
+           "rloo": lambda: rloo_advantages(rewards, 3),
+           "reinforce_pp": lambda: reinforce_pp_advantages(rewards, mask),
+           "reinforce_pp_baseline": lambda: reinforce_pp_advantages(rewards, mask, group_size=3),
+           }[estimator]()
+    assert torch.isfinite(adv).all() and (adv == 0).all()
+
+
+def test_token_level_advantages_weigh_each_token():
+    # (N, T) advantages: the per-token loss is −Â_{i,t} (ρ = 1); dapo: token mean
+    logps, old_logps, mask = _two_sequences()
+    adv = torch.tensor([[1.0, 2.0, 7.0, 7.0], [-1.0, 0.0, 4.0, 7.0]], **F64)
+    loss, _ = grpo_loss(logps, old_logps, None, adv, mask, beta=0.0, loss_type="dapo")
+    assert loss.item() == pytest.approx(-(1 + 2 - 1 + 0 + 4) / 5, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------- entropy bonus
+def test_entropy_bonus_is_minus_c_times_the_aggregated_entropy_and_raises_entropy():
+    # dapo: L = −c · Σ m·H / Σ m, so ∂L/∂H = −c/5 on each of the 5 tokens (A = 0: no policy term)
+    logps, old_logps, mask = _two_sequences()
+    entropy = torch.full((2, 4), 0.5, **F64).requires_grad_(True)
+    loss, _ = grpo_loss(logps, old_logps, None, torch.zeros(2, **F64), mask, beta=0.0,
+                        loss_type="dapo", entropy=entropy, entropy_coef=0.1)
+    assert loss.item() == pytest.approx(-0.05, rel=1e-12)
+    (g,) = torch.autograd.grad(loss, entropy)
+    assert_close(g, -0.1 / 5 * mask.to(torch.float64))
+    # through real logits: one gradient step on the bonus raises every position's entropy
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(2, 4, 5, **F64)).requires_grad_(True)
+    loss, _ = grpo_loss(logps, old_logps, None, torch.zeros(2, **F64), mask, beta=0.0,
+                        loss_type="grpo", entropy=entropies(logits), entropy_coef=1.0)
+    loss.backward()
+    with torch.no_grad():
+        before, after = entropies(logits), entropies(logits - 0.1 * logits.grad)
+    assert (after[mask.bool()] > before[mask.bool()]).all()

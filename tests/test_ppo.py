@@ -3,7 +3,7 @@ import torch
 from torch.testing import assert_close
 
 from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped_rewards,
-                          ppo_policy_loss, ppo_value_loss, whiten)
+                          logp_advantage_covariance, ppo_policy_loss, ppo_value_loss, whiten)
 
 F64 = dict(dtype=torch.float64)
 
@@ -207,3 +207,28 @@ def test_adaptive_kl_update_hand_computed():
     assert adaptive_kl_update(0.1, 50.0, 5.0, 100, 1000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))   # clipped
     assert adaptive_kl_update(0.1, 0.0, 5.0, 100, 1000) == pytest.approx(0.1 * (1 - 0.2 * 0.1))
     assert adaptive_kl_update(0.1, 5.0, 5.0, 100, 1000) == pytest.approx(0.1)
+
+
+def test_ppo_policy_loss_entropy_bonus_gradient_sign():
+    # L = mean(policy term) − c·mean(H): ∂L/∂H_t = −c/n on the n masked tokens
+    logps, old_logps, adv, mask = _policy_case()
+    entropy = torch.full((1, 6), 1.5, **F64).requires_grad_(True)
+    base, _ = ppo_policy_loss(logps, old_logps, adv, mask, clip_eps=0.2)
+    loss, _ = ppo_policy_loss(logps, old_logps, adv, mask, clip_eps=0.2, entropy=entropy,
+                              entropy_coef=0.01)
+    assert loss.item() == pytest.approx(base.item() - 0.01 * 1.5, rel=1e-12)
+    (g,) = torch.autograd.grad(loss, entropy)
+    assert_close(g, -0.01 / 5 * mask.to(torch.float64))
+
+
+def test_logp_advantage_covariance_hand_computed():
+    # tokens (log π, A): (−1, 1), (−2, 1), (−3, −1); the padded 4th is left out
+    # means −2 and 1/3: Σ (x − x̄)(a − ā) = 1·(2/3) + 0 + (−1)(−4/3) = 2, over 3 tokens
+    logps = torch.tensor([[-1.0, -2.0], [-3.0, 50.0]], **F64)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    cov = logp_advantage_covariance(logps, torch.tensor([1.0, -1.0], **F64), mask)
+    assert cov.item() == pytest.approx(2 / 3, rel=1e-12)
+    per_token = torch.tensor([[1.0, 1.0], [-1.0, 9.0]], **F64)
+    assert logp_advantage_covariance(logps, per_token, mask).item() == pytest.approx(2 / 3)
+    # a constant advantage (a constant-reward group) has no covariance
+    assert logp_advantage_covariance(logps, torch.zeros(2, **F64), mask).item() == 0.0
