@@ -25,6 +25,26 @@ noisy than 8 × 8; lr 5e-5 with a cosine decay to 10% over the 600 steps (a cons
 policy random-walking: greedy accuracy swung ±5 points between evaluations; 1e-4 and above
 destroy it); β = 0; DAPO's token-level loss and clip-higher; dynamic sampling, which spends the
 gradient only on prompts whose group disagrees (reward spread > 0).
+
+The methods that followed GRPO are flags of this script, each a few lines of `minipost/grpo.py`
+or `minipost/gspo.py`, so that what differs is only the advantage or the unit of the ratio:
+
+    python train_grpo.py --advantage rloo --loss-type dr_grpo --no-dynamic-sampling   # RLOO
+    python train_grpo.py --advantage reinforce_pp --beta 0.01 --no-dynamic-sampling   # REINFORCE++
+    python train_grpo.py --advantage reinforce_pp_baseline --beta 0.01                # ... its baseline variant
+    python train_grpo.py --loss-type gspo --mu 2 --clip-eps 3e-4 --clip-eps-high 4e-4  # GSPO
+    python train_grpo.py --entropy-coef 0.001                                         # entropy bonus
+
+RLOO (Ahmadian et al. 2024, arXiv 2402.14740) takes as each sample's baseline the mean reward of
+the other G − 1. REINFORCE++ (Hu et al. 2025, arXiv 2501.03262) moves the KL into the reward
+(−β·log π_old/π_ref at every token, so `--beta` is no longer a loss term), takes the return to go
+of every token as its advantage, and normalises it over the batch (under torchrun: over each
+process's share of it), not within each group. GSPO (Zheng et al. 2025, arXiv 2507.18071) takes
+one ratio per sequence, the geometric mean of its token ratios, and clips that; with --mu 1 every
+ratio is 1 and GSPO is `--loss-type grpo`. `--entropy-coef c` subtracts c × the policy's token
+entropy from the loss. Logged every step: `entropy`, and `policy/logp_adv_cov`, the covariance over
+the batch's tokens of log π and the advantage, which Cui et al. 2025 (arXiv 2505.22617) show
+drives the entropy down when positive.
 """
 import contextlib
 import time
@@ -42,10 +62,12 @@ from minipost.errors import UserError
 from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
 from minipost.flags import StageArgs, parse_args, torch_dtype
 from minipost.generate import generate
-from minipost.grpo import group_advantages, grpo_loss
+from minipost.grpo import group_advantages, grpo_loss, reinforce_pp_advantages, rloo_advantages
+from minipost.gspo import gspo_loss
 from minipost.model import set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
 from minipost.peft import add_peft, load_model, peft_options, save_peft, trainable_summary
+from minipost.ppo import logp_advantage_covariance
 from minipost.reference import Reference
 from minipost.resume import Run, due, per_rank_state
 from minipost.rollout import completion_logps
@@ -68,7 +90,7 @@ class Args(StageArgs):
     dynamic_sampling: bool = True   # DAPO: drop groups with zero reward spread and refill
     max_refills: int = 3            # extra sampling rounds per step when filling dynamic batches
     scale_rewards: Literal["std", "none"] = "std"  # std (GRPO) | none (Dr. GRPO: Â = r − mean)
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"  # per-sequence | token mean | Dr. GRPO
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "gspo"] = "dapo"  # per-sequence | token mean | Dr. GRPO | GSPO's sequence ratio
     clip_eps: float = 0.2           # ε: ratio clipped to [1 − ε, 1 + ε_high]
     clip_eps_high: float | None = 0.28  # ε_high, DAPO's clip-higher (none = ε)
     beta: float = 0.0               # β: k3 KL penalty to the frozen reference (0 = no reference)
@@ -86,6 +108,9 @@ class Args(StageArgs):
     eval_problems: int = 500        # held-out problems (evaluate.heldout_problems)
     pass_k: int = 8                 # k of held-out pass@k, sampled at --temperature (0 = skip)
     save_every: int = 50            # write a resume checkpoint every N steps (0 = only on stop)
+    # ---- the advantage estimator and entropy control (RLOO, REINFORCE++, entropy bonus)
+    advantage: Literal["group", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "group"  # group: GRPO's (--scale-rewards) | rloo | REINFORCE++, KL in the reward (--beta)
+    entropy_coef: float = 0.0       # c: entropy bonus, −c·H of the policy in the loss (0 = none)
 
 
 def check_flags(args: Args, world_size: int):
@@ -98,6 +123,11 @@ def check_flags(args: Args, world_size: int):
                         f"{world_size} processes")
     if args.temperature <= 0 or args.group_size < 2:
         raise UserError("GRPO needs --temperature > 0 and --group-size >= 2")
+    if args.loss_type == "gspo" and args.advantage.startswith("reinforce_pp"):
+        raise UserError("--loss-type gspo takes one advantage per sequence; REINFORCE++'s are per "
+                        "token (use --advantage group or rloo)")
+    if args.entropy_coef < 0:
+        raise UserError(f"--entropy-coef must be >= 0, got {args.entropy_coef}")
     if args.micro_batch_size <= 0 or args.mu < 1:
         raise UserError("--micro-batch-size and --mu must be >= 1")
     if args.peft == "lora" and args.lora_dropout:   # check_sampler_match would stop the run
@@ -211,20 +241,43 @@ def reference_logps(reference, mbs, args: Args):
                             args.temperature) for mb in mbs]
 
 
-def compute_advantages(batch, args: Args) -> torch.Tensor:
-    """Group-relative advantages Â_i = (r_i − mean_g r)/std_g r, or with `--scale-rewards none`
-    (Dr. GRPO) r_i − mean_g r: one per completion, (N,)."""
-    return group_advantages(batch["rewards"], args.group_size,
-                            None if args.scale_rewards == "none" else "std")
+def compute_advantages(batch, mbs, ref_logps, args: Args) -> torch.Tensor:
+    """The batch's advantages by `--advantage`, also put into each micro-batch (its rows, and with
+    per-token advantages its columns). Returns them: (N,) one per completion, or (N, C) one per
+    token (REINFORCE++).
+
+    group: Â_i = (r_i − mean_g r)/std_g r, or with `--scale-rewards none` (Dr. GRPO) r_i − mean_g r;
+    rloo: r_i − the mean of the other G − 1; reinforce_pp(_baseline): the return to go of
+    −β·log(π_old/π_ref) per token + the reward (minus its group's mean) at the last, normalised
+    over the batch's tokens, π_old being the sampler's log-probs."""
+    rewards = batch["rewards"]
+    if args.advantage == "group":
+        adv = group_advantages(rewards, args.group_size,
+                               None if args.scale_rewards == "none" else "std")
+    elif args.advantage == "rloo":
+        adv = rloo_advantages(rewards, args.group_size)
+    else:
+        C = batch["loss_mask"].shape[1]
+        ref = (None if ref_logps is None else
+               torch.cat([F.pad(r, (0, C - r.shape[1])) for r in ref_logps]))    # (N, C)
+        adv = reinforce_pp_advantages(
+            rewards, batch["loss_mask"], batch["sampler_logps"], ref, beta=args.beta,
+            group_size=args.group_size if args.advantage == "reinforce_pp_baseline" else None)
+    start = 0
+    for mb in mbs:
+        n, c = mb["loss_mask"].shape
+        mb["advantages"] = adv[start:start + n] if adv.dim() == 1 else adv[start:start + n, :c]
+        start += n
+    return adv
 
 
 # ---------------------------------------------------------------------------- loss
 def loss_normalizer(loss_type: str, loss_mask, max_new_tokens: int) -> float:
     """The whole batch's denominator, so accumulated micro-batch losses equal the full-batch loss
     (docs/pitfalls.md, "Loss aggregation and gradient accumulation"): tokens (dapo), sequences
-    (grpo), sequences × token budget (dr_grpo)."""
+    (grpo, gspo), sequences × token budget (dr_grpo)."""
     N = loss_mask.shape[0]
-    return {"dapo": max(float(loss_mask.sum()), 1.0), "grpo": float(N),
+    return {"dapo": max(float(loss_mask.sum()), 1.0), "grpo": float(N), "gspo": float(N),
             "dr_grpo": float(N * max_new_tokens)}[loss_type]
 
 
@@ -236,26 +289,37 @@ def policy_update(train_model, mbs, normalizer: float, args, old_logps=None, ref
     old ones, so ρ = 1 exactly (μ = 1 is then the on-policy GRPO gradient). That they are the
     sampler's is reported as `sampler_logp_max_diff`, for `check_sampler_match`; the policy that
     sampled is also measured: `entropy`, its mean token entropy on the completions.
+
+    `--loss-type gspo` takes `gspo.gspo_loss`, the others `grpo.grpo_loss`. REINFORCE++ has its KL
+    in the advantages already: no k3 term in the loss then (its value is still logged as "kl").
     """
     sums, new_old, total_loss = {}, [], 0.0
     sync = getattr(train_model, "no_sync", None)
     first = old_logps is None
+    bonus = args.entropy_coef > 0
+    kw = dict(clip_eps=args.clip_eps, clip_eps_high=args.clip_eps_high, normalizer=normalizer,
+              beta=0.0 if args.advantage.startswith("reinforce_pp") else args.beta,
+              entropy_coef=args.entropy_coef)
     for i, mb in enumerate(mbs):
         ctx = sync() if sync is not None and i < len(mbs) - 1 else contextlib.nullcontext()
         with ctx:
             out = completion_logps(train_model, mb["input_ids"], mb["attention_mask"],
-                                   prompt_len(mb), args.temperature, with_entropy=first)
-            logps, entropy = out if first else (out, None)                    # (n, C)
+                                   prompt_len(mb), args.temperature,
+                                   with_entropy=first or bonus, entropy_grad=bonus)
+            logps, entropy = out if first or bonus else (out, None)          # (n, C)
             old = logps.detach() if old_logps is None else old_logps[i]
-            loss, stats = grpo_loss(logps, old, None if ref_logps is None else ref_logps[i],
-                                    mb["advantages"], mb["loss_mask"], clip_eps=args.clip_eps,
-                                    clip_eps_high=args.clip_eps_high, beta=args.beta,
-                                    loss_type=args.loss_type, normalizer=normalizer)
+            ref = None if ref_logps is None else ref_logps[i]
+            if args.loss_type == "gspo":
+                loss, stats = gspo_loss(logps, old, ref, mb["advantages"], mb["loss_mask"],
+                                        entropy=entropy, **kw)
+            else:
+                loss, stats = grpo_loss(logps, old, ref, mb["advantages"], mb["loss_mask"],
+                                        loss_type=args.loss_type, entropy=entropy, **kw)
             loss.backward()
         new_old.append(old)
         m = mb["loss_mask"].bool()
         if first:                      # a token mean, as the stats below are
-            stats["entropy"] = (entropy * m).sum() / m.sum().clamp(min=1)
+            stats["entropy"] = (entropy.detach() * m).sum() / m.sum().clamp(min=1)
         # the sampler's KV-cache log-probs against this full forward: ~1e-6
         # (docs/pitfalls.md, "KV-cache decoding equals the full forward")
         stats["sampler_logp_max_diff"] = ((logps.detach() - mb["sampler_logps"]).abs() * m).max()
@@ -370,7 +434,6 @@ def main(args: Args):
         batch, sampled, n_zero = sample_batch(model, tokenizer, pool, per_rank, args, gen,
                                               rt.autocast)
         lengths = batch["loss_mask"].sum(1)                                    # (B·G,)
-        batch["advantages"] = compute_advantages(batch, args)
         if args.mask_truncated:
             batch["loss_mask"] = batch["loss_mask"] * (~batch["truncated"]).float()[:, None]
         batch = {k: v.to(rt.device) for k, v in batch.items()}
@@ -380,6 +443,10 @@ def main(args: Args):
             args.loss_type, batch["loss_mask"], args.max_new_tokens), dtype=torch.float64))
         normalizer = float(normalizer) / rt.world_size
         ref_logps = reference_logps(reference, mbs, args)
+        batch["advantages"] = compute_advantages(batch, mbs, ref_logps, args)
+        # > 0: confident tokens get the positive advantages, and entropy falls (Cui et al. 2025)
+        cov = logp_advantage_covariance(batch["sampler_logps"], batch["advantages"],
+                                        batch["loss_mask"])
         gen_time = time.time() - t0
 
         old_logps = None                           # μ optimiser steps on the same batch
@@ -408,7 +475,8 @@ def main(args: Args):
             "frac_reward_zero_std": n_zero / n_groups, "groups_sampled": n_groups,
             "completions/mean_length": lengths.mean(),
             "completions/clipped_ratio": batch["truncated"].float().mean(),
-            "grad_norm": float(gnorm), **stats, **sampler})   # the sampling policy's: update 1
+            "grad_norm": float(gnorm), "policy/logp_adv_cov": cov,
+            **stats, **sampler})                               # the sampling policy's: update 1
         metrics.log({"step": step, **m, "lr": scheduler.get_last_lr()[0], "skipped": run.skipped,
                      "gen_seconds": gen_time, "step_seconds": time.time() - t0})
         bar.set_postfix(reward=f"{m['reward/mean']:.2f}", acc=f"{m['reward/sampled_accuracy']:.2f}",

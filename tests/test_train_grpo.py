@@ -51,7 +51,7 @@ def grads_of(model, batch, args):
             for p in model.parameters()], stats, mbs, old
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo", "gspo"])
 def test_micro_batches_of_unequal_lengths_give_the_full_batch_gradient(tiny_sft_dir, loss_type):
     torch.manual_seed(0)
     model = load_model(tiny_sft_dir).double()
@@ -67,6 +67,34 @@ def test_micro_batches_of_unequal_lengths_give_the_full_batch_gradient(tiny_sft_
     assert len({mb["input_ids"].shape[1] for mb in mbs}) > 1    # really unequal widths
     assert any(g.abs().sum() > 0 for g in full)
     for a, b in zip(full, split):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("advantage", ["rloo", "reinforce_pp", "reinforce_pp_baseline"])
+def test_every_advantage_with_an_entropy_bonus_gives_the_full_batch_gradient_in_micro_batches(
+        tiny_sft_dir, advantage):
+    """compute_advantages hands each micro-batch its rows (and, per token, its columns): split or
+    whole, the same gradient, the entropy bonus included."""
+    torch.manual_seed(0)
+    model = load_model(tiny_sft_dir).double()
+    batch = fake_batch(model.config.vocab_size, [5, 9, 7, 6, 8, 5, 9, 6], [3, 11, 6, 2, 9, 4, 1, 7],
+                       group_size=4)
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    batch["rewards"] = torch.tensor([1., 0, 0, 1, 0, 1, 1, 1], dtype=torch.float64)
+    batch["sampler_logps"] = -torch.rand(batch["loss_mask"].shape, dtype=torch.float64)
+    args = train_grpo.Args(advantage=advantage, beta=0.1, entropy_coef=0.05, loss_type="dapo",
+                           group_size=4, max_new_tokens=12)
+    grads = []
+    for size in (8, 3):
+        model.zero_grad(set_to_none=True)
+        mbs = train_grpo.micro_batches(batch, size)
+        ref = [mb["sampler_logps"] + 0.2 for mb in mbs]          # a KL in the reward: 0.2 a token
+        adv = train_grpo.compute_advantages(batch, mbs, ref, args)
+        assert adv.shape == ((8,) if advantage == "rloo" else batch["loss_mask"].shape)
+        norm = train_grpo.loss_normalizer("dapo", batch["loss_mask"], 12)
+        train_grpo.policy_update(model, mbs, norm, args, ref_logps=ref)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
@@ -173,6 +201,31 @@ def test_train_grpo_end_to_end_lora_with_kl(tiny_sft_dir, tmp_path):
     train = [x for x in read_metrics(out) if "reward/mean" in x]
     assert all("kl" in x for x in train)
     load_model(out)                                # --init of a LoRA output: base + adapter, merged
+
+
+@pytest.mark.parametrize("variant", [
+    dict(advantage="rloo", loss_type="gspo", mu=2, entropy_coef=0.01),
+    dict(advantage="reinforce_pp", beta=0.04, dynamic_sampling=False, entropy_coef=0.01),
+    dict(advantage="reinforce_pp_baseline", loss_type="dr_grpo")])
+def test_train_grpo_end_to_end_rloo_reinforce_pp_gspo_and_entropy_bonus(tiny_sft_dir, tmp_path,
+                                                                       variant):
+    out = tmp_path / "grpo"
+    final = train_grpo.main(train_grpo.Args(init=tiny_sft_dir, out_dir=str(out), **variant,
+                                            **{**TINY, "eval_every": 0, "pass_k": 0}))
+    assert final["steps"] == 2 and (out / "model.safetensors").exists()
+    train = [x for x in read_metrics(out) if "reward/mean" in x]
+    assert train and all(math.isfinite(x["loss"]) and math.isfinite(x["policy/logp_adv_cov"])
+                         and x["entropy"] > 0 for x in train)
+    assert all(("kl" in x) == ("beta" in variant) for x in train)   # REINFORCE++: KL in reward
+    assert json.loads((out / "results.json").read_text())["stage"] == "grpo"
+
+
+def test_gspo_with_per_token_advantages_is_a_user_error(tmp_path):
+    from minipost.cli import UserError
+    with pytest.raises(UserError, match="gspo"):
+        train_grpo.main(train_grpo.Args(init=str(tmp_path), out_dir=str(tmp_path / "o"),
+                                        loss_type="gspo", advantage="reinforce_pp", device="cpu",
+                                        threads=1))
 
 
 def test_missing_init_names_the_command(tmp_path):
