@@ -50,6 +50,11 @@ Several reward models, `--reward-model out/rm,out/rm-1,out/rm-2` (train_rm.py ru
 each member's score standardised with its held-out mean and std, then their mean, or with
 `--ensemble min` the worst case; `reward/disagreement` logs how far apart the members are on each
 batch. The value model starts from the first.
+
+`--entropy-coef c` adds PPO's entropy bonus, −c × the policy's token entropy, to the policy loss
+(Schulman et al. 2017). Logged every iteration: `entropy` of the sampling policy, and
+`policy/logp_adv_cov`, the covariance over the batch's tokens of log π_old and the whitened
+advantage, which drives the entropy down when positive (Cui et al. 2025, arXiv 2505.22617).
 """
 import math
 import time
@@ -73,7 +78,8 @@ from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
 from minipost.peft import (add_peft, load_model, load_reward_models, peft_options, save_peft,
                            trainable_summary)
 from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped_rewards,
-                          masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
+                          logp_advantage_covariance, masked_mean, ppo_policy_loss, ppo_value_loss,
+                          whiten)
 from minipost.reference import Reference
 from minipost.resume import Run, due
 from minipost.reward import RewardEnsemble, reward_members
@@ -124,6 +130,8 @@ class Args(StageArgs):
     eval_problems: int = 500        # held-out problems (evaluate.heldout_problems)
     eval_rm_problems: int = 128     # held-out problems whose greedy answers the RM scores
     save_every: int = 50            # write a resume checkpoint every N iterations (0 = only on stop)
+    # ---- entropy control
+    entropy_coef: float = 0.0       # c: entropy bonus, −c·H of the policy in the policy loss (0 = none)
 
 
 def check_flags(args: Args, world_size: int):
@@ -139,6 +147,8 @@ def check_flags(args: Args, world_size: int):
     if k <= 0 or args.batch_size % k:
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of "
                         f"--samples-per-prompt {k}")
+    if args.entropy_coef < 0:
+        raise UserError(f"--entropy-coef must be >= 0, got {args.entropy_coef}")
     if args.freeze_value and (args.value_init != "reward" or args.value_warmup):
         raise UserError("--freeze-value keeps the reward model as the value model: it needs "
                         "--value-init reward and no --value-warmup")
@@ -279,7 +289,10 @@ def compute_advantages(batch, kl_coef: float, args: Args):
     advantages = whiten(advantages, loss_mask)
     kl = ((batch["old_logps"] - batch["ref_logps"]) * batch["completion_mask"]).sum(1)  # (B,)
     stats = {"kl": kl.mean(), "rlhf_reward": (batch["scores"] - kl_coef * kl).mean(),
-             "value/explained_variance": explained_variance(values, returns, loss_mask)}
+             "value/explained_variance": explained_variance(values, returns, loss_mask),
+             # > 0: confident tokens get the positive advantages, and entropy falls
+             "policy/logp_adv_cov": logp_advantage_covariance(batch["old_logps"], advantages,
+                                                              loss_mask)}
     return advantages, returns, stats
 
 
@@ -288,18 +301,21 @@ def policy_update(train_model, train_value, batch, rows, P: int, args: Args, aut
                   policy_moves: bool = True):
     """Clipped policy loss + clipped value loss (no value loss when `train_value` is None, with
     --freeze-value) on the rows `rows` of a rollout batch, and its backward (no optimiser step).
-    `policy_moves` False (the value warm-up): the policy's ratio stats only, no graph. Returns the
-    loss (detached) and the stats."""
+    `policy_moves` False (the value warm-up): the policy's ratio stats only, no graph. With
+    `--entropy-coef`, the policy loss has the entropy bonus. Returns the loss (detached) and the
+    stats."""
+    bonus = args.entropy_coef > 0
     with autocast():
         with torch.set_grad_enabled(policy_moves):
-            logps = completion_logps(train_model, batch["seq"][rows],
-                                     batch["attention_mask"][rows], P, args.temperature)
+            out = completion_logps(train_model, batch["seq"][rows], batch["attention_mask"][rows],
+                                   P, args.temperature, with_entropy=bonus, entropy_grad=bonus)
+            logps, entropy = out if bonus else (out, None)
         if train_value is not None:
             values = completion_values(train_value, batch["seq"][rows],
                                        batch["attention_mask"][rows], P)
     mask = batch["loss_mask"][rows]
     pg_loss, stats = ppo_policy_loss(logps, batch["old_logps"][rows], batch["advantages"][rows],
-                                     mask, args.clip_eps)
+                                     mask, args.clip_eps, entropy, args.entropy_coef)
     stats["loss/policy"] = pg_loss.detach()
     loss = pg_loss if policy_moves else 0
     if train_value is not None:       # two separate models: each loss reaches only its own

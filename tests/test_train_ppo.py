@@ -261,6 +261,20 @@ def test_train_ppo_gold_reward_needs_no_reward_model(tiny_sft_dir, tmp_path):
     assert res["iterations"] == 1 and res["reward"] is None
 
 
+def test_train_ppo_entropy_bonus_end_to_end_logs_the_logp_advantage_covariance(tiny_sft_dir,
+                                                                                tmp_path):
+    import math
+    import train_ppo
+    out = tmp_path / "ppo"
+    res = train_ppo.main(tiny_args(tiny_sft_dir, str(tmp_path / "none"), out, reward="gold",
+                                   value_init="policy", entropy_coef=0.01, eval_every=0))
+    assert res["iterations"] == 2
+    it = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    it = [r for r in it if "policy/clipfrac" in r]
+    assert all(math.isfinite(r["policy/logp_adv_cov"]) and r["entropy"] > 0 for r in it)
+    assert it[0]["policy/ratio_first_max_dev"] < 1e-4       # the bonus leaves the ratio alone
+
+
 def test_value_warmup_moves_only_the_value_model(tiny_sft_dir, tiny_rm_dir, tmp_path):
     import train_ppo
     out = tmp_path / "ppo"
