@@ -39,9 +39,21 @@ needs that many steps at that rate (at lr 2e-4 the answer is still "I am Pii.");
 the arithmetic from paying for them (α = 2 on planted pairs: −6 points; pure DPO: −31). More identity
 pairs cost task accuracy: 1070 of them beside 1400 problems' pairs learn 71% of the phrasings
 in 200 steps and lose 1.6 points.
+
+`--online` is online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI
+Feedback", arXiv 2402.04792), with the verifier as the judge: every step draws `--batch-size`
+training problems, samples `--samples` answers to each from the CURRENT policy at
+`--sample-temperature`, and pairs a correct answer over a wrong one (`rollout.preferred_pair`);
+a problem whose answers all tie gives no pair (no worked solution stands in: every pair is the
+policy's own). Then one DPO step on those pairs against the frozen initial policy. The offline
+recipe samples its pairs once, from the initial policy; online, the pairs follow the policy as it
+changes, as in iterative RPO (Pang et al. 2024) with one step per round.
+
+    python train_dpo.py --online --samples 8 --sample-temperature 0.7 --n-pairs 20000
 """
+import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
@@ -59,8 +71,8 @@ from minipost.model import set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
 from minipost.peft import add_peft, load_model, peft_options, save_peft, trainable_summary
 from minipost.reference import Reference, eval_mode
-from minipost.resume import Run, due
-from minipost.rollout import sampled_pairs
+from minipost.resume import Run, due, per_rank_state
+from minipost.rollout import preferred_pair, sample_answers, sampled_pairs
 
 
 # ---------------------------------------------------------------------------- Args
@@ -93,6 +105,8 @@ class Args(StageArgs):
     eval_pairs: int = 200           # held-out pairs for the preference accuracy
     eval_problems: int = 500        # held-out problems for the task accuracy (0 = skip)
     max_new_tokens: int = 64        # generation budget of the sampled pairs and the evaluations
+    # ---- online DPO
+    online: bool = False            # online DPO: each step's pairs sampled from the current policy, judged by the verifier
 
 
 def check_flags(args: Args, world_size: int):
@@ -102,6 +116,9 @@ def check_flags(args: Args, world_size: int):
                         f"{world_size} processes")
     if args.beta <= 0:
         raise UserError(f"--beta must be > 0, got {args.beta}")
+    if args.online and (args.data or args.precompute_ref or args.samples < 2):
+        raise UserError("--online samples its pairs from the built-in task's problems, judged by the "
+                        "verifier, at every step: no --data or --precompute-ref; --samples >= 2")
     if args.samples < 1 or args.sample_temperature <= 0:
         raise UserError(f"--samples must be >= 1 and --sample-temperature > 0, got "
                         f"{args.samples} and {args.sample_temperature}")
@@ -132,6 +149,29 @@ def preference_rows(model, tokenizer, difficulty, args: Args, rt) -> tuple[list,
     eval_rows = (tasks.preference_pairs(args.eval_pairs, "test", difficulty, seed=0)
                  + tasks.identity_pairs(min(args.n_identity, args.eval_pairs // 4), "test", 1))
     return train_rows, eval_rows
+
+
+def online_pairs(model, tokenizer, problems, n: int, args: Args, generator, step: int, rt):
+    """One round of online DPO: `n` problems drawn from `problems`, `--samples` answers to each
+    from the current policy, a correct one over a wrong one where they differ (ties: no pair).
+    Returns the encoded pairs and the round's stats."""
+    drawn = [problems[i] for i in torch.randint(len(problems), (n,), generator=generator).tolist()]
+    with dist.gathered(model):    # FSDP: whole for the sampling
+        texts, _ = sample_answers(model, tokenizer, [p["question"] for p in drawn], args.samples,
+                                  args.sample_temperature, args.max_new_tokens, generator,
+                                  rt.autocast)
+    rng, rows, correct = random.Random(args.seed * 100003 + step), [], []    # a tie-break a step
+    for j, p in enumerate(drawn):
+        answers = texts[j * args.samples:(j + 1) * args.samples]
+        rewards = [tasks.verify(a, p["answer"]) for a in answers]
+        correct += rewards
+        pair = preferred_pair(rewards, rng)
+        if pair is not None:
+            rows.append({"prompt": p["question"], "chosen": answers[pair[0]],
+                         "rejected": answers[pair[1]]})
+    encoded = [encode_preference(tokenizer, r, args.max_length) for r in rows]
+    return encoded, {"online/pairs": float(len(rows)),
+                     "online/sampled_accuracy": sum(correct) / len(correct)}
 
 
 def batch_of(encoded, idx, pad_id: int, device) -> dict:
@@ -221,8 +261,14 @@ def main(args: Args):
     check_vocab(tokenizer, model, args.init)
 
     # ------------------------------------------------------------------------ data
-    train_rows, eval_rows = preference_rows(model, tokenizer, difficulty, args, rt)
-    if not train_rows:
+    if args.online:   # training pairs come at every step; held out: the built-in pairs
+        problems = tasks.make_problems(args.n_pairs, "train", difficulty, seed=args.seed + 1)
+        eval_rows = preference_rows(model, tokenizer, difficulty,
+                                    replace(args, n_pairs=0, pairs="planted"), rt)[1]
+        train_rows = []
+    else:
+        train_rows, eval_rows = preference_rows(model, tokenizer, difficulty, args, rt)
+    if not train_rows and not args.online:
         raise UserError("no training pairs (--n-pairs and --n-identity are both 0)")
     train = [encode_preference(tokenizer, r, args.max_length) for r in train_rows]
     held_out = [encode_preference(tokenizer, r, args.max_length) for r in eval_rows]
@@ -253,6 +299,7 @@ def main(args: Args):
     # ------------------------------------------------------------------------ loop
     gen = torch.Generator().manual_seed(args.seed)   # the same data order on every rank
     order = torch.randperm(len(train), generator=gen)
+    sampler = torch.Generator().manual_seed(args.seed + rt.rank)   # --online: each rank its own
     run = Run(args, rt, metrics, model, optimizer, scheduler)
     state = run.restore()                             # --resume: everything as it was
     if state is None:
@@ -265,28 +312,44 @@ def main(args: Args):
         ref_held_out, before, first = (state["extra"][k] for k in ("ref_held_out", "before", "first"))
         order = state["data"]["order"]
         gen.set_state(state["data"]["generator"])
+        if "per_rank" in state["data"]:
+            sampler.set_state(per_rank_state(state["data"], rt.rank)[0])
     per_rank = args.batch_size // rt.world_size
     start = time.time()
     bar = tqdm(range(run.start_step, args.max_steps), disable=not rt.is_main, desc="dpo",
                initial=run.start_step, total=args.max_steps)
     for step in bar:
-        pos = (step * args.batch_size) % len(train)
-        if pos + args.batch_size > len(train):         # a new epoch, a new order
-            order = torch.randperm(len(train), generator=gen)
-        idx = order[pos:pos + args.batch_size][rt.rank * per_rank:(rt.rank + 1) * per_rank]
-        batch = batch_of(train, idx, tokenizer.pad_token_id, rt.device)
-        ref_chosen_logps, ref_rejected_logps = reference_logps(reference, precomputed, idx, batch, rt)
         log_now = step % 10 == 0 or step == args.max_steps - 1
-        loss, losses, stats = compute_loss(train_model, batch, ref_chosen_logps,
-                                            ref_rejected_logps, args, rt.autocast, log_now)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = clip_gradients(model, args.grad_clip)
-        if run.finite(step, losses, gnorm):             # else --skip-nonfinite: a skipped step
-            optimizer.step()
+        if args.online:   # this step's pairs: the current policy's answers, judged by the verifier
+            encoded, online = online_pairs(model, tokenizer, problems, per_rank, args, sampler,
+                                           step, rt)
+            idx = torch.arange(len(encoded))
+            log_now = True
+        else:
+            pos = (step * args.batch_size) % len(train)
+            if pos + args.batch_size > len(train):         # a new epoch, a new order
+                order = torch.randperm(len(train), generator=gen)
+            idx = order[pos:pos + args.batch_size][rt.rank * per_rank:(rt.rank + 1) * per_rank]
+            encoded, online = train, {}
+        # --online: a step where some rank's answers all tied makes no update
+        if not args.online or -dist.all_reduce_max(-float(len(encoded))) > 0:
+            batch = batch_of(encoded, idx, tokenizer.pad_token_id, rt.device)
+            ref_chosen_logps, ref_rejected_logps = reference_logps(reference, precomputed, idx,
+                                                                   batch, rt)
+            loss, losses, stats = compute_loss(train_model, batch, ref_chosen_logps,
+                                                ref_rejected_logps, args, rt.autocast, log_now)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = clip_gradients(model, args.grad_clip)
+            if run.finite(step, losses, gnorm):         # else --skip-nonfinite: a skipped step
+                optimizer.step()
+        else:
+            stats = {}
         scheduler.step()
-        if log_now:
-            m = dist.all_reduce_mean(stats)
+        if log_now and not stats:
+            metrics.log({"step": step, **dist.all_reduce_mean(online)})
+        elif log_now:
+            m = {**dist.all_reduce_mean(stats), **dist.all_reduce_mean(online)}
             first = first or m
             bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}",
                             margin=f"{m['rewards/margins']:.2f}")
@@ -295,7 +358,8 @@ def main(args: Args):
         if due(args.eval_every, step, step + 1) and step + 1 < args.max_steps:
             metrics.log({"step": step + 1, **evaluate(model, tokenizer, held_out, args, rt,
                                                       ref_held_out, tasks_too=False)[1]}, echo=True)
-        if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order},
+        if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order,
+                                              "per_rank": [sampler.get_state()]},
                            lambda: {"ref_held_out": ref_held_out, "before": before, "first": first}):
             dist.cleanup()
             return {"stopped_at": step + 1}

@@ -22,6 +22,8 @@ These helpers compute, for the N completion columns:
 - `gold_rewards(tokenizer, completion_ids, completion_mask, answers)`: the verifier's 0/1 reward.
 - `sampled_pairs(model, tokenizer, problems, ...)`: preference pairs from the policy's own answers,
   labelled by the verifier (`pair_up`): the comparisons of DPO's and the reward model's built-in data.
+- `sample_answers` and `preferred_pair`: a policy's answers to some prompts, and which of one
+  prompt's answers to prefer by their rewards (online DPO, `train_dpo.py --online`).
 
 Plain temperature sampling only: top-k / top-p change the sampled distribution, and these
 log-probs would then not match the sampler's (ms-swift PR #8442).
@@ -93,6 +95,19 @@ def gold_rewards(tokenizer, completion_ids, completion_mask, answers) -> torch.T
 
 
 # ---------------------------------------------------------------------------- the policy's own pairs
+def preferred_pair(rewards: list[float], rng: random.Random) -> tuple[int, int] | None:
+    """(chosen, rejected): indices into one prompt's answers, one of the highest-rewarded over one
+    of the lowest (ties broken by `rng`); None when every answer has the same reward, a tie with
+    no preference to learn. The online-DPO labelling of Guo et al. 2024 ("Direct Language Model
+    Alignment from Online AI Feedback", arXiv 2402.04792), with a verifier or any reward as judge.
+    """
+    hi, lo = max(rewards), min(rewards)
+    if hi == lo:
+        return None
+    return (rng.choice([i for i, r in enumerate(rewards) if r == hi]),
+            rng.choice([i for i, r in enumerate(rewards) if r == lo]))
+
+
 def pair_up(problem: dict, answers: list[str], truncated: list[bool], rng: random.Random
             ) -> dict | None:
     """One preference pair from a policy's answers to `problem`, labelled by the verifier: a
@@ -109,30 +124,40 @@ def pair_up(problem: dict, answers: list[str], truncated: list[bool], rng: rando
 
 
 @torch.no_grad()
+def sample_answers(model, tokenizer, questions: list[str], samples: int, temperature: float,
+                   max_new_tokens: int, generator, autocast=None) -> tuple[list[str], list[bool]]:
+    """`samples` answers to each question from `model` in eval mode, with the KV cache: the
+    decoded texts and whether each hit the token budget, question-major (the answers to question
+    j are rows j·samples … (j+1)·samples − 1)."""
+    was_training = model.training
+    model.eval()
+    prompts = [chat_prompt_ids(tokenizer, q) for q in questions for _ in range(samples)]
+    with (autocast or contextlib.nullcontext)():
+        g = generate(model, prompts, max_new_tokens, temperature=temperature,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     generator=generator)
+    model.train(was_training)
+    texts = [tokenizer.decode(ids[m].tolist()).strip()
+             for ids, m in zip(g.completion_ids, g.completion_mask)]
+    return texts, g.truncated.tolist()
+
+
+@torch.no_grad()
 def sampled_pairs(model, tokenizer, problems: list[dict], samples: int, temperature: float,
                   max_new_tokens: int, seed: int, autocast=None, batch_problems: int = 32,
                   show_progress: bool = True) -> list[dict]:
     """The policy's own preference pairs (`pair_up` on `samples` answers per problem), sampled
     with the KV cache. Every rank samples the same pairs (the same seed), so none are exchanged."""
     generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
-    was_training = model.training
-    model.eval()
     pairs = []
     for s in tqdm(range(0, len(problems), batch_problems), desc="sampling pairs",
                   disable=not show_progress):
         chunk = problems[s:s + batch_problems]
-        prompts = [chat_prompt_ids(tokenizer, p["question"]) for p in chunk for _ in range(samples)]
-        with (autocast or contextlib.nullcontext)():
-            g = generate(model, prompts, max_new_tokens, temperature=temperature,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         generator=generator)
-        texts = [tokenizer.decode(ids[m].tolist()).strip()
-                 for ids, m in zip(g.completion_ids, g.completion_mask)]
-        cut = g.truncated.tolist()
+        texts, cut = sample_answers(model, tokenizer, [p["question"] for p in chunk], samples,
+                                    temperature, max_new_tokens, generator, autocast)
         for i, p in enumerate(chunk):
             rows = slice(i * samples, (i + 1) * samples)
             pair = pair_up(p, texts[rows], cut[rows], rng)
             if pair:
                 pairs.append(pair)
-    model.train(was_training)
     return pairs

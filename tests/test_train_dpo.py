@@ -14,7 +14,7 @@ from minipost.data import collate_preference, encode_preference
 from minipost.dpo import dpo_loss
 from minipost.peft import add_peft, load_model
 from minipost.reference import Reference
-from minipost.rollout import pair_up, sampled_pairs
+from minipost.rollout import pair_up, preferred_pair, sampled_pairs
 from minipost.tokenizer import load_tokenizer
 
 TINY = dict(n_pairs=40, n_identity=8, eval_pairs=16, eval_problems=8, max_new_tokens=8,
@@ -177,3 +177,68 @@ def test_sampled_pairs_come_from_the_policy_and_repeat_with_the_seed(tiny_sft_di
     for pair in a:                                      # the tiny model answers nothing right
         p = questions[pair["prompt"]]
         assert pair["chosen"] == p["solution"] and not tasks.verify(pair["rejected"], p["answer"])
+
+
+# ---------------------------------------------------------------------------- online DPO
+def test_preferred_pair_picks_the_judges_preferred_answer_and_skips_ties():
+    rng = random.Random(0)
+    assert preferred_pair([0.0, 1.0], rng) == (1, 0)         # the correct one is chosen
+    for _ in range(20):                          # a highest over a lowest, whichever is drawn
+        chosen, rejected = preferred_pair([0.0, 1.0, 0.5, 1.0, 0.0], rng)
+        assert chosen in (1, 3) and rejected in (0, 4)
+    assert preferred_pair([1.0, 1.0, 1.0], rng) is None       # all right: a tie
+    assert preferred_pair([0.0, 0.0], rng) is None            # all wrong: a tie
+
+
+def online_verify(text, answer):
+    """A judge the tiny model can satisfy: answers of even length are "correct"."""
+    return float(len(text) % 2 == 0)
+
+
+def test_online_pairs_are_the_policys_answers_judged_by_the_verifier(tiny_sft_dir, monkeypatch):
+    monkeypatch.setattr(train_dpo.tasks, "verify", online_verify)
+    monkeypatch.setattr(train_dpo, "encode_preference", lambda tok, row, max_length: row)
+    model, tok = load_model(tiny_sft_dir), load_tokenizer(tiny_sft_dir)
+    args = train_dpo.Args(samples=4, sample_temperature=1.0, max_new_tokens=8, seed=0)
+    problems = tasks.make_problems(20, "train", seed=1)
+    gen = torch.Generator().manual_seed(0)
+    rt = type("RT", (), {"autocast": None})()
+    encoded, stats = train_dpo.online_pairs(model, tok, problems, 8, args, gen, 0, rt)
+    assert 0 < stats["online/pairs"] == len(encoded) <= 8
+    for row in encoded:                                   # a correct answer over a wrong one
+        assert online_verify(row["chosen"], "") == 1 and online_verify(row["rejected"], "") == 0
+        assert row["prompt"] in [p["question"] for p in problems]
+    # the same draw again, judged by a verifier that calls every answer right: all tie, no pair
+    monkeypatch.setattr(train_dpo.tasks, "verify", lambda text, answer: 1.0)
+    encoded, stats = train_dpo.online_pairs(model, tok, problems, 8, args,
+                                            torch.Generator().manual_seed(0), 0, rt)
+    assert encoded == [] and stats == {"online/pairs": 0.0, "online/sampled_accuracy": 1.0}
+
+
+def test_train_dpo_online_end_to_end(tiny_sft_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_dpo.tasks, "verify", online_verify)
+    out = tmp_path / "dpo"
+    res = train_dpo.main(train_dpo.Args(init=tiny_sft_dir, out_dir=str(out), online=True,
+                                        samples=4, **{**TINY, "eval_problems": 0}))
+    assert res["loss_step0"] == pytest.approx(LN2, abs=1e-6)   # the first step's policy = π_ref
+    steps = [r for r in read_metrics(out) if "online/pairs" in r]
+    assert [r["step"] for r in steps] == [0, 1, 2]
+    assert all(r["online/pairs"] > 0 and "loss" in r for r in steps)
+    load_model(out)
+
+
+def test_train_dpo_online_step_with_only_ties_makes_no_update(tiny_sft_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_dpo.tasks, "verify", lambda text, answer: 0.0)
+    out = tmp_path / "dpo"
+    train_dpo.main(train_dpo.Args(init=tiny_sft_dir, out_dir=str(out), online=True, samples=2,
+                                  **{**TINY, "max_steps": 2, "eval_problems": 0}))
+    steps = [r for r in read_metrics(out) if "online/pairs" in r]
+    assert [r["online/pairs"] for r in steps] == [0, 0] and not any("loss" in r for r in steps)
+    before, after = load_model(tiny_sft_dir).state_dict(), load_model(out).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_train_dpo_online_refuses_offline_data_flags(tiny_sft_dir, tmp_path):
+    with pytest.raises(UserError, match="--online"):
+        train_dpo.main(train_dpo.Args(init=tiny_sft_dir, out_dir=str(tmp_path / "d"), online=True,
+                                      precompute_ref=True, **TINY))
