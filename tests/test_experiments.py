@@ -1,5 +1,6 @@
 """experiments/: each script end to end with tiny settings."""
 import importlib.util
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,3 +29,32 @@ def test_seed_sweep_runs_each_seed_in_its_folder_skips_done_ones_and_tabulates(t
     stamp = (tmp_path / "tiny" / "seed-0" / "base" / "results.json").stat().st_mtime
     sweep.main(argv)                                     # done seeds are not run again
     assert (tmp_path / "tiny" / "seed-0" / "base" / "results.json").stat().st_mtime == stamp
+
+
+def test_online_rl_runs_each_method_and_seed_in_its_folder_skips_done_ones_and_tabulates(
+        tiny_sft_dir, tmp_path):
+    """One method of each script (train_ppo, train_grpo with GSPO, train_dpo --online), tiny."""
+    sweep = load("online_rl")
+    argv = ["--init", tiny_sft_dir, "--out", str(tmp_path), "--methods", "ppo", "gspo",
+            "online_dpo", "--seeds", "0", "--budget", "16", "--prompts", "2", "--group", "4",
+            "--ppo-batch", "4", "--eval-problems", "4", "--max-new-tokens", "8", "--threads", "1",
+            "--grpo-flags", "--n-prompts 40 --micro-batch-size 4",
+            "--ppo-flags", "--n-prompts 40 --mini-batch-size 2",
+            "--dpo-flags", "--n-pairs 40 --eval-pairs 16 --n-identity 8 --max-length 128",
+            "--", "--max-new-tokens", "8"]
+    results = sweep.main(argv)
+    assert [r["method"] for r in results] == ["ppo", "gspo", "online_dpo"]
+    for r in results:
+        assert r["n"] == 4 and 0 <= r["pass@1"] <= r["pass@8"] <= 1 and r["minutes"] > 0
+        assert (tmp_path / r["method"] / "seed-0" / "model.safetensors").exists()
+    gspo = [json.loads(x) for x in (tmp_path / "gspo" / "seed-0" / "metrics.jsonl").read_text()
+            .splitlines()]
+    assert max(x["step"] for x in gspo) == 4          # budget 16 / (2 × 4) batches, μ = 2 each
+    assert results[1]["completions_k"] == 0.016
+    lines = (tmp_path / "runs.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["method"] == "ppo"
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## greedy pass@1 gain" in summary and "| online_dpo |" in summary
+    stamp = (tmp_path / "gspo" / "seed-0" / "eval.json").stat().st_mtime
+    sweep.main(argv)                                     # done runs are not run again
+    assert (tmp_path / "gspo" / "seed-0" / "eval.json").stat().st_mtime == stamp
