@@ -16,8 +16,9 @@ Every problem is generated with one such chain through all of its numbers (so on
 exists); the verifier accepts any other expression that reaches the target. Intermediate values
 stay non-negative and "/" is never generated (the verifier still evaluates it, exactly).
 
-The difficulty knob is `tasks.Difficulty`'s grammar: "3-4x1+-*" is 3 or 4 numbers (in equal
-shares) of 1 digit, operators + - *. Splits are a stable hash of the sorted numbers and the
+The difficulty knob is `tasks.Difficulty`'s grammar: "3-4x2+-*" (the default) is 3 or 4 numbers
+(in equal shares) of up to 2 digits, operators + - *. One-digit numbers hold few problems: "3x1+-*"
+has about 190 held-out ones, too few for the 500 every stage is scored on. Splits are a stable hash of the sorted numbers and the
 target, so a problem is held out whatever its wording or seed. The functions mirror tasks.py's
 (make_problems, pretrain_corpus, pretrain_eval_prompts, equation_probes, sft_chats,
 preference_pairs, rl_prompts), so the stage scripts take either world (`--task`, worlds.py).
@@ -35,7 +36,7 @@ from fractions import Fraction
 
 from .tasks import Difficulty, _split_of, equation_probes, identity_pairs, write_jsonl
 
-DEFAULT_DIFFICULTY = "3-4x1+-*"
+DEFAULT_DIFFICULTY = "3-4x2+-*"
 TEST_MODULUS = 10  # a problem is held out when hash(sorted numbers, target) % 10 == 0
 MAX_EXPRESSION_CHARS = 200  # a longer answer line is not parsed (it cannot be a short expression)
 
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Write the countdown task world as JSONL files.")
     ap.add_argument("--out", default="data/countdown", help="output directory")
     ap.add_argument("--difficulty", default=DEFAULT_DIFFICULTY,
-                    help="numbers x digits, then operators, e.g. 3-4x1+-*")
+                    help="numbers x digits, then operators, e.g. 3-4x2+-*")
     ap.add_argument("--seed", type=int, default=0, help="base random seed")
     ap.add_argument("--n-pretrain", type=int, default=20000, help="pretraining documents")
     ap.add_argument("--n-train", type=int, default=5000, help="SFT / preference / RL train rows")

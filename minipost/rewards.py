@@ -17,7 +17,7 @@ return a number for completion i (None is skipped; all None gives 0). Logged per
 `rewards/<name>/mean` and `/std` over the completions it scored; `reward/mean` is the total's.
 
 `--reward-fn NAME` is a built-in of `BUILT_IN`; `--reward-fn module:function` (or
-`path/to/file.py:function`) imports the user's. A function that cannot be imported, raises,
+`path/to/my_rewards.py:function`) imports the user's. A function that cannot be imported, raises,
 returns the wrong number of values or a NaN/inf stops the run with one line naming it (UserError);
 `probe` calls each once on an empty completion before anything is written.
 """
@@ -108,7 +108,7 @@ def required_columns(fn) -> tuple:
 
 
 def _import(spec: str):
-    """The function of "module:function" or "path/to/file.py:function"; UserError if missing."""
+    """The function of "module:function" or "path/to/my_rewards.py:function"; UserError if not."""
     where, _, name = spec.rpartition(":")
     try:
         if where.endswith(".py"):
@@ -265,7 +265,8 @@ def rl_task(args, difficulty, n_prompts: int, format_reward: float = 0.0, log=pr
         check_columns(fns, held_out, args.eval_data, record_lines(args.eval_data))
     probe(fns, rows[0])
     if log:
-        strings = any(isinstance(r["prompt"], str) for r in rows)
+        strings = any(isinstance(r["prompt"], str) for r in rows + (held_out or [])
+                      if args.data or args.eval_data)          # built-in prompts are chats
         reading = ("" if not strings else "; a string prompt is read as " + (
             "raw text to continue (--string-prompts text, TRL's reading)"
             if args.string_prompts == "text" else

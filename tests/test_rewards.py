@@ -3,6 +3,8 @@ weights combine, the checks on a user's function, and a user's function in a tem
 to end through train_grpo.py and train_ppo.py, its extra columns arriving as keyword arguments."""
 import json
 import math
+import re
+import sys
 
 import pytest
 import torch
@@ -120,15 +122,17 @@ def test_columns_arrive_as_keyword_arguments_one_value_per_completion():
     (lambda p, c, **kw: ["yes", 1.0], "returned str for completion 0"),
 ])
 def test_a_bad_reward_function_is_one_line_naming_it(returns, message):
-    with pytest.raises(UserError, match="reward function 'mine' " + message.replace("(", r"\(")):
+    with pytest.raises(UserError, match=re.escape("reward function 'mine' " + message)):
         rewards.score([fn("mine", returns)], ["p"] * 2, ["x", "y"], [{"prompt": "p"}] * 2)
 
 
 def test_loading_names_what_is_wrong(tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text("def short(prompts, completions, **kw):\n"
                                             "    return [-len(c) for c in completions]\n")
-    (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "my_rewards.py").write_text("import not_a_module_anywhere\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)   # each test its own module
     fns = rewards.load(["correct", "my_rewards:short"], [1.0, 0.5])
     assert [(f.name, f.weight, f.columns) for f in fns] == [("correct", 1.0, ("answer",)),
                                                              ("short", 0.5, ())]
@@ -136,12 +140,13 @@ def test_loading_names_what_is_wrong(tmp_path, monkeypatch):
     for specs, weights, message in [
             (["nope"], [], "--reward-fn nope: not a built-in"),
             (["no_such_module:f"], [], "cannot import no_such_module (ModuleNotFoundError"),
-            (["broken:f"], [], "cannot import broken (ModuleNotFoundError"),
+            ([f"{tmp_path}/broken/my_rewards.py:f"], [], "(ModuleNotFoundError: No module named "
+                                                           "'not_a_module_anywhere')"),
             ([f"{tmp_path}/missing.py:f"], [], "cannot import"),
             (["my_rewards:long"], [], "my_rewards has no function 'long'"),
             (["correct", "well_formed"], [1.0], "--reward-weights has 1 values for 2"),
             (["correct", "correct"], [], "two functions named 'correct'")]:
-        with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        with pytest.raises(UserError, match=re.escape(message)):
             rewards.load(specs, weights)
 
 
@@ -168,8 +173,9 @@ def hits_target(prompts, completions, target_len, **kwargs):
 
 
 def user_task(tmp_path, monkeypatch):
-    (tmp_path / "user_rewards.py").write_text(USER_MODULE)
+    (tmp_path / "my_rewards.py").write_text(USER_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)
     monkeypatch.setenv("SEEN_LOG", str(tmp_path / "seen.jsonl"))
     rows = [{"prompt": f"Say something {i}.", "target_len": 2 + i % 4, "skip": i == 5,
              "topic": "chat"} for i in range(8)]
@@ -184,7 +190,7 @@ def test_a_user_reward_function_end_to_end_through_train_grpo(tiny_sft_dir, tmp_
     out = tmp_path / "grpo"
     final = train_grpo.main(train_grpo.Args(
         init=tiny_sft_dir, out_dir=str(out), data=data, eval_data=data,
-        reward_fn=["user_rewards:hits_target", "well_formed"], reward_weights=[1.0, 0.5],
+        reward_fn=["my_rewards:hits_target", "well_formed"], reward_weights=[1.0, 0.5],
         max_steps=2, batch_prompts=2, group_size=4, max_new_tokens=8, micro_batch_size=4,
         eval_problems=4, pass_k=2, eval_every=0, threads=1, device="cpu", max_minutes=0))
     seen = [json.loads(x) for x in (tmp_path / "seen.jsonl").read_text().splitlines()]
@@ -206,7 +212,7 @@ def test_a_user_reward_function_end_to_end_through_train_ppo(tiny_sft_dir, tmp_p
     final = train_ppo.main(train_ppo.Args(
         init=tiny_sft_dir, reward_model=str(tmp_path / "none"), reward="gold",
         value_init="policy", out_dir=str(out), data=data, eval_data=data,
-        reward_fn=[f"{tmp_path}/user_rewards.py:hits_target"], string_prompts="text",
+        reward_fn=[f"{tmp_path}/my_rewards.py:hits_target"], string_prompts="text",
         batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=8, max_steps=2,
         eval_every=0, eval_problems=4, threads=1, device="cpu"))
     assert (tmp_path / "seen.jsonl").exists()
@@ -219,11 +225,12 @@ def test_a_user_reward_function_end_to_end_through_train_ppo(tiny_sft_dir, tmp_p
 def test_a_reward_function_that_raises_stops_before_anything_is_written(tiny_sft_dir, tmp_path,
                                                                         monkeypatch):
     import train_grpo
-    (tmp_path / "bad_rewards.py").write_text(
+    (tmp_path / "my_rewards.py").write_text(
         "def picky(prompts, completions, **kw):\n    raise KeyError('expected')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)
     with pytest.raises(UserError, match="reward function 'picky' raised KeyError"):
         train_grpo.main(train_grpo.Args(init=tiny_sft_dir, out_dir=str(tmp_path / "o"),
-                                        reward_fn=["bad_rewards:picky"], n_prompts=16,
+                                        reward_fn=["my_rewards:picky"], n_prompts=16,
                                         threads=1, device="cpu"))
     assert not (tmp_path / "o").exists()
