@@ -1,4 +1,4 @@
-"""Stage 0: pretrain a small base model from scratch on the built-in arithmetic corpus.
+"""Stage 0: pretrain a small base model from scratch on the built-in task's corpus (--task).
 
     python pretrain.py                      # ~1.9M-parameter Llama-style model -> out/base
     torchrun --nproc_per_node 2 pretrain.py --device cpu --threads 1

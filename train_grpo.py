@@ -8,11 +8,11 @@ Dr. GRPO fixes (Yu et al. 2025, arXiv 2503.14476; Liu et al. 2025, arXiv 2503.20
 
 Each step samples B prompts × G completions with the KV cache (a group = G consecutive rows),
 scores them with the reward functions (rewards.py; by default the task's verifier: 1 for a correct,
-well-formed answer; plus `--format-reward` × well formed), turns rewards into group-relative advantages Â_i = (r_i − mean_g r)/std_g r, and takes μ
-optimiser steps on that batch with the clipped surrogate of `minipost.grpo.grpo_loss`. Log-probs are
-recomputed from logits / T, the distribution the rollout sampled from (docs/pitfalls.md, "Sampling
-temperature in log-probs"), so the first
-update's ratio is 1 against the policy that sampled. That update takes its π_old from the
+well-formed answer; plus `--format-reward` × well formed), turns rewards into group-relative
+advantages Â_i = (r_i − mean_g r)/std_g r, and takes μ optimiser steps on that batch with the
+clipped surrogate of `minipost.grpo.grpo_loss`. Log-probs are recomputed from logits / T, the
+distribution the rollout sampled from (docs/pitfalls.md, "Sampling temperature in log-probs"), so
+the first update's ratio is 1 against the policy that sampled. That update takes its π_old from the
 recomputation itself, so what is checked at run time is the recomputation: on the first update of
 every batch the trainer's log-probs must equal those the sampler recorded, to the rounding of a
 KV-cache decode against a full forward (`sampler_tolerance`), or the run stops with an error.

@@ -18,10 +18,11 @@ stay non-negative and "/" is never generated (the verifier still evaluates it, e
 
 The difficulty knob is `tasks.Difficulty`'s grammar: "3-4x2+-*" (the default) is 3 or 4 numbers
 (in equal shares) of up to 2 digits, operators + - *. One-digit numbers hold few problems: "3x1+-*"
-has about 190 held-out ones, too few for the 500 every stage is scored on. Splits are a stable hash of the sorted numbers and the
-target, so a problem is held out whatever its wording or seed. The functions mirror tasks.py's
-(make_problems, pretrain_corpus, pretrain_eval_prompts, equation_probes, sft_chats,
-preference_pairs, rl_prompts), so the stage scripts take either world (`--task`, worlds.py).
+has about 190 held-out ones, too few for the 500 every stage is scored on. Splits are a stable hash
+of the sorted numbers and the target, so a problem is held out whatever its wording or seed. The
+functions mirror tasks.py's (make_problems, pretrain_corpus, pretrain_eval_prompts,
+equation_probes, sft_chats, preference_pairs, rl_prompts), so the stage scripts take either world
+(`--task`, worlds.py).
 `python -m minipost.countdown --out data/countdown` writes them as JSONL.
 """
 from __future__ import annotations

@@ -144,7 +144,7 @@ class RewardArgs:
     """Your own task: RL prompts and reward functions (rewards.py; README, "Your own task")."""
     data: str = ""                  # RL prompts JSONL {"prompt", ...}: other columns go to the reward functions ("" = built-in task)
     eval_data: str = ""             # held-out prompts JSONL: each reward function's greedy mean, pass@k ("" = built-in task)
-    reward_fn: list[str] = field(default_factory=list)  # correct | well_formed | countdown | module:function | my_rewards.py:function, repeatable (none = the task's verifier)
+    reward_fn: list[str] = field(default_factory=list)  # a built-in (rewards.py), module:function or my_rewards.py:function; repeatable (none = the task's verifier)
     reward_weights: list[float] = field(default_factory=list)  # weight of each --reward-fn, in order (none = 1 each)
     string_prompts: Literal["chat", "text"] = "chat"  # a string "prompt": a user turn of a chat | raw text to continue (TRL's reading)
 
