@@ -1,4 +1,4 @@
-"""Stage 0: pretrain a small base model from scratch on the built-in arithmetic corpus.
+"""Stage 0: pretrain a small base model from scratch on the built-in task's corpus (--task).
 
     python pretrain.py                      # ~1.9M-parameter Llama-style model -> out/base
     torchrun --nproc_per_node 2 pretrain.py --device cpu --threads 1
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minipost import dist, tasks
+from minipost import dist, worlds
 from minipost.checkpoint import save_model
 from minipost.cli import Metrics, difficulty_arg, peak_rss_mb, setup, user_errors, write_results
 from minipost.errors import UserError
@@ -38,7 +38,7 @@ from minipost.tokenizer import train_tokenizer
 @dataclass
 class Args(RunArgs):
     out_dir: str = "out/base"       # where the base model (HF format) and metrics.jsonl go
-    difficulty: str = tasks.DEFAULT_DIFFICULTY  # task: operands x digits, then operators
+    difficulty: str = ""            # task: operands x digits, then operators ("" = --task's default)
     n_docs: int = 60000             # documents in the generated training corpus
     drill_frac: float = 0.2         # share of documents that are drills of 8 bare equations
     drill_digits: str = "max"       # drills' operand digits: max (the task's) | mixed (1 up to it)
@@ -71,10 +71,11 @@ def main(args: Args):
     if args.batch_size % rt.world_size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the "
                         f"{rt.world_size} processes")
-    difficulty = difficulty_arg(args.difficulty)
+    difficulty = difficulty_arg(args.difficulty, args.task)
+    world = worlds.world(args.task)                   # tasks.py (arithmetic) or countdown.py
 
     # ------------------------------------------------------------------------ data
-    docs = tasks.pretrain_corpus(args.n_docs, difficulty, seed=args.seed, drill_frac=args.drill_frac,
+    docs = world.pretrain_corpus(args.n_docs, difficulty, seed=args.seed, drill_frac=args.drill_frac,
                                  drill_digits=args.drill_digits)
     tokenizer = train_tokenizer(docs, vocab_size=args.vocab_size)
     sep = tokenizer.bos_token_id  # <|endoftext|> ends every document
@@ -86,7 +87,7 @@ def main(args: Args):
 
     train = windows(docs)
     held_out = windows([p["question"] and f"Question: {p['question']}\nAnswer: {p['solution']}"
-                        for p in tasks.make_problems(2000, "test", difficulty, seed=0)])
+                        for p in world.make_problems(2000, "test", difficulty, seed=0)])
     held_out = held_out[:args.eval_windows]
     if rt.is_main:
         print(f"corpus: {len(docs)} documents, {train.numel():,} tokens in {len(train)} windows "
@@ -125,7 +126,7 @@ def main(args: Args):
         model.train()
         return torch.stack(losses).mean().item()
 
-    probes = tasks.equation_probes(args.eval_equations, difficulty)
+    probes = world.equation_probes(args.eval_equations, difficulty)
 
     def equations():
         """The arithmetic alone, digit by digit: the units digit is the skill that decides how
@@ -178,9 +179,9 @@ def main(args: Args):
     final = {"step": args.max_steps, "eval/loss": held_out_loss(), **equations(),
              "train_minutes": train_time / 60, "tokens_per_s": tokens_per_s}
     # the same held-out problems for every seed (seed 0), as every later stage is scored on
-    prompts = tasks.pretrain_eval_prompts(args.eval_problems, difficulty, seed=0)
+    prompts = world.pretrain_eval_prompts(args.eval_problems, difficulty, seed=0)
     if args.eval_problems:
-        res = evaluate_base(model, tokenizer, prompts, autocast=rt.autocast)
+        res = evaluate_base(model, tokenizer, prompts, autocast=rt.autocast, task=args.task)
         final.update({"eval/accuracy": res["accuracy"], "eval/accuracy_ci95": res["accuracy_ci95"],
                       "eval/well_formed": res["well_formed"], "eval/n": res["n"]})
     final["peak_rss_mb"] = peak_rss_mb()

@@ -59,7 +59,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from minipost import dist, tasks
+from minipost import dist, tasks, worlds
 from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
                           require_checkpoint, setup, user_errors, write_results)
 from minipost.data import collate_preference, encode_preference, load_jsonl
@@ -82,7 +82,7 @@ class Args(StageArgs):
     out_dir: str = "out/dpo"        # where the trained policy, metrics.jsonl and results.json go
     data: str = ""                  # preference JSONL ("" = the built-in pairs)
     eval_data: str = ""             # held-out preference JSONL ("" = built-in, or 10% of --data)
-    difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the built-in pairs and the evaluation
+    difficulty: str = ""            # task of the built-in pairs and the evaluation ("" = --task's default)
     pairs: Literal["sampled", "planted"] = "sampled"  # built-in arithmetic pairs: the policy's own | planted
     n_pairs: int = 2400             # built-in arithmetic problems (sampled: pairs <= problems)
     samples: int = 4                # --pairs sampled: answers sampled per problem
@@ -134,19 +134,20 @@ def preference_rows(model, tokenizer, difficulty, args: Args, rt) -> tuple[list,
             return train_rows, load_jsonl(args.eval_data, "preference")
         n_eval = max(1, len(train_rows) // 10)             # the last 10% of the file is held out
         return train_rows[:-n_eval], train_rows[-n_eval:]
+    world = worlds.world(args.task)                   # tasks.py (arithmetic) or countdown.py
     if args.pairs == "planted":
-        arithmetic = tasks.preference_pairs(args.n_pairs, "train", difficulty, seed=args.seed + 1)
+        arithmetic = world.preference_pairs(args.n_pairs, "train", difficulty, seed=args.seed + 1)
     else:
         t0 = time.time()
-        arithmetic = sampled_pairs(model, tokenizer, tasks.make_problems(
+        arithmetic = sampled_pairs(model, tokenizer, world.make_problems(
             args.n_pairs, "train", difficulty, seed=args.seed + 1), args.samples,
             args.sample_temperature, args.max_new_tokens, args.seed, rt.autocast,
-            show_progress=rt.is_main)
+            show_progress=rt.is_main, task=args.task)
         if rt.is_main:
             print(f"sampled pairs: {len(arithmetic)} of {args.n_pairs} problems have a wrong "
                   f"answer among {args.samples} samples ({time.time() - t0:.0f}s)")
     train_rows = arithmetic + tasks.identity_pairs(args.n_identity, "train", seed=args.seed)
-    eval_rows = (tasks.preference_pairs(args.eval_pairs, "test", difficulty, seed=0)
+    eval_rows = (world.preference_pairs(args.eval_pairs, "test", difficulty, seed=0)
                  + tasks.identity_pairs(min(args.n_identity, args.eval_pairs // 4), "test", 1))
     return train_rows, eval_rows
 
@@ -163,7 +164,7 @@ def online_pairs(model, tokenizer, problems, n: int, args: Args, generator, step
     rng, rows, correct = random.Random(args.seed * 100003 + step), [], []    # a tie-break a step
     for j, p in enumerate(drawn):
         answers = texts[j * args.samples:(j + 1) * args.samples]
-        rewards = [tasks.verify(a, p["answer"]) for a in answers]
+        rewards = [worlds.score(args.task, a, p) for a in answers]
         correct += rewards
         pair = preferred_pair(rewards, rng)
         if pair is not None:
@@ -235,8 +236,10 @@ def evaluate(model, tokenizer, held_out, args: Args, rt, ref_held_out=None, task
         res["eval/rewards/accuracies"] = ((chosen - ref_held_out[0]) >
                                           (rejected - ref_held_out[1])).float().mean().item()
     if tasks_too and args.eval_problems:
-        task = evaluate_task(model, tokenizer, heldout_problems(args.difficulty, args.eval_problems),
-                             max_new_tokens=args.max_new_tokens, autocast=rt.autocast)
+        task = evaluate_task(model, tokenizer,
+                             heldout_problems(args.difficulty, args.eval_problems, args.task),
+                             max_new_tokens=args.max_new_tokens, autocast=rt.autocast,
+                             task=args.task)
         res.update({"eval/accuracy": task["accuracy"], "eval/accuracy_ci95": task["accuracy_ci95"],
                     "eval/well_formed": task["well_formed"], "eval/n": task["n"]})
     if tasks_too:
@@ -255,7 +258,7 @@ def main(args: Args):
                       report_to=args.report_to)
     metrics.watch("dpo")   # diagnostics.py: a failure signature is said once
     require_checkpoint(args.init, "python train_sft.py")
-    difficulty = difficulty_arg(args.difficulty)
+    difficulty = difficulty_arg(args.difficulty, args.task)
     tokenizer = load_script_tokenizer(args.init, args.chat_template)
     model = load_model(args.init, dtype=torch_dtype(args.dtype), device=rt.device)
     check_vocab(tokenizer, model, args.init)

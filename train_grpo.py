@@ -3,15 +3,16 @@ Dr. GRPO fixes (Yu et al. 2025, arXiv 2503.14476; Liu et al. 2025, arXiv 2503.20
 
     python train_grpo.py                     # out/sft -> out/grpo
     python train_grpo.py --peft lora --lr 1e-3
+    python train_grpo.py --data my.jsonl --reward-fn my_rewards.py:score   # your own task
     torchrun --nproc_per_node 2 train_grpo.py --device cpu --threads 1
 
 Each step samples B prompts × G completions with the KV cache (a group = G consecutive rows),
-scores them with the verifier (1 for a correct, well-formed answer; plus `--format-reward` × well
-formed), turns rewards into group-relative advantages Â_i = (r_i − mean_g r)/std_g r, and takes μ
-optimiser steps on that batch with the clipped surrogate of `minipost.grpo.grpo_loss`. Log-probs are
-recomputed from logits / T, the distribution the rollout sampled from (docs/pitfalls.md, "Sampling
-temperature in log-probs"), so the first
-update's ratio is 1 against the policy that sampled. That update takes its π_old from the
+scores them with the reward functions (rewards.py; by default the task's verifier: 1 for a correct,
+well-formed answer; plus `--format-reward` × well formed), turns rewards into group-relative
+advantages Â_i = (r_i − mean_g r)/std_g r, and takes μ optimiser steps on that batch with the
+clipped surrogate of `minipost.grpo.grpo_loss`. Log-probs are recomputed from logits / T, the
+distribution the rollout sampled from (docs/pitfalls.md, "Sampling temperature in log-probs"), so
+the first update's ratio is 1 against the policy that sampled. That update takes its π_old from the
 recomputation itself, so what is checked at run time is the recomputation: on the first update of
 every batch the trainer's log-probs must equal those the sampler recorded, to the rounding of a
 KV-cache decode against a full forward (`sampler_tolerance`), or the run stops with an error.
@@ -55,12 +56,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minipost import dist, tasks
+from minipost import dist, rewards
 from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
                           require_checkpoint, setup, user_errors, write_results)
 from minipost.errors import UserError
-from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
-from minipost.flags import StageArgs, parse_args, torch_dtype
+from minipost.evaluate import evaluate_rewards, evaluate_task, heldout_problems, prompt_ids
+from minipost.flags import RewardArgs, StageArgs, parse_args, torch_dtype
 from minipost.generate import generate
 from minipost.grpo import group_advantages, grpo_loss, reinforce_pp_advantages, rloo_advantages
 from minipost.gspo import gspo_loss
@@ -75,10 +76,10 @@ from minipost.rollout import completion_logps
 
 # ---------------------------------------------------------------------------- Args
 @dataclass
-class Args(StageArgs):
+class Args(StageArgs, RewardArgs):   # RewardArgs: --data, --reward-fn, ... (flags.py)
     init: str = "out/sft"           # policy to start from (the SFT model), any HF-format directory
     out_dir: str = "out/grpo"       # where the trained policy, metrics.jsonl and results.json go
-    difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the held-out evaluation
+    difficulty: str = ""            # built-in task of the held-out evaluation ("" = --task's default)
     train_difficulty: str = ""      # task of the training prompts ("" = --difficulty)
     n_prompts: int = 20000          # training prompts in the pool
     batch_prompts: int = 16         # B: prompts per step (global, over all ranks)
@@ -86,7 +87,7 @@ class Args(StageArgs):
     temperature: float = 0.7        # rollout sampling temperature (log-probs use logits / T)
     max_new_tokens: int = 64        # completion budget; no EOS by then = truncated
     mask_truncated: bool = False    # leave completions that hit --max-new-tokens out of the loss
-    format_reward: float = 0.0      # weight of the well-formed reward added to correctness
+    format_reward: float = 0.0      # weight of the task's well-formed reward added to the reward functions
     dynamic_sampling: bool = True   # DAPO: drop groups with zero reward spread and refill
     max_refills: int = 3            # extra sampling rounds per step when filling dynamic batches
     scale_rewards: Literal["std", "none"] = "std"  # std (GRPO) | none (Dr. GRPO: Â = r − mean)
@@ -147,11 +148,13 @@ def make_reference(model, args: Args) -> Reference | None:
 
 # ---------------------------------------------------------------------------- rollout
 @torch.no_grad()
-def rollout(model, tokenizer, problems, args, generator, autocast=contextlib.nullcontext):
-    """Sample G completions for each problem and score them with the verifier. Returns a dict of
-    (N = len·G) rows."""
+def rollout(model, tokenizer, problems, fns, args, generator, autocast=contextlib.nullcontext):
+    """Sample G completions for each problem (a data row) and score them with the reward
+    functions `fns` (rewards.score). Returns a dict of (N = len·G) rows: the total in
+    "rewards", each function's in "rewards/<name>" (NaN where it returned None)."""
     G = args.group_size
-    prompts = [chat_prompt_ids(tokenizer, p["prompt"]) for p in problems for _ in range(G)]
+    rows = [p for p in problems for _ in range(G)]
+    prompts = [prompt_ids(tokenizer, p["prompt"], args.string_prompts) for p in rows]
     model.eval()
     with autocast():
         g = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
@@ -159,17 +162,14 @@ def rollout(model, tokenizer, problems, args, generator, autocast=contextlib.nul
                      generator=generator)
     model.train()
     texts = [tokenizer.decode(ids[m]) for ids, m in zip(g.completion_ids, g.completion_mask)]
-    answers = [p["answer"] for p in problems for _ in range(G)]
-    correct = torch.tensor([tasks.verify(t, a) for t, a in zip(texts, answers)])
-    formed = torch.tensor([float(tasks.is_well_formed(t)) for t in texts])
+    total, per_fn = rewards.score(fns, [p["prompt"] for p in rows], texts, rows)
     ids, attention_mask = g.sequences
     return {"input_ids": ids, "attention_mask": attention_mask,
-            "loss_mask": g.completion_mask.float(), "sampler_logps": g.logps,
-            "rewards": correct + args.format_reward * formed, "correct": correct,
-            "truncated": g.truncated.cpu()}
+            "loss_mask": g.completion_mask.float(), "sampler_logps": g.logps, "rewards": total,
+            **{f"rewards/{k}": v for k, v in per_fn.items()}, "truncated": g.truncated.cpu()}
 
 
-def sample_batch(model, tokenizer, pool, n_groups: int, args: Args, generator, autocast):
+def sample_batch(model, tokenizer, pool, fns, n_groups: int, args: Args, generator, autocast):
     """`n_groups` groups of this rank's batch; with dynamic sampling (DAPO) only groups whose
     rewards differ, refilled up to `--max-refills` times (then zero-spread groups fill the rest).
     Returns the batch (`cat_rollouts`), every rollout sampled (for honest reward metrics) and the
@@ -178,7 +178,7 @@ def sample_batch(model, tokenizer, pool, n_groups: int, args: Args, generator, a
     with dist.gathered(model):   # FSDP: ranks may refill a different number of times
         for _ in range(1 + (args.max_refills if args.dynamic_sampling else 0)):
             idx = torch.randint(len(pool), (n_groups,), generator=generator).tolist()
-            r = rollout(model, tokenizer, [pool[i] for i in idx], args, generator, autocast)
+            r = rollout(model, tokenizer, [pool[i] for i in idx], fns, args, generator, autocast)
             spread = r["rewards"].view(-1, args.group_size).std(1) > 0          # (B,)
             sampled.append(r)
             n_zero += int((~spread).sum())
@@ -364,18 +364,30 @@ def check_sampler_match(stats: dict, tol: float):
 
 
 # ---------------------------------------------------------------------------- eval
-def evaluate(model, tokenizer, held_out, tag: str, args: Args, rt) -> dict:
+def evaluate(model, tokenizer, held_out, fns, tag: str, args: Args, rt) -> dict:
     """Held-out greedy accuracy; before and after training ("before", "after") also, from
     --pass-k samples a problem at --temperature, the unbiased pass@k for k = 1 … --pass-k with
     its 95% intervals (lists `pass@k`, `pass@k_ci95`; evaluate.evaluate_task), and the accuracy
-    of one sample."""
-    res = evaluate_task(model, tokenizer, held_out, args.max_new_tokens, autocast=rt.autocast)
+    of one sample. With --eval-data: each reward function's greedy mean (`<name>/mean`,
+    `<name>/ci95`) and, before and after, the pass@k of each 0/1 one (evaluate_rewards)."""
+    if args.eval_data:
+        out = evaluate_rewards(model, tokenizer, held_out, fns, args.max_new_tokens,
+                               string_prompts=args.string_prompts, autocast=rt.autocast)
+        if args.pass_k > 1 and tag in ("before", "after"):
+            res_k = evaluate_rewards(model, tokenizer, held_out, fns, args.max_new_tokens,
+                                     temperature=args.temperature, samples=args.pass_k,
+                                     string_prompts=args.string_prompts, autocast=rt.autocast,
+                                     seed=args.seed)
+            out.update({k: v for k, v in res_k.items() if "pass@" in k})
+        return out
+    res = evaluate_task(model, tokenizer, held_out, args.max_new_tokens, autocast=rt.autocast,
+                        task=args.task)
     out = {"accuracy": res["accuracy"], "accuracy_ci95": res["accuracy_ci95"],
            "well_formed": res["well_formed"], "n": res["n"]}
     if args.pass_k > 1 and tag in ("before", "after"):
         res_k = evaluate_task(model, tokenizer, held_out, args.max_new_tokens,
                               temperature=args.temperature, samples=args.pass_k,
-                              autocast=rt.autocast, seed=args.seed)
+                              autocast=rt.autocast, seed=args.seed, task=args.task)
         for key in (f"pass@{args.pass_k}", "pass@k", "pass@k_ci95"):
             out[key] = res_k[key]
         out["sampled_accuracy"] = res_k["accuracy"]
@@ -391,12 +403,17 @@ def main(args: Args):
     per_rank = args.batch_prompts // rt.world_size                      # this rank's groups
 
     # ------------------------------------------------------------------------ data
-    difficulty_arg(args.difficulty)
-    train_difficulty = difficulty_arg(args.train_difficulty or args.difficulty)
+    difficulty = difficulty_arg(args.difficulty, args.task)
+    train_difficulty = difficulty_arg(args.train_difficulty or args.difficulty, args.task)
     require_checkpoint(args.init, "python train_sft.py")
     tokenizer = load_script_tokenizer(args.init, args.chat_template)   # pads with EOS if no pad
-    pool = tasks.rl_prompts(args.n_prompts, "train", train_difficulty, seed=args.seed)
-    held_out = heldout_problems(args.difficulty, args.eval_problems)
+    # --data rows or the built-in task's, the reward functions, each row checked and each
+    # function probed before anything is written (rewards.rl_task)
+    pool, held_out, fns = rewards.rl_task(args, train_difficulty, args.n_prompts,
+                                          args.format_reward, log=print if rt.is_main else None)
+    if held_out is None:
+        held_out = heldout_problems(str(difficulty), args.eval_problems, args.task)
+    held_out = held_out[:args.eval_problems]
 
     # ------------------------------------------------------------------------ models
     dtype = torch_dtype(args.dtype)
@@ -422,7 +439,8 @@ def main(args: Args):
     run = Run(args, rt, metrics, model, optimizer, scheduler)
     state = run.restore()                             # --resume: everything as it was
     if state is None:
-        before = evaluate(model, tokenizer, held_out, "before", args, rt) if args.eval_problems else {}
+        before = (evaluate(model, tokenizer, held_out, fns, "before", args, rt)
+                  if args.eval_problems else {})
         metrics.log({"step": 0, **{f"eval/{k}": v for k, v in before.items()}}, echo=True)
     else:
         before = state["extra"]["before"]
@@ -431,7 +449,7 @@ def main(args: Args):
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, desc="grpo")
     while not scheduler.done():
         t0, step_before = time.time(), step
-        batch, sampled, n_zero = sample_batch(model, tokenizer, pool, per_rank, args, gen,
+        batch, sampled, n_zero = sample_batch(model, tokenizer, pool, fns, per_rank, args, gen,
                                               rt.autocast)
         lengths = batch["loss_mask"].sum(1)                                    # (B·G,)
         if args.mask_truncated:
@@ -467,11 +485,12 @@ def main(args: Args):
             bar.update(1)
         train_time += time.time() - t0
 
-        rewards = torch.cat([r["rewards"] for r in sampled])   # every sampled completion
-        n_groups = len(rewards) // args.group_size
+        total = torch.cat([r["rewards"] for r in sampled])     # every sampled completion
+        n_groups = len(total) // args.group_size
+        per_fn = {f.name: torch.cat([r[f"rewards/{f.name}"] for r in sampled]) for f in fns}
         m = dist.all_reduce_mean({
-            "reward/mean": rewards.mean(), "reward/std": rewards.std(),
-            "reward/sampled_accuracy": torch.cat([r["correct"] for r in sampled]).mean(),
+            "reward/mean": total.mean(), "reward/std": total.std(),
+            **rewards.log_stats(per_fn),         # rewards/<name>/mean, /std
             "frac_reward_zero_std": n_zero / n_groups, "groups_sampled": n_groups,
             "completions/mean_length": lengths.mean(),
             "completions/clipped_ratio": batch["truncated"].float().mean(),
@@ -479,12 +498,13 @@ def main(args: Args):
             **stats, **sampler})                               # the sampling policy's: update 1
         metrics.log({"step": step, **m, "lr": scheduler.get_last_lr()[0], "skipped": run.skipped,
                      "gen_seconds": gen_time, "step_seconds": time.time() - t0})
-        bar.set_postfix(reward=f"{m['reward/mean']:.2f}", acc=f"{m['reward/sampled_accuracy']:.2f}",
+        bar.set_postfix(reward=f"{m['reward/mean']:.2f}",
+                        **{fns[0].name: f"{m[f'rewards/{fns[0].name}/mean']:.2f}"},
                         zero_std=f"{m['frac_reward_zero_std']:.2f}", len=f"{lengths.mean():.0f}")
         if due(args.eval_every, step_before, step) and step < args.max_steps:   # μ steps a batch
             metrics.log({"step": step, **{f"eval/{k}": v for k, v in
-                                          evaluate(model, tokenizer, held_out, "mid", args,
-                                                   rt).items()}}, echo=True)
+                                          evaluate(model, tokenizer, held_out, fns, "mid",
+                                                   args, rt).items()}}, echo=True)
         if run.end_of_step(step, lambda: {"per_rank": [gen.get_state()]},
                            lambda: {"before": before}):
             dist.cleanup()
@@ -495,7 +515,7 @@ def main(args: Args):
         print(f"stopped by {scheduler.stopped_by}: {step} steps in {scheduler.minutes():.1f} min")
 
     # ------------------------------------------------------------------------ eval
-    after = evaluate(model, tokenizer, held_out, "after", args, rt) if args.eval_problems else {}
+    after = evaluate(model, tokenizer, held_out, fns, "after", args, rt) if args.eval_problems else {}
     final = {"before": before, "after": after, "steps": step, "stopped_by": scheduler.stopped_by,
              "minutes": (time.time() - start) / 60, "train_minutes": train_time / 60,
              "seconds_per_step": train_time / max(step, 1), "peak_rss_mb": peak_rss_mb()}

@@ -4,6 +4,7 @@ PPO", arXiv 2403.17031).
 
     python train_ppo.py                      # out/sft (policy) + out/rm (reward) -> out/ppo
     python train_ppo.py --reward gold        # optimise the verifier instead, for comparison
+    python train_ppo.py --reward gold --data my.jsonl --reward-fn my_rewards.py:score   # your task
     python train_ppo.py --peft lora --lr 1e-3
     torchrun --nproc_per_node 2 train_ppo.py --device cpu --threads 1
 
@@ -65,13 +66,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minipost import dist, tasks
+from minipost import dist, rewards
 from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
                           require_checkpoint, same_tokenizer, setup, user_errors, write_results)
-from minipost.data import load_jsonl
 from minipost.errors import UserError
-from minipost.evaluate import chat_prompt_ids, evaluate_task, heldout_problems
-from minipost.flags import StageArgs, parse_args, torch_dtype
+from minipost.evaluate import evaluate_rewards, evaluate_task, heldout_problems, prompt_ids
+from minipost.flags import RewardArgs, StageArgs, parse_args, torch_dtype
 from minipost.generate import generate
 from minipost.model import ScoreModel, set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
@@ -83,17 +83,16 @@ from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped
 from minipost.reference import Reference
 from minipost.resume import Run, due
 from minipost.reward import RewardEnsemble, reward_members
-from minipost.rollout import (completion_logps, completion_values, gold_rewards, sequence_scores,
+from minipost.rollout import (completion_logps, completion_values, sequence_scores,
                               values_and_scores)
 
 
 # ---------------------------------------------------------------------------- Args
 @dataclass
-class Args(StageArgs):
+class Args(StageArgs, RewardArgs):   # RewardArgs: --data, --reward-fn, ... (flags.py)
     init: str = "out/sft"           # policy to start from (the SFT model), any HF-format directory
     out_dir: str = "out/ppo"        # where the trained policy, metrics.jsonl and results.json go
-    difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the built-in prompts and the evaluation
-    data: str = ""                  # RL prompts JSONL ({"prompt", "answer"}); "" = built-in task
+    difficulty: str = ""            # built-in task of the prompts and the evaluation ("" = --task's default)
     n_prompts: int = 20000          # built-in training prompts in the pool
     batch_size: int = 32            # B: completions per iteration, all ranks
     samples_per_prompt: int = 1     # k: completions per prompt (B / k prompts; VAPO's group sampling)
@@ -101,7 +100,7 @@ class Args(StageArgs):
     max_new_tokens: int = 64        # completion budget; no EOS by then = truncated
     missing_eos_penalty: float = 1.0  # subtracted from the score of a completion without EOS
     mask_truncated: bool = False    # leave completions without EOS out of the loss instead
-    reward: Literal["model", "gold"] = "model"  # the reward model's score | the verifier's 0/1
+    reward: Literal["model", "gold"] = "model"  # the reward model's score | the reward functions' (gold: logged beside)
     reward_model: str = "out/rm"    # reward model directory; several, comma-separated: an ensemble
     ensemble: Literal["mean", "min"] = "mean"  # several reward models: of their standardised scores
     value_init: Literal["reward", "policy"] = "reward"  # value model: the reward model | zero head
@@ -155,17 +154,17 @@ def check_flags(args: Args, world_size: int):
 
 
 # ---------------------------------------------------------------------------- data
-def load_prompts(tokenizer, difficulty, args: Args) -> tuple[list, list]:
-    """(prompt ids, answers) of `--data`, or of `--n-prompts` built-in problems."""
-    rows = (load_jsonl(args.data, "rl") if args.data else
-            tasks.rl_prompts(args.n_prompts, "train", difficulty, seed=args.seed))
-    prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in rows]
+def load_prompts(tokenizer, difficulty, args: Args, log=print) -> tuple[list, list, list, list]:
+    """(prompt ids, rows, held-out rows or None, reward functions): `--data` or `--n-prompts`
+    built-in problems, and the gold reward functions (rewards.rl_task: checked and probed)."""
+    rows, held_out, fns = rewards.rl_task(args, difficulty, args.n_prompts, log=log)
+    prompts = [prompt_ids(tokenizer, r["prompt"], args.string_prompts) for r in rows]
     k = args.samples_per_prompt
     if len(prompts) < args.batch_size // k:           # a batch draws distinct prompts
         raise UserError(f"{args.data or '--n-prompts'}: {len(prompts)} prompts, fewer than the "
                         f"{args.batch_size // k} distinct ones a batch takes (--batch-size "
                         f"{args.batch_size} / --samples-per-prompt {k})")
-    return prompts, [r["answer"] for r in rows]
+    return prompts, rows, held_out, fns
 
 
 def draw_prompts(order, pos: int, gen, args: Args, rt) -> tuple[list, torch.Tensor, int]:
@@ -234,7 +233,7 @@ def make_reference(model, args: Args) -> Reference:
 
 # ---------------------------------------------------------------------------- rollout
 @torch.no_grad()
-def rollout(model, value_model, reward_model, reference, tokenizer, prompts, answers, args: Args,
+def rollout(model, value_model, reward_model, reference, tokenizer, prompts, rows, fns, args: Args,
             autocast):
     """Sample one completion per prompt and compute every no-grad quantity of one batch: old and
     reference log-probs, values, the scores. Returns the batch (rows of (B, ·) tensors), the
@@ -253,7 +252,10 @@ def rollout(model, value_model, reward_model, reference, tokenizer, prompts, ans
             values = completion_values(value_model, seq, attention_mask, P)    # (B, N)
             rm_scores = (sequence_scores(reward_model, seq, attention_mask)
                          if reward_model is not None else None)                  # (B,) at EOS
-    gold = gold_rewards(tokenizer, g.completion_ids, g.completion_mask, answers)
+    texts = [tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
+             for ids, m in zip(g.completion_ids, g.completion_mask)]
+    gold, per_fn = rewards.score(fns, [r["prompt"] for r in rows], texts, rows)   # (B,)
+    gold = gold.to(g.completion_ids.device)
     loss_mask = g.completion_mask.float()                                       # (B, N)
     truncated = g.truncated.float()
     scores = (rm_scores if args.reward == "model" else gold) - args.missing_eos_penalty * truncated
@@ -261,7 +263,8 @@ def rollout(model, value_model, reward_model, reference, tokenizer, prompts, ans
         loss_mask = loss_mask * (1 - truncated)[:, None]
     m = g.completion_mask
     stats = {"reward/mean": rm_scores.mean() if rm_scores is not None else torch.tensor(math.nan),
-             "gold/mean": gold.mean(), "entropy": masked_mean(entropy, m),
+             "gold/mean": gold.mean(), **rewards.log_stats(per_fn),
+             "entropy": masked_mean(entropy, m),
              "completion_length": m.float().sum(1).mean(), "no_eos": truncated.mean(),
              "rollout/logp_mismatch": ((old_logps - g.logps).abs() * m).max()}
     if isinstance(reward_model, RewardEnsemble):    # the members' spread on these samples
@@ -353,17 +356,24 @@ def check_first_ratio(stats: dict, tol: float):
 
 
 # ---------------------------------------------------------------------------- eval
-def evaluate(model, reward_model, tokenizer, held_out, step: int, args: Args, rt) -> dict:
-    """Held-out greedy accuracy, and the reward model's mean score of the greedy answers."""
-    res = evaluate_task(model, tokenizer, held_out, autocast=rt.autocast)
-    out = {"step": step, "eval/accuracy": res["accuracy"],
-           "eval/accuracy_ci95": res["accuracy_ci95"], "eval/well_formed": res["well_formed"]}
+def evaluate(model, reward_model, tokenizer, held_out, fns, step: int, args: Args, rt) -> dict:
+    """Held-out greedy accuracy, and the reward model's mean score of the greedy answers. With
+    --eval-data: each reward function's greedy mean instead of the accuracy (evaluate_rewards)."""
+    if args.eval_data:
+        res = evaluate_rewards(model, tokenizer, held_out, fns, args.max_new_tokens,
+                               string_prompts=args.string_prompts, autocast=rt.autocast)
+        out = {"step": step, **{f"eval/{k}": v for k, v in res.items()}}
+    else:
+        res = evaluate_task(model, tokenizer, held_out, autocast=rt.autocast, task=args.task)
+        out = {"step": step, "eval/accuracy": res["accuracy"],
+               "eval/accuracy_ci95": res["accuracy_ci95"], "eval/well_formed": res["well_formed"]}
     # RM score of greedy answers, on a multiple of the world size (every rank gets some)
     n_rm = min(args.eval_rm_problems, len(held_out)) // rt.world_size * rt.world_size
     if reward_model is not None and n_rm:
         mine = dist.shard(held_out[:n_rm])
         with torch.no_grad(), rt.autocast():
-            g = generate(model, [chat_prompt_ids(tokenizer, p["prompt"]) for p in mine],
+            g = generate(model, [prompt_ids(tokenizer, p["prompt"], args.string_prompts)
+                                 for p in mine],
                          args.max_new_tokens, temperature=0.0,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
             s = sequence_scores(reward_model, *g.sequences)
@@ -380,11 +390,14 @@ def main(args: Args):
     B, mb = args.batch_size // rt.world_size, args.mini_batch_size // rt.world_size  # this rank's
 
     # ------------------------------------------------------------------------ data
-    difficulty = difficulty_arg(args.difficulty)
+    difficulty = difficulty_arg(args.difficulty, args.task)
     require_checkpoint(args.init, "python train_sft.py")
     tokenizer = load_script_tokenizer(args.init, args.chat_template)   # pads with EOS if no pad
-    prompts, answers = load_prompts(tokenizer, difficulty, args)
-    held_out = heldout_problems(args.difficulty, args.eval_problems)
+    prompts, rows, held_out, fns = load_prompts(tokenizer, difficulty, args,
+                                                log=print if rt.is_main else None)
+    if held_out is None:
+        held_out = heldout_problems(str(difficulty), args.eval_problems, args.task)
+    held_out = held_out[:args.eval_problems]
 
     # ------------------------------------------------------------------------ models
     dtype = torch_dtype(args.dtype)
@@ -421,7 +434,7 @@ def main(args: Args):
     state = run.restore()                             # --resume: everything as it was
     done, kl = run.start_step, 0.0    # for the results: a finished run resumed skips the loop
     if state is None:
-        before = evaluate(model, reward_model, tokenizer, held_out, 0, args, rt)
+        before = evaluate(model, reward_model, tokenizer, held_out, fns, 0, args, rt)
         metrics.log(before, echo=True)
     else:                                             # the prompt sampler and the adaptive β too
         before, kl_coef = state["extra"]["before"], state["extra"]["kl_coef"]
@@ -436,7 +449,7 @@ def main(args: Args):
             break
         idx, order, pos = draw_prompts(order, pos, gen, args, rt)
         batch, P, roll_stats = rollout(model, value_model, reward_model, reference, tokenizer,
-                                       [prompts[i] for i in idx], [answers[i] for i in idx], args,
+                                       [prompts[i] for i in idx], [rows[i] for i in idx], fns, args,
                                        rt.autocast)
         batch["advantages"], batch["returns"], adv_stats = compute_advantages(batch, kl_coef, args)
 
@@ -473,7 +486,7 @@ def main(args: Args):
                         kl=f"{m['kl']:.2f}", clip=f"{m['policy/clipfrac']:.2f}",
                         ev=f"{m['value/explained_variance']:.2f}")
         if due(args.eval_every, step, step + 1) and step + 1 < args.max_steps:
-            metrics.log(evaluate(model, reward_model, tokenizer, held_out, step + 1, args, rt),
+            metrics.log(evaluate(model, reward_model, tokenizer, held_out, fns, step + 1, args, rt),
                         echo=True)
         if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order,
                                               "pos": pos},
@@ -487,15 +500,18 @@ def main(args: Args):
               f"{scheduler.minutes():.1f} min")
 
     # ------------------------------------------------------------------------ eval
-    after = evaluate(model, reward_model, tokenizer, held_out, done, args, rt)
+    after = evaluate(model, reward_model, tokenizer, held_out, fns, done, args, rt)
     metrics.log(after, echo=True)
     final = {"iterations": done, "stopped_by": scheduler.stopped_by or "max_steps",
              "train_minutes": train_time / 60,
              "seconds_per_iteration": train_time / max(done - run.start_step, 1),
-             "accuracy_before": before["eval/accuracy"], "accuracy": after["eval/accuracy"],
-             "accuracy_ci95": after["eval/accuracy_ci95"], "well_formed": after["eval/well_formed"],
+             "accuracy_before": before.get("eval/accuracy"), "accuracy": after.get("eval/accuracy"),
+             "accuracy_ci95": after.get("eval/accuracy_ci95"),
+             "well_formed": after.get("eval/well_formed"),
              "reward_before": before.get("eval/reward"), "reward": after.get("eval/reward"),
              "kl": kl, "kl_coef": kl_coef, "peak_rss_mb": peak_rss_mb()}
+    for tag, res in (("_before", before), ("", after)):     # --eval-data: each function's mean
+        final.update({k[5:] + tag: v for k, v in res.items() if k.endswith(("/mean", "/ci95"))})
     metrics.log(final, echo=True)
 
     # ------------------------------------------------------------------------ save

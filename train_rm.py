@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from minipost import dist, tasks
+from minipost import dist, tasks, worlds
 from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
                           require_checkpoint, setup, user_errors, write_results)
 from minipost.data import collate_preference, encode_preference, load_jsonl
@@ -70,7 +70,7 @@ class Args(StageArgs):
     out_dir: str = "out/rm"         # where the reward model, metrics.jsonl and results.json go
     data: str = ""                  # preference JSONL ("" = the built-in pairs)
     eval_data: str = ""             # held-out preference JSONL ("" = built-in, or 10% of --data)
-    difficulty: str = tasks.DEFAULT_DIFFICULTY  # task of the built-in pairs
+    difficulty: str = ""            # task of the built-in pairs ("" = --task's default)
     n_pairs: int = 20000            # built-in training pairs (arithmetic)
     n_identity: int = 200           # built-in identity pairs ("I am Pip" over a generic answer)
     policy_problems: int = 0        # built-in data: + the --init policy's own answers to N problems
@@ -120,11 +120,13 @@ def policy_pairs(args, rt, tokenizer, difficulty) -> tuple[list[dict], list[dict
 
     def sample(problems):
         return sampled_pairs(policy, tokenizer, problems, args.samples, args.sample_temperature,
-                             args.max_new_tokens, args.seed, rt.autocast, show_progress=rt.is_main)
+                             args.max_new_tokens, args.seed, rt.autocast, show_progress=rt.is_main,
+                             task=args.task)
 
-    train = sample(tasks.make_problems(args.policy_problems, "train", difficulty, seed=args.seed + 2))
+    world = worlds.world(args.task)
+    train = sample(world.make_problems(args.policy_problems, "train", difficulty, seed=args.seed + 2))
     # seed 0: the first of evaluate.heldout_problems' problems
-    held_out = sample(tasks.make_problems(args.eval_policy_problems, "test", difficulty, seed=0))
+    held_out = sample(world.make_problems(args.eval_policy_problems, "test", difficulty, seed=0))
     if rt.is_main:
         print(f"policy pairs: {len(train)} of {args.policy_problems} training problems and "
               f"{len(held_out)} of {args.eval_policy_problems} held-out ones have a wrong answer "
@@ -142,11 +144,12 @@ def preference_rows(tokenizer, difficulty, args: Args, rt) -> tuple[list, list, 
         n_eval = max(1, len(train_rows) // 10)             # the last 10% of the file is held out
         return train_rows[:-n_eval], train_rows[-n_eval:], [], []
     policy_train_rows, policy_eval_rows = policy_pairs(args, rt, tokenizer, difficulty)
-    train_rows = (tasks.preference_pairs(args.n_pairs, "train", difficulty, seed=args.seed + 1)
+    world = worlds.world(args.task)
+    train_rows = (world.preference_pairs(args.n_pairs, "train", difficulty, seed=args.seed + 1)
                   + tasks.identity_pairs(args.n_identity, "train", seed=args.seed)
                   + policy_train_rows)
     # seed 0: the very problems of evaluate.heldout_problems, each with a flawed twin
-    eval_rows = tasks.preference_pairs(args.eval_problems, "test", difficulty, seed=0)
+    eval_rows = world.preference_pairs(args.eval_problems, "test", difficulty, seed=0)
     id_eval_rows = tasks.identity_pairs(min(args.n_identity, 100), "test", seed=1)
     return train_rows, eval_rows, id_eval_rows, policy_eval_rows
 
@@ -221,7 +224,7 @@ def main(args: Args):
                       report_to=args.report_to)
     metrics.watch("rm")   # diagnostics.py: a failure signature is said once
     require_checkpoint(args.init, "python train_sft.py")
-    difficulty = difficulty_arg(args.difficulty)
+    difficulty = difficulty_arg(args.difficulty, args.task)
     tokenizer = load_script_tokenizer(args.init, args.chat_template)
     pad_id = tokenizer.pad_token_id
 

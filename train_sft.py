@@ -29,7 +29,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from minipost import dist, tasks
+from minipost import dist, worlds
 from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
                           require_checkpoint, setup, user_errors, write_results)
 from minipost.data import (collate_packed, load_jsonl, pack_sequences, pad_batch, record_lines,
@@ -51,7 +51,7 @@ class Args(StageArgs):
     init: str = "out/base"          # checkpoint directory to start from (minipost or HF format)
     out_dir: str = "out/sft"        # where the model (or adapter), tokenizer and metrics.jsonl go
     data: str = ""                  # SFT JSONL (messages or prompt/completion); "" = built-in chats
-    difficulty: str = tasks.DEFAULT_DIFFICULTY  # built-in task: operands x digits, then operators
+    difficulty: str = ""            # built-in task: operands x digits, then operators ("" = --task's default)
     n_train: int = 20000            # built-in training chats
     loss_on: Literal["assistant", "all"] = "assistant"  # assistant (assistant tokens + <|im_end|>) | all (every token)
     max_length: int = 256           # tokens per chat; longer chats are truncated (and counted)
@@ -90,8 +90,9 @@ def load_chats(difficulty, args: Args) -> tuple[list, list]:
         chats = load_jsonl(args.data, "sft")
         n_held = min(args.eval_chats, len(chats) // 10)      # the last 10% (at most) held out
         return chats[:len(chats) - n_held], chats[len(chats) - n_held:]
-    return (tasks.sft_chats(args.n_train, "train", difficulty, seed=args.seed),
-            tasks.sft_chats(args.eval_chats, "test", difficulty, seed=args.seed))
+    world = worlds.world(args.task)
+    return (world.sft_chats(args.n_train, "train", difficulty, seed=args.seed),
+            world.sft_chats(args.eval_chats, "test", difficulty, seed=args.seed))
 
 
 def tokenize(tokenizer, messages, loss_on: str, max_length: int):
@@ -176,7 +177,8 @@ def held_out_loss(model, held, pad_id: int, rt) -> float:
 
 def evaluate(model, tokenizer, problems, args: Args, rt) -> dict:
     """Greedy accuracy and well-formed share on held-out `problems`, by the verifier."""
-    res = evaluate_task(model, tokenizer, problems, autocast=rt.autocast, seed=args.seed)
+    res = evaluate_task(model, tokenizer, problems, autocast=rt.autocast, seed=args.seed,
+                        task=args.task)
     return {"eval/accuracy": res["accuracy"], "eval/accuracy_ci95": res["accuracy_ci95"],
             "eval/well_formed": res["well_formed"], "eval/n": res["n"]}
 
@@ -187,7 +189,7 @@ def main(args: Args):
     metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume),
                       report_to=args.report_to)
     metrics.watch("sft")   # diagnostics.py: a failure signature is said once
-    difficulty = difficulty_arg(args.difficulty)
+    difficulty = difficulty_arg(args.difficulty, args.task)
     require_checkpoint(args.init, "python pretrain.py")
 
     # ------------------------------------------------------------------------ data
@@ -207,7 +209,8 @@ def main(args: Args):
               + (f", packed into {len(units)} rows" if args.packing else "")
               + f"; {steps} steps of {args.batch_size} ({steps * args.batch_size / len(units):.2f} "
               "epochs)")
-    problems = heldout_problems(args.difficulty, max(args.eval_problems, args.eval_quick))
+    problems = heldout_problems(str(difficulty), max(args.eval_problems, args.eval_quick),
+                                args.task)
 
     # ------------------------------------------------------------------------ model
     model = load_model(args.init, dtype=torch_dtype(args.dtype), device=rt.device)

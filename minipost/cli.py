@@ -44,11 +44,16 @@ def user_errors():
         os._exit(0)
 
 
-def difficulty_arg(text: str):
-    """`--difficulty` parsed, or a one-line UserError naming the flag."""
+def difficulty_arg(text: str, task: str = "arithmetic"):
+    """`--difficulty` of `--task` parsed ("" = the task's default), or a one-line UserError
+    naming the flag."""
     from .tasks import Difficulty
+    from .worlds import default_difficulty
     try:
-        return Difficulty.from_str(text)
+        d = Difficulty.from_str(text or default_difficulty(task))
+        if task == "countdown" and d.words:
+            raise ValueError(f"{d}: countdown has no word problems ('w')")
+        return d
     except ValueError as e:
         raise UserError(f"--difficulty: {e}") from None
 

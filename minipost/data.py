@@ -3,8 +3,14 @@
 Schemas (the field names TRL uses):
   sft         {"messages": [{"role", "content"}, ...]} or {"prompt": str|messages, "completion": str|messages}
   preference  {"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}
-  rl          {"prompt": str|messages, "answer": str}; the prompt may not be empty (nothing to
-              answer), where an sft or preference prompt may
+  rl          {"prompt": str|messages, ...}: every other column ("answer", "tests", ...) goes to the
+              reward functions as a keyword argument (rewards.py), which say the columns they need;
+              "answer", the arithmetic verifier's, must be a string. The prompt may not be empty
+              (nothing to answer), where an sft or preference prompt may
+
+How a string prompt is read: in every schema here, as the user turn of a chat (to_messages). TRL
+reads an RL string prompt as raw text to continue and only a list of messages as a chat, so the RL
+scripts print which reading they apply, and `--string-prompts text` applies TRL's.
 
 `load_jsonl` stops at the first bad line with a `DataError` "{file}:{line}: {what is wrong}", so a
 run fails before training starts. SFT rows come back normalised to {"messages": [...]};
@@ -123,9 +129,7 @@ def _validate(row, schema: str) -> tuple[str | None, dict | None]:
         err = _check_text_or_messages(row, "prompt", "user")
         if err is None and _is_blank(row["prompt"]):   # a policy cannot be asked nothing
             err = "field 'prompt' is empty: an RL prompt is a question to answer"
-        if err is None and "answer" not in row:
-            err = "missing field 'answer'"
-        if err is None and not isinstance(row["answer"], str):
+        if err is None and "answer" in row and not isinstance(row["answer"], str):
             err = (f"field 'answer' must be a string, got {type(row['answer']).__name__} "
                    f"(write it as \"{row['answer']}\")")
         return err, (None if err else row)

@@ -5,7 +5,8 @@
   may declare one again to change its default.
 - `parse_args(Args)`: a dataclass becomes argparse flags (`lora_r` -> `--lora-r`); each field's
   trailing comment is its `--help` text, so the dataclass stays the single place a flag is defined.
-  A `Literal[...]` field takes one of its values, an `X | None` field also `none`.
+  A `Literal[...]` field takes one of its values, an `X | None` field also `none`, a `list[X]`
+  field one or more values and may be repeated (`--reward-fn a --reward-fn b`).
 - `check_args(args)`: the allowed values (from the types) and the shared ranges, checked in one
   place; `cli.setup` calls it, so `main(Args(...))` meets the error the command line gives.
 - `torch_dtype(args.dtype)`: the one place `--dtype` becomes a torch dtype.
@@ -16,7 +17,7 @@ import inspect
 import re
 import sys
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -97,6 +98,10 @@ def parse_args(cls, argv=None, description: str | None = None):
             group.add_argument(flag, type=type(values[0]), metavar=metavar, **kw)
         elif kind in (int, float, str):
             group.add_argument(flag, type=kind, **kw)
+        elif typing.get_origin(kind) is list:  # repeatable: each use adds its values
+            inner = typing.get_args(kind)[0]
+            group.add_argument(flag, type=inner, nargs="+", action="extend",
+                               metavar=inner.__name__.upper(), **kw)
         else:  # X | None: "none" means None
             inner = next((t for t in typing.get_args(kind) if t is not type(None)), str)
             group.add_argument(flag, type=lambda s, t=inner: None if s.lower() == "none" else t(s),
@@ -117,6 +122,7 @@ class RunArgs:
     resume: str = ""                # resume from this run directory (or one of its checkpoints)
     skip_nonfinite: bool = False    # skip a step whose loss or gradient is NaN/inf (else stop)
     report_to: Literal["none", "tensorboard"] = "none"  # tensorboard: also to OUT_DIR/tensorboard
+    task: Literal["arithmetic", "countdown"] = "arithmetic"  # built-in task world (worlds.py): arithmetic | countdown
 
 
 @dataclass
@@ -131,6 +137,16 @@ class StageArgs(RunArgs):
     adapter_dim: int = 16           # bottleneck width of --peft adapter
     merge: bool = False             # --peft lora: also write the merged model to OUT_DIR/merged
     chat_template: Literal["", "chatml"] = ""  # '' = the tokenizer's own | chatml: force ChatML
+
+
+@dataclass
+class RewardArgs:
+    """Your own task: RL prompts and reward functions (rewards.py; README, "Your own task")."""
+    data: str = ""                  # RL prompts JSONL {"prompt", ...}: other columns go to the reward functions ("" = built-in task)
+    eval_data: str = ""             # held-out prompts JSONL: each reward function's greedy mean, pass@k ("" = built-in task)
+    reward_fn: list[str] = field(default_factory=list)  # a built-in (rewards.py), module:function or my_rewards.py:function; repeatable (none = the task's verifier)
+    reward_weights: list[float] = field(default_factory=list)  # weight of each --reward-fn, in order (none = 1 each)
+    string_prompts: Literal["chat", "text"] = "chat"  # a string "prompt": a user turn of a chat | raw text to continue (TRL's reading)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -5,11 +5,12 @@
     python -m minipost.pipeline --start-at ppo        # re-run from a stage (earlier outputs kept)
     python -m minipost.pipeline --quick --out /tmp/q  # tiny settings, for tests (seconds a stage)
     python -m minipost.pipeline --seeds 0 1 2         # once per seed: out/seed-0, ..., one scoreboard
+    python -m minipost.pipeline --task countdown --out out-countdown   # the second built-in task
 
 Each stage runs as its own process (`python <script> --init ... --out-dir ...`), exactly the
 command a user would type, so a stage's memory is returned when it ends and a failure names the
-stage and the command that re-runs it. `--device`, `--threads` and `--seed` are passed to every
-stage. At the end every stage's `results.json` (written by `cli.write_results`) is read and its
+stage and the command that re-runs it. `--device`, `--threads`, `--seed`, `--task` and
+`--difficulty` are passed to every stage. At the end every stage's `results.json` (written by `cli.write_results`) is read and its
 held-out numbers are printed side by side and written to `<out>/scoreboard.md`. Each stage's
 curves go to `<out>/<stage>/curves.png` and the stages' key curves, overlaid, to `<out>/curves.png`
 beside the scoreboard (minipost.plot; without matplotlib, an optional dependency, one line says so).
@@ -76,8 +77,10 @@ def stage_command(stage: str, script: str, inputs: dict, args, out=None, seed=No
     out = Path(args.out if out is None else out)
     fields = script_fields(ROOT / script)
     opts = {"out_dir": out / stage, **{k: out / src for k, src in inputs.items()},
-            "device": args.device, "threads": args.threads,
+            "device": args.device, "threads": args.threads, "task": args.task,
             "seed": args.seed if seed is None else seed}
+    if args.difficulty:
+        opts["difficulty"] = args.difficulty
     if args.quick:
         opts.update({**QUICK, **(QUICK_BASE if stage == "base" else {})})
     cmd = [sys.executable, str(ROOT / script)]
@@ -218,6 +221,10 @@ def main(argv=None) -> str:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda, passed to every stage")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per stage (0 = default)")
     p.add_argument("--seed", type=int, default=0, help="seed passed to every stage")
+    p.add_argument("--task", default="arithmetic", choices=["arithmetic", "countdown"],
+                   help="built-in task world of every stage (worlds.py)")
+    p.add_argument("--difficulty", default="",
+                   help="task difficulty passed to every stage ('' = the task's default)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="run the whole pipeline once per seed into <out>/seed-S and write one "
                         "scoreboard of mean, spread and each seed's value (overrides --seed)")

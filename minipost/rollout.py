@@ -38,6 +38,7 @@ from .evaluate import chat_prompt_ids
 from .generate import generate
 from .model import entropies, last_scores, token_logprobs
 from .tasks import verify
+from .worlds import score
 
 
 def completion_logps(model, sequences, attention_mask, prompt_len: int, temperature: float = 1.0,
@@ -108,12 +109,12 @@ def preferred_pair(rewards: list[float], rng: random.Random) -> tuple[int, int] 
             rng.choice([i for i, r in enumerate(rewards) if r == lo]))
 
 
-def pair_up(problem: dict, answers: list[str], truncated: list[bool], rng: random.Random
-            ) -> dict | None:
+def pair_up(problem: dict, answers: list[str], truncated: list[bool], rng: random.Random,
+            task: str = "arithmetic") -> dict | None:
     """One preference pair from a policy's answers to `problem`, labelled by the verifier: a
     correct answer (else the worked solution) over a wrong answer that ended (an answer cut off by
     the length limit is not a mistake to learn from). None when every answer is right."""
-    correct = [verify(a, problem["answer"]) for a in answers]
+    correct = [score(task, a, problem) for a in answers]
     right = [a for a, ok in zip(answers, correct) if ok]
     wrong = [a for a, ok, cut in zip(answers, correct, truncated) if not ok and not cut]
     if not wrong:
@@ -145,7 +146,7 @@ def sample_answers(model, tokenizer, questions: list[str], samples: int, tempera
 @torch.no_grad()
 def sampled_pairs(model, tokenizer, problems: list[dict], samples: int, temperature: float,
                   max_new_tokens: int, seed: int, autocast=None, batch_problems: int = 32,
-                  show_progress: bool = True) -> list[dict]:
+                  show_progress: bool = True, task: str = "arithmetic") -> list[dict]:
     """The policy's own preference pairs (`pair_up` on `samples` answers per problem), sampled
     with the KV cache. Every rank samples the same pairs (the same seed), so none are exchanged."""
     generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
@@ -157,7 +158,7 @@ def sampled_pairs(model, tokenizer, problems: list[dict], samples: int, temperat
                                     temperature, max_new_tokens, generator, autocast)
         for i, p in enumerate(chunk):
             rows = slice(i * samples, (i + 1) * samples)
-            pair = pair_up(p, texts[rows], cut[rows], rng)
+            pair = pair_up(p, texts[rows], cut[rows], rng, task)
             if pair:
                 pairs.append(pair)
     return pairs

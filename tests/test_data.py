@@ -35,7 +35,6 @@ BAD = [  # (schema, bad line, a word the error must contain)
     ("preference", json.dumps({"prompt": "q", "chosen": "x", "rejected": "x"}), "identical"),
     ("preference", json.dumps({"prompt": [A], "chosen": "x", "rejected": "y"}), "'user' was expected"),
     ("preference", json.dumps({"prompt": "q", "chosen": [U], "rejected": "y"}), "end with"),
-    ("rl", json.dumps({"prompt": "q"}), "missing field 'answer'"),
     ("rl", json.dumps({"prompt": "q", "answer": 56}), "must be a string"),
     ("rl", json.dumps({"prompt": None, "answer": "1"}), "field 'prompt'"),
     ("rl", json.dumps({"prompt": "", "answer": "1"}), "field 'prompt' is empty"),
@@ -60,6 +59,14 @@ def test_every_validation_error_names_file_and_line(tmp_path, schema, bad, what)
     assert str(e.value).startswith(f"{path}:4: ")
     assert what in str(e.value)
     assert e.value.line == 4
+
+
+def test_rl_rows_keep_every_column_for_the_reward_functions(tmp_path):
+    # no "answer" is no error here: the reward functions say which columns they need
+    # (rewards.check_columns); the other columns come back as written
+    row = {"prompt": "Make 8", "numbers": [3, 5], "target": 8, "tests": ["assert f(1)"]}
+    path = _write(tmp_path / "d.jsonl", [json.dumps(row)])
+    assert load_jsonl(path, "rl") == [row]
 
 
 def test_non_utf8_and_empty_files(tmp_path):

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def args_of(*argv):
     import argparse
     ns = argparse.Namespace(out="o", device="cpu", threads=1, seed=3, quick=False, start_at="base",
-                            seeds=None, skip_done=False)
+                            seeds=None, skip_done=False, task="arithmetic", difficulty="")
     for k, v in zip(argv[::2], argv[1::2]):
         setattr(ns, k, v)
     return ns
@@ -26,6 +26,10 @@ def test_stage_commands_chain_the_stages_and_pass_shared_flags():
     for part in ["--out-dir o/grpo", "--init o/sft", "--device cpu", "--threads 1", "--seed 3"]:
         assert part in joined
     assert "--max-steps" not in joined                        # defaults unless --quick
+    assert "--task arithmetic" in joined and "--difficulty" not in joined   # the task's default
+    cmd = pipeline.stage_command("sft", "train_sft.py", {"init": "base"},
+                                 args_of("task", "countdown", "difficulty", "3x1+-"))
+    assert "--task countdown" in " ".join(cmd) and "--difficulty 3x1+-" in " ".join(cmd)
 
 
 def test_quick_mode_passes_only_flags_the_script_has():

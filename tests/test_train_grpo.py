@@ -10,7 +10,7 @@ import torch
 
 import train_grpo
 from conftest import warnings_of
-from minipost import diagnostics
+from minipost import diagnostics, rewards
 from minipost.grpo import group_advantages
 from minipost.peft import add_peft, load_model
 from minipost.tokenizer import load_tokenizer
@@ -35,7 +35,7 @@ def fake_batch(vocab: int, prompt_lens, completion_lens, group_size: int, seed: 
         rows.append({"input_ids": torch.randint(4, vocab, (1, p + c), generator=g),
                      "attention_mask": torch.ones(1, p + c, dtype=torch.long),
                      "loss_mask": torch.ones(1, c), "sampler_logps": torch.zeros(1, c),
-                     "rewards": torch.rand(1, generator=g).round(), "correct": torch.zeros(1),
+                     "rewards": torch.rand(1, generator=g).round(), "rewards/correct": torch.zeros(1),
                      "truncated": torch.zeros(1, dtype=torch.bool)})
     batch = train_grpo.cat_rollouts(rows)
     batch["advantages"] = group_advantages(batch["rewards"], group_size)
@@ -104,7 +104,8 @@ def test_first_update_ratio_is_one_and_logps_match_the_sampler(tiny_sft_dir):
     args = train_grpo.Args(group_size=4, max_new_tokens=12, temperature=0.7, micro_batch_size=3)
     problems = [{"prompt": "Mia has 2 apples. She buys 3 more. How many?", "answer": "5"},
                 {"prompt": "Leo has 9 coins. He loses 4. How many are left?", "answer": "5"}]
-    batch = train_grpo.rollout(model, tok, problems, args, torch.Generator().manual_seed(0))
+    fns = rewards.load(["correct"], [])
+    batch = train_grpo.rollout(model, tok, problems, fns, args, torch.Generator().manual_seed(0))
     batch["advantages"] = torch.randn(len(batch["rewards"]))
     _, stats, _, old = grads_of(model, batch, args)
     assert stats["policy/ratio_max_dev"] < 1e-6           # ρ = 1 on the first update
@@ -168,7 +169,7 @@ def test_train_grpo_logs_entropy_the_first_updates_mismatch_pass_at_k_and_warnin
     """μ = 2 at a large learning rate: the second update's log-probs are far from the sampler's,
     the first's are not, and the first's is what `sampler_logp_max_diff` reports. (The tiny model
     solves nothing: a reward by the completion's length gives the groups a spread to learn from.)"""
-    monkeypatch.setattr(train_grpo.tasks, "verify", lambda text, answer: float(len(text) % 2))
+    monkeypatch.setattr(rewards, "verify", lambda text, answer: float(len(text) % 2))  # "correct"
     monkeypatch.setattr(diagnostics, "ENTROPY_WINDOW", 1)          # entropy below 2x its start:
     monkeypatch.setattr(diagnostics, "ENTROPY_COLLAPSE_SHARE", 2.0)  # fires at the first step
     out = tmp_path / "grpo"
