@@ -63,6 +63,51 @@ class Args(RunArgs):
     compile: bool = False           # torch.compile the model
 
 
+# ---------------------------------------------------------------------------- steps
+def windows(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
+    """Documents joined by <|endoftext|> and cut into (N, seq_len + 1) windows of token ids."""
+    sep = tokenizer.bos_token_id
+    ids = [t for doc in tokenizer.encode_batch(texts) for t in doc + [sep]]
+    n = len(ids) // (seq_len + 1)
+    return torch.tensor(ids[:n * (seq_len + 1)]).view(n, seq_len + 1)
+
+
+def model_config(args: Args, tokenizer) -> GPTConfig:
+    return GPTConfig(vocab_size=tokenizer.vocab_size, hidden_size=args.hidden_size,
+                     intermediate_size=args.intermediate_size, num_hidden_layers=args.num_layers,
+                     num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
+                     max_position_embeddings=max(512, args.seq_len + 1),
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id)
+
+
+def lm_loss(net, batch, rt) -> torch.Tensor:
+    """Next-token cross-entropy, −mean_t log p(x_t | x_<t), over a (B, T+1) batch of windows."""
+    batch = batch.to(rt.device)
+    with rt.autocast():
+        logits = net(batch[:, :-1])                                           # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+
+@torch.no_grad()
+def held_out_loss(model, held_out, rt) -> float:
+    model.eval()
+    with dist.gathered(model):                           # FSDP: one all-gather, not one a batch
+        losses = [lm_loss(model, held_out[i:i + 16], rt) for i in range(0, len(held_out), 16)]
+    model.train()
+    return torch.stack(losses).mean().item()
+
+
+def equations(model, tokenizer, probes, rt) -> dict:
+    """The arithmetic alone, digit by digit: the units digit is the skill that decides how well
+    this base will do after SFT (see evaluate.evaluate_equations). {} without probes."""
+    if not probes:
+        return {}
+    res = evaluate_equations(model, tokenizer, probes, autocast=rt.autocast)
+    return {f"eval/equations_{k}": v for k, v in res.items() if k != "n"}
+
+
+# ---------------------------------------------------------------------------- main
 def main(args: Args):
     rt = setup(args)
     metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume),
@@ -78,29 +123,18 @@ def main(args: Args):
     docs = world.pretrain_corpus(args.n_docs, difficulty, seed=args.seed, drill_frac=args.drill_frac,
                                  drill_digits=args.drill_digits)
     tokenizer = train_tokenizer(docs, vocab_size=args.vocab_size)
-    sep = tokenizer.bos_token_id  # <|endoftext|> ends every document
 
-    def windows(texts):
-        ids = [t for doc in tokenizer.encode_batch(texts) for t in doc + [sep]]
-        n = len(ids) // (args.seq_len + 1)
-        return torch.tensor(ids[:n * (args.seq_len + 1)]).view(n, args.seq_len + 1)  # (N, T+1)
-
-    train = windows(docs)
-    held_out = windows([p["question"] and f"Question: {p['question']}\nAnswer: {p['solution']}"
-                        for p in world.make_problems(2000, "test", difficulty, seed=0)])
+    train = windows(tokenizer, docs, args.seq_len)
+    held_out = windows(tokenizer, [p["question"] and f"Question: {p['question']}\nAnswer: "
+                                   f"{p['solution']}" for p in world.make_problems(
+                                       2000, "test", difficulty, seed=0)], args.seq_len)
     held_out = held_out[:args.eval_windows]
     if rt.is_main:
         print(f"corpus: {len(docs)} documents, {train.numel():,} tokens in {len(train)} windows "
               f"of {args.seq_len}; vocabulary {tokenizer.vocab_size}")
 
     # ------------------------------------------------------------------------ model
-    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, hidden_size=args.hidden_size,
-                    intermediate_size=args.intermediate_size, num_hidden_layers=args.num_layers,
-                    num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
-                    max_position_embeddings=max(512, args.seq_len + 1),
-                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id)
-    model = GPT(cfg).to(rt.device)
+    model = GPT(model_config(args, tokenizer)).to(rt.device)
     if rt.is_main:
         print(f"model: {model.num_params(non_embedding=False):,} parameters "
               f"({model.num_params():,} non-embedding)")
@@ -111,30 +145,11 @@ def main(args: Args):
     if args.compile:
         train_model = torch.compile(train_model)
 
-    # ------------------------------------------------------------------------ loss
-    def lm_loss(net, batch):
-        batch = batch.to(rt.device)
-        with rt.autocast():
-            logits = net(batch[:, :-1])                                       # (B, T, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-
-    @torch.no_grad()
-    def held_out_loss():
-        model.eval()
-        with dist.gathered(model):                       # FSDP: one all-gather, not one a batch
-            losses = [lm_loss(model, held_out[i:i + 16]) for i in range(0, len(held_out), 16)]
-        model.train()
-        return torch.stack(losses).mean().item()
-
     probes = world.equation_probes(args.eval_equations, difficulty)
 
-    def equations():
-        """The arithmetic alone, digit by digit: the units digit is the skill that decides how
-        well this base will do after SFT (see evaluate.evaluate_equations)."""
-        if not args.eval_equations:
-            return {}
-        res = evaluate_equations(model, tokenizer, probes, autocast=rt.autocast)
-        return {f"eval/equations_{k}": v for k, v in res.items() if k != "n"}
+    def evaluation():    # the held-out loss, and the arithmetic probe (when --eval-equations > 0)
+        return {"eval/loss": held_out_loss(model, held_out, rt),
+                **equations(model, tokenizer, probes, rt)}
 
     # ------------------------------------------------------------------------ loop
     gen = torch.Generator().manual_seed(args.seed)   # the same data order on every rank
@@ -153,7 +168,7 @@ def main(args: Args):
         if pos + args.batch_size > len(train):         # a new epoch, a new order
             order = torch.randperm(len(train), generator=gen)
         idx = order[pos:pos + args.batch_size][rt.rank * per_rank:(rt.rank + 1) * per_rank]
-        loss = lm_loss(train_model, train[idx])
+        loss = lm_loss(train_model, train[idx], rt)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = clip_gradients(model, args.grad_clip)
@@ -166,7 +181,7 @@ def main(args: Args):
             metrics.log({"step": step, "loss": m["loss"], "grad_norm": float(gnorm),
                          "lr": scheduler.get_last_lr()[0], "skipped": run.skipped})
         if due(args.eval_every, step, step + 1) and step + 1 < args.max_steps:
-            metrics.log({"step": step + 1, "eval/loss": held_out_loss(), **equations()}, echo=True)
+            metrics.log({"step": step + 1, **evaluation()}, echo=True)
         if run.end_of_step(step + 1, lambda: {"generator": gen.get_state(), "order": order}):
             dist.cleanup()
             return {"stopped_at": step + 1}
@@ -176,7 +191,7 @@ def main(args: Args):
                     / max(train_time, 1e-9))   # a resumed run that had finished: no steps, ~0 s
 
     # ------------------------------------------------------------------------ eval
-    final = {"step": args.max_steps, "eval/loss": held_out_loss(), **equations(),
+    final = {"step": args.max_steps, **evaluation(),
              "train_minutes": train_time / 60, "tokens_per_s": tokens_per_s}
     # the same held-out problems for every seed (seed 0), as every later stage is scored on
     prompts = world.pretrain_eval_prompts(args.eval_problems, difficulty, seed=0)
