@@ -27,15 +27,14 @@ equation_probes, sft_chats, preference_pairs, rl_prompts), so the stage scripts 
 """
 from __future__ import annotations
 
-import argparse
 import ast
-import os
 import random
 import re
+import sys
 from collections import Counter
 from fractions import Fraction
 
-from .tasks import Difficulty, _split_of, equation_probes, identity_pairs, write_jsonl
+from .tasks import Difficulty, _split_of, equation_probes, identity_pairs, world_cli, write_world
 
 DEFAULT_DIFFICULTY = "3-4x2+-*"
 TEST_MODULUS = 10  # a problem is held out when hash(sorted numbers, target) % 10 == 0
@@ -246,33 +245,9 @@ def rl_prompts(n: int, split: str, difficulty: Difficulty = Difficulty.from_str(
 
 # ---------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Write the countdown task world as JSONL files.")
-    ap.add_argument("--out", default="data/countdown", help="output directory")
-    ap.add_argument("--difficulty", default=DEFAULT_DIFFICULTY,
-                    help="numbers x digits, then operators, e.g. 3-4x2+-*")
-    ap.add_argument("--seed", type=int, default=0, help="base random seed")
-    ap.add_argument("--n-pretrain", type=int, default=20000, help="pretraining documents")
-    ap.add_argument("--n-train", type=int, default=5000, help="SFT / preference / RL train rows")
-    ap.add_argument("--n-test", type=int, default=500, help="SFT / preference / RL held-out rows")
-    ap.add_argument("--n-identity", type=int, default=200, help="identity pairs per split")
-    args = ap.parse_args(argv)
-    d, s = Difficulty.from_str(args.difficulty), args.seed
-    os.makedirs(args.out, exist_ok=True)
-    files = {
-        "pretrain.jsonl": [{"text": t} for t in pretrain_corpus(args.n_pretrain, d, s)],
-        "sft_train.jsonl": sft_chats(args.n_train, "train", d, s + 1),
-        "sft_test.jsonl": sft_chats(args.n_test, "test", d, s + 1),
-        "pref_train.jsonl": preference_pairs(args.n_train, "train", d, s + 2),
-        "pref_test.jsonl": preference_pairs(args.n_test, "test", d, s + 2),
-        "identity_train.jsonl": identity_pairs(args.n_identity, "train", s + 3),
-        "identity_test.jsonl": identity_pairs(args.n_identity, "test", s + 3),
-        "rl_train.jsonl": rl_prompts(args.n_train, "train", d, s + 4),
-        "rl_test.jsonl": rl_prompts(args.n_test, "test", d, s + 4),
-    }
-    for name, records in files.items():
-        write_jsonl(os.path.join(args.out, name), records)
-        print(f"wrote {len(records):6d} rows to {os.path.join(args.out, name)}")
-
+    args = world_cli("Write the countdown task world as JSONL files.", "data/countdown",
+                     DEFAULT_DIFFICULTY, "numbers x digits, then operators, e.g. 3-4x2+-*").parse_args(argv)
+    write_world(sys.modules[__name__], args)
 
 if __name__ == "__main__":
     main()

@@ -28,6 +28,7 @@ import json
 import os
 import random
 import re
+import sys
 from dataclasses import dataclass
 
 ASSISTANT_NAME = "Pip"
@@ -401,11 +402,12 @@ def write_jsonl(path: str, records) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Write the built-in task world as JSONL files.")
-    ap.add_argument("--out", default="data", help="output directory")
-    ap.add_argument("--difficulty", default="3x2+-",
-                    help="operands x digits, then operators, e.g. 3x2+- or 4x3+-*")
+def world_cli(description: str, out: str, difficulty: str, difficulty_help: str
+              ) -> argparse.ArgumentParser:
+    """The data writer's flags, shared by this task's CLI and countdown.py's."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--out", default=out, help="output directory")
+    ap.add_argument("--difficulty", default=difficulty, help=difficulty_help)
     ap.add_argument("--seed", type=int, default=0, help="base random seed")
     ap.add_argument("--n-pretrain", type=int, default=20000, help="pretraining documents")
     ap.add_argument("--n-train", type=int, default=5000, help="SFT / preference / RL train rows")
@@ -413,24 +415,34 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-identity", type=int, default=200, help="identity pairs per split")
     ap.add_argument("--system-frac", type=float, default=0.0,
                     help="fraction of SFT chats that get a system message")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def write_world(world, args) -> None:
+    """Write a task world's (tasks.py or countdown.py) data sets as JSONL files under args.out:
+    one file per stage and split, each split from its own derived seed."""
     d, s = Difficulty.from_str(args.difficulty), args.seed
     os.makedirs(args.out, exist_ok=True)
     files = {
-        "pretrain.jsonl": [{"text": t} for t in pretrain_corpus(args.n_pretrain, d, s)],
-        "sft_train.jsonl": sft_chats(args.n_train, "train", d, s + 1, args.system_frac),
-        "sft_test.jsonl": sft_chats(args.n_test, "test", d, s + 1, args.system_frac),
-        "pref_train.jsonl": preference_pairs(args.n_train, "train", d, s + 2),
-        "pref_test.jsonl": preference_pairs(args.n_test, "test", d, s + 2),
+        "pretrain.jsonl": [{"text": t} for t in world.pretrain_corpus(args.n_pretrain, d, s)],
+        "sft_train.jsonl": world.sft_chats(args.n_train, "train", d, s + 1, args.system_frac),
+        "sft_test.jsonl": world.sft_chats(args.n_test, "test", d, s + 1, args.system_frac),
+        "pref_train.jsonl": world.preference_pairs(args.n_train, "train", d, s + 2),
+        "pref_test.jsonl": world.preference_pairs(args.n_test, "test", d, s + 2),
         "identity_train.jsonl": identity_pairs(args.n_identity, "train", s + 3),
         "identity_test.jsonl": identity_pairs(args.n_identity, "test", s + 3),
-        "rl_train.jsonl": rl_prompts(args.n_train, "train", d, s + 4),
-        "rl_test.jsonl": rl_prompts(args.n_test, "test", d, s + 4),
+        "rl_train.jsonl": world.rl_prompts(args.n_train, "train", d, s + 4),
+        "rl_test.jsonl": world.rl_prompts(args.n_test, "test", d, s + 4),
     }
     for name, records in files.items():
         write_jsonl(os.path.join(args.out, name), records)
         print(f"wrote {len(records):6d} rows to {os.path.join(args.out, name)}")
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = world_cli("Write the built-in task world as JSONL files.", "data", DEFAULT_DIFFICULTY,
+                     "operands x digits, then operators, e.g. 3x2+- or 4x3+-*").parse_args(argv)
+    write_world(sys.modules[__name__], args)
 
 if __name__ == "__main__":
     main()
