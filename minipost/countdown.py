@@ -34,7 +34,7 @@ import sys
 from collections import Counter
 from fractions import Fraction
 
-from .tasks import Difficulty, _split_of, equation_probes, identity_pairs, world_cli, write_world
+from .tasks import Difficulty, _split_of, equation_probes, world_cli, write_world
 
 DEFAULT_DIFFICULTY = "3-4x2+-*"
 TEST_MODULUS = 10  # a problem is held out when hash(sorted numbers, target) % 10 == 0
