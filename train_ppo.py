@@ -330,6 +330,43 @@ def policy_update(train_model, train_value, batch, rows, P: int, args: Args, aut
     return loss.detach(), stats
 
 
+def ppo_epochs(train_model, train_value, trained: dict, optimizers: dict, batch, P: int, step: int,
+               policy_moves: bool, tol: float, run, args: Args, rt) -> list[dict]:
+    """K epochs over shuffled minibatches of one rollout batch (the value model alone during its
+    warm-up); each minibatch's statistics."""
+    B, mb = args.batch_size // rt.world_size, args.mini_batch_size // rt.world_size  # this rank's
+    upd = []
+    for epoch in range(args.ppo_epochs):
+        perm = torch.randperm(B, device=rt.device)
+        for s in range(0, B, mb):
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            loss, stats = policy_update(train_model, train_value, batch, perm[s:s + mb], P,
+                                        args, rt.autocast, policy_moves)
+            if not upd:             # π_θ is still the sampling policy: every ratio is 1
+                check_first_ratio(stats, tol)
+            norms = [clip_gradients(m, args.grad_clip) for m in trained.values()]
+            if policy_moves:        # the policy's norm before clipping (none in the warm-up)
+                stats["grad_norm"] = norms[0]
+            upd.append(stats)
+            if run.finite(step, loss, sum(norms)):     # else --skip-nonfinite: a skipped step
+                for name, opt in optimizers.items():
+                    if name == "value" or policy_moves:
+                        opt.step()
+    return upd
+
+
+def before_and_after(before: dict, after: dict) -> dict:
+    """The held-out numbers before and after training, for results.json."""
+    out = {"accuracy_before": before.get("eval/accuracy"), "accuracy": after.get("eval/accuracy"),
+           "accuracy_ci95": after.get("eval/accuracy_ci95"),
+           "well_formed": after.get("eval/well_formed"),
+           "reward_before": before.get("eval/reward"), "reward": after.get("eval/reward")}
+    for tag, res in (("_before", before), ("", after)):     # --eval-data: each function's mean
+        out.update({k[5:] + tag: v for k, v in res.items() if k.endswith(("/mean", "/ci95"))})
+    return out
+
+
 def mean_stats(updates: list[dict]) -> dict:
     """The minibatches' stats of one iteration, averaged; of the ratio's deviation from 1 only the
     first minibatch's (`policy/ratio_first_max_dev`), which must be ~0."""
@@ -387,7 +424,6 @@ def main(args: Args):
     metrics = Metrics(args.out_dir, rt.is_main, append=bool(args.resume),
                       report_to=args.report_to)
     metrics.watch("ppo")   # diagnostics.py: a failure signature is said once
-    B, mb = args.batch_size // rt.world_size, args.mini_batch_size // rt.world_size  # this rank's
 
     # ------------------------------------------------------------------------ data
     difficulty = difficulty_arg(args.difficulty, args.task)
@@ -453,25 +489,8 @@ def main(args: Args):
                                        rt.autocast)
         batch["advantages"], batch["returns"], adv_stats = compute_advantages(batch, kl_coef, args)
 
-        upd = []                                   # K epochs over shuffled minibatches
-        for epoch in range(args.ppo_epochs):
-            perm = torch.randperm(B, device=rt.device)
-            for s in range(0, B, mb):
-                for opt in optimizers.values():
-                    opt.zero_grad(set_to_none=True)
-                loss, stats = policy_update(train_model, train_value, batch, perm[s:s + mb], P,
-                                            args, rt.autocast, policy_moves)
-                if not upd:             # π_θ is still the sampling policy: every ratio is 1
-                    check_first_ratio(stats, tol)
-                norms = [clip_gradients(m, args.grad_clip) for m in trained.values()]
-                if policy_moves:        # the policy's norm before clipping (none in the warm-up)
-                    stats["grad_norm"] = norms[0]
-                upd.append(stats)
-                gnorm = sum(norms)
-                if run.finite(step, loss, gnorm):      # else --skip-nonfinite: a skipped step
-                    for name, opt in optimizers.items():
-                        if name == "value" or policy_moves:
-                            opt.step()
+        upd = ppo_epochs(train_model, train_value, trained, optimizers, batch, P, step,
+                         policy_moves, tol, run, args, rt)
         if policy_moves:
             scheduler.step()
 
@@ -505,13 +524,8 @@ def main(args: Args):
     final = {"iterations": done, "stopped_by": scheduler.stopped_by or "max_steps",
              "train_minutes": train_time / 60,
              "seconds_per_iteration": train_time / max(done - run.start_step, 1),
-             "accuracy_before": before.get("eval/accuracy"), "accuracy": after.get("eval/accuracy"),
-             "accuracy_ci95": after.get("eval/accuracy_ci95"),
-             "well_formed": after.get("eval/well_formed"),
-             "reward_before": before.get("eval/reward"), "reward": after.get("eval/reward"),
-             "kl": kl, "kl_coef": kl_coef, "peak_rss_mb": peak_rss_mb()}
-    for tag, res in (("_before", before), ("", after)):     # --eval-data: each function's mean
-        final.update({k[5:] + tag: v for k, v in res.items() if k.endswith(("/mean", "/ci95"))})
+             **before_and_after(before, after), "kl": kl, "kl_coef": kl_coef,
+             "peak_rss_mb": peak_rss_mb()}
     metrics.log(final, echo=True)
 
     # ------------------------------------------------------------------------ save
