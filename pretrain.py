@@ -48,6 +48,7 @@ class Args(RunArgs):
     num_heads: int = 6              # attention heads
     num_kv_heads: int = 6           # key/value heads (fewer than num_heads = grouped-query attention)
     intermediate_size: int = 512    # SwiGLU hidden width
+    init_std: float = 0.02          # std of the normal init of the weight matrices
     seq_len: int = 256              # tokens per training window
     batch_size: int = 16            # windows per optimiser step (global, over all ranks)
     max_steps: int = 900            # optimiser steps
@@ -78,7 +79,7 @@ def model_config(args: Args, tokenizer) -> GPTConfig:
                      num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
                      max_position_embeddings=max(512, args.seq_len + 1),
                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id)
+                     pad_token_id=tokenizer.pad_token_id, initializer_range=args.init_std)
 
 
 def lm_loss(net, batch, rt) -> torch.Tensor:

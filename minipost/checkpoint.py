@@ -38,7 +38,8 @@ def config_to_hf(cfg: GPTConfig, head: str = "lm", dtype: str = "float32") -> di
            "torch_dtype": dtype,
            "vocab_size": cfg.vocab_size, "bos_token_id": cfg.bos_token_id,
            "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
-           "tie_word_embeddings": cfg.tie_word_embeddings}
+           "tie_word_embeddings": cfg.tie_word_embeddings,
+           "initializer_range": cfg.initializer_range}
     if cfg.model_type == "gpt2":
         out.update(n_embd=cfg.hidden_size, n_layer=cfg.num_hidden_layers,
                    n_head=cfg.num_attention_heads, n_positions=cfg.max_position_embeddings,
@@ -67,7 +68,8 @@ def config_from_hf(d: dict) -> GPTConfig:
     # an absent tie_word_embeddings means transformers' class default: tied for GPT-2 only
     common = dict(vocab_size=d["vocab_size"], bos_token_id=d.get("bos_token_id"),
                   eos_token_id=_first(d.get("eos_token_id")), pad_token_id=d.get("pad_token_id"),
-                  tie_word_embeddings=d.get("tie_word_embeddings", mt == "gpt2"))
+                  tie_word_embeddings=d.get("tie_word_embeddings", mt == "gpt2"),
+                  initializer_range=d.get("initializer_range", 0.02))
     if mt == "gpt2":
         n = d["n_embd"]
         return GPTConfig.gpt2(hidden_size=n, num_hidden_layers=d["n_layer"],

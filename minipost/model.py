@@ -51,6 +51,7 @@ class GPTConfig:
     hidden_act: str = "silu"           # "silu" (SwiGLU) | "gelu_new" (GPT-2 MLP)
     norm_type: str = "rmsnorm"         # "rmsnorm" | "layernorm"
     position_embedding: str = "rope"   # "rope" | "learned"
+    initializer_range: float = 0.02    # std of the normal init of every weight matrix
     bos_token_id: int | None = 0
     eos_token_id: int | None = 2
     pad_token_id: int | None = 3
@@ -323,7 +324,7 @@ class GPT(nn.Module):
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
