@@ -56,20 +56,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minipost import dist, rewards
+from minipost import batches, dist, online, rewards
 from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
                           require_checkpoint, setup, user_errors, write_results)
 from minipost.errors import UserError
-from minipost.evaluate import evaluate_rewards, evaluate_task, heldout_problems, prompt_ids
 from minipost.flags import RewardArgs, StageArgs, parse_args, torch_dtype
-from minipost.generate import generate
 from minipost.grpo import group_advantages, grpo_loss, reinforce_pp_advantages, rloo_advantages
 from minipost.gspo import gspo_loss
 from minipost.model import set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
 from minipost.peft import add_peft, load_model, peft_options, save_peft, trainable_summary
 from minipost.ppo import logp_advantage_covariance
-from minipost.reference import Reference
 from minipost.resume import Run, due, per_rank_state
 from minipost.rollout import completion_logps
 
@@ -131,114 +128,20 @@ def check_flags(args: Args, world_size: int):
         raise UserError(f"--entropy-coef must be >= 0, got {args.entropy_coef}")
     if args.micro_batch_size <= 0 or args.mu < 1:
         raise UserError("--micro-batch-size and --mu must be >= 1")
-    if args.peft == "lora" and args.lora_dropout:   # check_sampler_match would stop the run
+    if args.peft == "lora" and args.lora_dropout:   # online.check_sampler_match would stop the run
         raise UserError(f"--lora-dropout {args.lora_dropout}: GRPO needs 0; dropout in the training "
                         "forward would not reproduce the log-probs the sampler recorded")
 
 
-# ---------------------------------------------------------------------------- models
-def make_reference(model, args: Args) -> Reference | None:
-    """The frozen reference π_ref: None when β = 0 (nothing built, no memory spent); a copy of the
-    initial policy, or, when training LoRA/adapters, the policy itself with its PEFT layers
-    switched off (no copy)."""
-    if args.beta == 0:
-        return None
-    return Reference(model, copy=args.peft == "none")
-
-
-# ---------------------------------------------------------------------------- rollout
-@torch.no_grad()
-def rollout(model, tokenizer, problems, fns, args, generator, autocast=contextlib.nullcontext):
-    """Sample G completions for each problem (a data row) and score them with the reward
-    functions `fns` (rewards.score). Returns a dict of (N = len·G) rows: the total in
-    "rewards", each function's in "rewards/<name>" (NaN where it returned None)."""
-    G = args.group_size
-    rows = [p for p in problems for _ in range(G)]
-    prompts = [prompt_ids(tokenizer, p["prompt"], args.string_prompts) for p in rows]
-    model.eval()
-    with autocast():
-        g = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
-                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                     generator=generator)
-    model.train()
-    texts = [tokenizer.decode(ids[m]) for ids, m in zip(g.completion_ids, g.completion_mask)]
-    total, per_fn = rewards.score(fns, [p["prompt"] for p in rows], texts, rows)
-    ids, attention_mask = g.sequences
-    return {"input_ids": ids, "attention_mask": attention_mask,
-            "loss_mask": g.completion_mask.float(), "sampler_logps": g.logps, "rewards": total,
-            **{f"rewards/{k}": v for k, v in per_fn.items()}, "truncated": g.truncated.cpu()}
-
-
-def sample_batch(model, tokenizer, pool, fns, n_groups: int, args: Args, generator, autocast):
-    """`n_groups` groups of this rank's batch; with dynamic sampling (DAPO) only groups whose
-    rewards differ, refilled up to `--max-refills` times (then zero-spread groups fill the rest).
-    Returns the batch (`cat_rollouts`), every rollout sampled (for honest reward metrics) and the
-    number of zero-spread groups among them."""
-    keep, dropped, sampled, n_zero = [], [], [], 0
-    with dist.gathered(model):   # FSDP: ranks may refill a different number of times
-        for _ in range(1 + (args.max_refills if args.dynamic_sampling else 0)):
-            idx = torch.randint(len(pool), (n_groups,), generator=generator).tolist()
-            r = rollout(model, tokenizer, [pool[i] for i in idx], fns, args, generator, autocast)
-            spread = r["rewards"].view(-1, args.group_size).std(1) > 0          # (B,)
-            sampled.append(r)
-            n_zero += int((~spread).sum())
-            for gi in range(len(spread)):
-                sl = slice(gi * args.group_size, (gi + 1) * args.group_size)
-                group = {k: v[sl] for k, v in r.items()}
-                (keep if spread[gi] or not args.dynamic_sampling else dropped).append(group)
-            if len(keep) >= n_groups:
-                break
-    return cat_rollouts((keep + dropped)[:n_groups]), sampled, n_zero
-
-
-def cat_rollouts(parts):
-    """Concatenate rollouts of different lengths: prompts left-padded, completions right-padded."""
-    P = max(r["input_ids"].shape[1] - r["loss_mask"].shape[1] for r in parts)
-    C = max(r["loss_mask"].shape[1] for r in parts)
-    out = {k: [] for k in parts[0]}
-    for r in parts:
-        c = r["loss_mask"].shape[1]
-        p = r["input_ids"].shape[1] - c
-        for k, v in r.items():
-            if k in ("input_ids", "attention_mask"):
-                pad = 3 if k == "input_ids" else 0   # any id: padded positions are masked out
-                v = F.pad(v, (P - p, C - c), value=pad)
-            elif k in ("loss_mask", "sampler_logps"):
-                v = F.pad(v, (0, C - c))
-            out[k].append(v)
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def prompt_len(mb) -> int:
-    """Width of the left-padded prompt block of a (micro-)batch."""
-    return mb["input_ids"].shape[1] - mb["loss_mask"].shape[1]
-
-
-def micro_batches(batch, size: int):
-    """Split rows into micro-batches, each trimmed to its own longest prompt and completion."""
-    C = batch["loss_mask"].shape[1]
-    out = []
-    for s in range(0, len(batch["rewards"]), size):
-        mb = {k: v[s:s + size] for k, v in batch.items()}
-        c = max(int(mb["loss_mask"].sum(1).max()), 1)
-        first = int(mb["attention_mask"].any(0).nonzero()[0])     # drop all-padding prompt columns
-        end = mb["input_ids"].shape[1] - (C - c)
-        for k in ("input_ids", "attention_mask"):
-            mb[k] = mb[k][:, first:end]
-        for k in ("loss_mask", "sampler_logps"):
-            mb[k] = mb[k][:, :c]
-        out.append(mb)
-    return out
-
-
+# ---------------------------------------------------------------------------- advantages
 @torch.no_grad()
 def reference_logps(reference, mbs, args: Args):
     """log π_ref on each micro-batch, at the sampling temperature, like the policy's (None
     without a reference)."""
     if reference is None:
         return None
-    return [reference.logps(completion_logps, mb["input_ids"], mb["attention_mask"], prompt_len(mb),
-                            args.temperature) for mb in mbs]
+    return [reference.logps(completion_logps, mb["input_ids"], mb["attention_mask"],
+                            batches.prompt_len(mb), args.temperature) for mb in mbs]
 
 
 def compute_advantages(batch, mbs, ref_logps, args: Args) -> torch.Tensor:
@@ -287,8 +190,8 @@ def policy_update(train_model, mbs, normalizer: float, args, old_logps=None, ref
 
     old_logps None: this is the first update on the batch; the detached current log-probs are the
     old ones, so ρ = 1 exactly (μ = 1 is then the on-policy GRPO gradient). That they are the
-    sampler's is reported as `sampler_logp_max_diff`, for `check_sampler_match`; the policy that
-    sampled is also measured: `entropy`, its mean token entropy on the completions.
+    sampler's is reported as `sampler_logp_max_diff`, for `online.check_sampler_match`; the policy
+    that sampled is also measured: `entropy`, its mean token entropy on the completions.
 
     `--loss-type gspo` takes `gspo.gspo_loss`, the others `grpo.grpo_loss`. REINFORCE++ has its KL
     in the advantages already: no k3 term in the loss then (its value is still logged as "kl").
@@ -304,7 +207,7 @@ def policy_update(train_model, mbs, normalizer: float, args, old_logps=None, ref
         ctx = sync() if sync is not None and i < len(mbs) - 1 else contextlib.nullcontext()
         with ctx:
             out = completion_logps(train_model, mb["input_ids"], mb["attention_mask"],
-                                   prompt_len(mb), args.temperature,
+                                   batches.prompt_len(mb), args.temperature,
                                    with_entropy=first or bonus, entropy_grad=bonus)
             logps, entropy = out if first or bonus else (out, None)          # (n, C)
             old = logps.detach() if old_logps is None else old_logps[i]
@@ -335,63 +238,13 @@ def policy_update(train_model, mbs, normalizer: float, args, old_logps=None, ref
     return out, new_old
 
 
-def sampler_tolerance(dtype, device) -> float:
-    """The largest |log π_trainer − log π_sampler| that `check_sampler_match` lets pass.
-
-    Before its first update on a batch the policy is the one that sampled it, so the two log-probs
-    differ only by rounding: the sampler decodes one token at a time against its KV cache, the
-    trainer runs one full forward over prompt + completion, and their matmuls and attention add up
-    in other orders. fp32 on a CPU: below 1e-4 (4e-6 on the tests' 2-layer model, 8e-5 on a 6-layer
-    width-256 one with peaked logits), so 1e-3. bf16 (weights, or autocast on a GPU) keeps 8
-    mantissa bits: the same two models drift 0.05 and 0.4 nats on their worst token, so 1 nat. A
-    real mismatch moves them further: scoring at T = 1 what was sampled at T = 0.7 costs 1 to 3
-    nats on those models, a shifted position or a dropped mask more.
-    """
-    return 1e-3 if dtype == torch.float32 and device.type == "cpu" else 1.0
-
-
-def check_sampler_match(stats: dict, tol: float):
-    """On a batch's first update the trainer's log-probs must be those the sampler recorded
-    (`stats["sampler_logp_max_diff"]` < `tol`), else π_old is not the policy that sampled and the
-    clipped ratio optimises noise. Raises RuntimeError."""
-    diff = stats["sampler_logp_max_diff"]
-    if not diff < tol:
-        raise RuntimeError(
-            f"first update of a batch: the trainer's log-probs differ from the sampler's log-probs "
-            f"by up to {diff:.3g} >= {tol:g}. The training forward does not reproduce the "
-            "distribution that sampled (temperature, dropout, train/eval mode, dtype or padding "
-            "differ): GRPO would be optimising noise.")
-
-
 # ---------------------------------------------------------------------------- eval
 def evaluate(model, tokenizer, held_out, fns, tag: str, args: Args, rt) -> dict:
-    """Held-out greedy accuracy; before and after training ("before", "after") also, from
-    --pass-k samples a problem at --temperature, the unbiased pass@k for k = 1 … --pass-k with
-    its 95% intervals (lists `pass@k`, `pass@k_ci95`; evaluate.evaluate_task), and the accuracy
-    of one sample. With --eval-data: each reward function's greedy mean (`<name>/mean`,
-    `<name>/ci95`) and, before and after, the pass@k of each 0/1 one (evaluate_rewards)."""
-    if args.eval_data:
-        out = evaluate_rewards(model, tokenizer, held_out, fns, args.max_new_tokens,
-                               string_prompts=args.string_prompts, autocast=rt.autocast)
-        if args.pass_k > 1 and tag in ("before", "after"):
-            res_k = evaluate_rewards(model, tokenizer, held_out, fns, args.max_new_tokens,
-                                     temperature=args.temperature, samples=args.pass_k,
-                                     string_prompts=args.string_prompts, autocast=rt.autocast,
-                                     seed=args.seed)
-            out.update({k: v for k, v in res_k.items() if "pass@" in k})
-        return out
-    res = evaluate_task(model, tokenizer, held_out, args.max_new_tokens, autocast=rt.autocast,
-                        task=args.task)
-    out = {"accuracy": res["accuracy"], "accuracy_ci95": res["accuracy_ci95"],
-           "well_formed": res["well_formed"], "n": res["n"]}
-    if args.pass_k > 1 and tag in ("before", "after"):
-        res_k = evaluate_task(model, tokenizer, held_out, args.max_new_tokens,
-                              temperature=args.temperature, samples=args.pass_k,
-                              autocast=rt.autocast, seed=args.seed, task=args.task)
-        for key in (f"pass@{args.pass_k}", "pass@k", "pass@k_ci95"):
-            out[key] = res_k[key]
-        out["sampled_accuracy"] = res_k["accuracy"]
-    return out
+    """Held-out greedy accuracy (or with --eval-data each reward function's greedy mean); before
+    and after training ("before", "after") also the pass@k of --pass-k samples a problem at
+    --temperature and the accuracy of one sample (online.evaluate)."""
+    return online.evaluate(model, tokenizer, held_out, fns, args, rt.autocast, args.max_new_tokens,
+                           pass_k=args.pass_k if tag in ("before", "after") else 0)
 
 
 def main(args: Args):
@@ -408,12 +261,9 @@ def main(args: Args):
     require_checkpoint(args.init, "python train_sft.py")
     tokenizer = load_script_tokenizer(args.init, args.chat_template)   # pads with EOS if no pad
     # --data rows or the built-in task's, the reward functions, each row checked and each
-    # function probed before anything is written (rewards.rl_task)
-    pool, held_out, fns = rewards.rl_task(args, train_difficulty, args.n_prompts,
-                                          args.format_reward, log=print if rt.is_main else None)
-    if held_out is None:
-        held_out = heldout_problems(str(difficulty), args.eval_problems, args.task)
-    held_out = held_out[:args.eval_problems]
+    # function probed before anything is written (rewards.rl_task), and the held-out rows
+    pool, held_out, fns = online.load_task(args, train_difficulty, difficulty, args.format_reward,
+                                           log=print if rt.is_main else None)
 
     # ------------------------------------------------------------------------ models
     dtype = torch_dtype(args.dtype)
@@ -421,7 +271,7 @@ def main(args: Args):
     check_vocab(tokenizer, model, args.init)
     model = add_peft(model, **peft_options(args))
     set_gradient_checkpointing(model, args.grad_checkpointing)
-    reference = make_reference(model, args)
+    reference = online.make_reference(model, args.peft, args.beta)   # None at β = 0
     if rt.is_main:
         print(f"policy {args.init} (peft={args.peft}, {trainable_summary(model)}); reference: "
               f"{'none (beta=0)' if reference is None else reference.kind}; {len(pool)} train prompts")
@@ -432,7 +282,7 @@ def main(args: Args):
     scheduler = CosineSchedule(optimizer, args.warmup_steps, args.max_steps,
                                args.min_lr_ratio if args.lr_schedule == "cosine" else 1.0,
                                max_minutes=args.max_minutes)
-    tol = sampler_tolerance(dtype, rt.device)   # KV-cache decode vs full forward: rounding only
+    tol = online.sampler_tolerance(dtype, rt.device)   # KV-cache decode vs full forward: rounding
 
     # ------------------------------------------------------------------------ loop
     gen = torch.Generator().manual_seed(args.seed + rt.rank)   # each rank its own prompts/samples
@@ -449,13 +299,13 @@ def main(args: Args):
     bar = tqdm(total=args.max_steps, initial=step, disable=not rt.is_main, desc="grpo")
     while not scheduler.done():
         t0, step_before = time.time(), step
-        batch, sampled, n_zero = sample_batch(model, tokenizer, pool, fns, per_rank, args, gen,
-                                              rt.autocast)
+        batch, sampled, n_zero = batches.sample_batch(model, tokenizer, pool, fns, per_rank, args,
+                                                     gen, rt.autocast)
         lengths = batch["loss_mask"].sum(1)                                    # (B·G,)
         if args.mask_truncated:
             batch["loss_mask"] = batch["loss_mask"] * (~batch["truncated"]).float()[:, None]
         batch = {k: v.to(rt.device) for k, v in batch.items()}
-        mbs = micro_batches(batch, args.micro_batch_size)
+        mbs = batches.micro_batches(batch, args.micro_batch_size)
         # the global denominator over ranks, divided by the world size that DDP's mean divides by
         normalizer = dist.all_reduce_sum(torch.tensor(loss_normalizer(
             args.loss_type, batch["loss_mask"], args.max_new_tokens), dtype=torch.float64))
@@ -475,7 +325,7 @@ def main(args: Args):
             stats, old_logps = policy_update(train_model, mbs, normalizer, args, old_logps,
                                              ref_logps)
             if it == 0:                 # π_θ is still the sampling policy: it must score as one
-                check_sampler_match(stats, tol)
+                online.check_sampler_match(stats["sampler_logp_max_diff"], tol)
                 sampler = {k: stats[k] for k in ("sampler_logp_max_diff", "entropy")}
             gnorm = clip_gradients(model, args.grad_clip)
             if run.finite(step, stats["loss"], gnorm):  # else --skip-nonfinite: a skipped step

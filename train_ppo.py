@@ -61,30 +61,22 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from minipost import dist, rewards
+from minipost import batches, dist, online
 from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
-                          require_checkpoint, same_tokenizer, setup, user_errors, write_results)
+                          require_checkpoint, setup, user_errors, write_results)
 from minipost.errors import UserError
-from minipost.evaluate import evaluate_rewards, evaluate_task, heldout_problems, prompt_ids
 from minipost.flags import RewardArgs, StageArgs, parse_args, torch_dtype
-from minipost.generate import generate
-from minipost.model import ScoreModel, set_gradient_checkpointing
+from minipost.model import set_gradient_checkpointing
 from minipost.optim import CosineSchedule, clip_gradients, make_optimizer
-from minipost.peft import (add_peft, load_model, load_reward_models, peft_options, save_peft,
-                           trainable_summary)
+from minipost.peft import add_peft, load_model, peft_options, save_peft, trainable_summary
 from minipost.ppo import (adaptive_kl_update, explained_variance, gae, kl_shaped_rewards,
-                          logp_advantage_covariance, masked_mean, ppo_policy_loss, ppo_value_loss,
-                          whiten)
-from minipost.reference import Reference
+                          logp_advantage_covariance, ppo_policy_loss, ppo_value_loss, whiten)
 from minipost.resume import Run, due
-from minipost.reward import RewardEnsemble, reward_members
-from minipost.rollout import (completion_logps, completion_values, sequence_scores,
-                              values_and_scores)
+from minipost.rollout import completion_logps, completion_values
 
 
 # ---------------------------------------------------------------------------- Args
@@ -153,133 +145,7 @@ def check_flags(args: Args, world_size: int):
                         "--value-init reward and no --value-warmup")
 
 
-# ---------------------------------------------------------------------------- data
-def load_prompts(tokenizer, difficulty, args: Args, log=print) -> tuple[list, list, list, list]:
-    """(prompt ids, rows, held-out rows or None, reward functions): `--data` or `--n-prompts`
-    built-in problems, and the gold reward functions (rewards.rl_task: checked and probed)."""
-    rows, held_out, fns = rewards.rl_task(args, difficulty, args.n_prompts, log=log)
-    prompts = [prompt_ids(tokenizer, r["prompt"], args.string_prompts) for r in rows]
-    k = args.samples_per_prompt
-    if len(prompts) < args.batch_size // k:           # a batch draws distinct prompts
-        raise UserError(f"{args.data or '--n-prompts'}: {len(prompts)} prompts, fewer than the "
-                        f"{args.batch_size // k} distinct ones a batch takes (--batch-size "
-                        f"{args.batch_size} / --samples-per-prompt {k})")
-    return prompts, rows, held_out, fns
-
-
-def draw_prompts(order, pos: int, gen, args: Args, rt) -> tuple[list, torch.Tensor, int]:
-    """The next B/k distinct prompts of the shuffled `order` (a new order when it runs out), each
-    k times, this rank's share of them. Returns (prompt indices, order, position)."""
-    n_new, k = args.batch_size // args.samples_per_prompt, args.samples_per_prompt
-    if pos + n_new > len(order):
-        order, pos = torch.randperm(len(order), generator=gen), 0
-    B = args.batch_size // rt.world_size
-    idx = order[pos:pos + n_new].repeat_interleave(k)[rt.rank * B:(rt.rank + 1) * B].tolist()
-    return idx, order, pos + n_new
-
-
-# ---------------------------------------------------------------------------- models
-def load_reward_model(model, args: Args, rt):
-    """The reward model of `--reward-model` (several: their `RewardEnsemble`), frozen. None with
-    `--reward gold --value-init policy` when it is missing or does not share the policy's
-    tokenizer (it only logs a score then); needed, either stops the run with a UserError."""
-    need_rm = args.reward == "model" or args.value_init == "reward"
-    rm_dirs = [d for d in args.reward_model.split(",") if d]    # several: an ensemble
-    if need_rm:
-        if not rm_dirs:
-            raise UserError("--reward-model is empty")
-        for d in rm_dirs:
-            require_checkpoint(d, "python train_rm.py")
-    if not rm_dirs or not (need_rm or all(Path(d, "config.json").exists() for d in rm_dirs)):
-        return None
-    reward_model = load_reward_models(rm_dirs, torch_dtype(args.dtype), rt.device, args.ensemble)
-    for d, m in zip(rm_dirs, reward_members(reward_model)):
-        msg = None
-        if m.config.vocab_size != model.config.vocab_size:   # not the same tokenizer
-            msg = (f"{d}: the reward model has {m.config.vocab_size} token embeddings, the "
-                   f"policy {model.config.vocab_size}; they do not share a tokenizer")
-        elif not same_tokenizer(args.init, d):
-            msg = (f"{d}: the reward model's tokenizer.json is not the policy's ({args.init}): "
-                   "the same text has other token ids")
-        if msg:
-            if need_rm:
-                raise UserError(msg)
-            if rt.is_main:
-                print(f"note: {msg}, so its score is not logged")
-            return None
-    if rt.is_main and isinstance(reward_model, RewardEnsemble):
-        print(f"reward: the {args.ensemble} of {len(rm_dirs)} reward models (each "
-              "standardised with its held-out mean and std)")
-    return reward_model
-
-
-def make_value_model(model, reward_model, args: Args, rt):
-    """V(s_t), in eval mode: the reward model itself, frozen (--freeze-value: V is its score of the
-    prefix), a trainable copy of the first reward model (Stiennon et al. 2020), or (--value-init
-    policy) the policy's decoder with a zero head."""
-    if args.freeze_value:
-        return reward_members(reward_model)[0]
-    if args.value_init == "reward":
-        return load_model([d for d in args.reward_model.split(",") if d][0],
-                          torch_dtype(args.dtype), rt.device, head="score").eval()
-    return ScoreModel.from_lm(model).eval()
-
-
-def make_reference(model, args: Args) -> Reference:
-    """The frozen reference π_ref: a copy of the initial policy, or, when training LoRA/adapters,
-    the policy itself with its PEFT layers switched off (no copy)."""
-    return Reference(model, copy=args.peft == "none")
-
-
-# ---------------------------------------------------------------------------- rollout
-@torch.no_grad()
-def rollout(model, value_model, reward_model, reference, tokenizer, prompts, rows, fns, args: Args,
-            autocast):
-    """Sample one completion per prompt and compute every no-grad quantity of one batch: old and
-    reference log-probs, values, the scores. Returns the batch (rows of (B, ·) tensors), the
-    prompt width P and the rollout's stats."""
-    with autocast(), dist.gathered(model), dist.gathered(value_model):   # FSDP: whole
-        g = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
-                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        seq, attention_mask = g.sequences                                   # (B, P + N)
-        P = g.prompt_ids.shape[1]
-        old_logps, entropy = completion_logps(model, seq, attention_mask, P, args.temperature,
-                                              with_entropy=True)
-        ref_logps = reference_logps(reference, seq, attention_mask, P, args)
-        if value_model is reward_model:    # --freeze-value, one reward model: one forward
-            values, rm_scores = values_and_scores(reward_model, seq, attention_mask, P)
-        else:
-            values = completion_values(value_model, seq, attention_mask, P)    # (B, N)
-            rm_scores = (sequence_scores(reward_model, seq, attention_mask)
-                         if reward_model is not None else None)                  # (B,) at EOS
-    texts = [tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
-             for ids, m in zip(g.completion_ids, g.completion_mask)]
-    gold, per_fn = rewards.score(fns, [r["prompt"] for r in rows], texts, rows)   # (B,)
-    gold = gold.to(g.completion_ids.device)
-    loss_mask = g.completion_mask.float()                                       # (B, N)
-    truncated = g.truncated.float()
-    scores = (rm_scores if args.reward == "model" else gold) - args.missing_eos_penalty * truncated
-    if args.mask_truncated:
-        loss_mask = loss_mask * (1 - truncated)[:, None]
-    m = g.completion_mask
-    stats = {"reward/mean": rm_scores.mean() if rm_scores is not None else torch.tensor(math.nan),
-             "gold/mean": gold.mean(), **rewards.log_stats(per_fn),
-             "entropy": masked_mean(entropy, m),
-             "completion_length": m.float().sum(1).mean(), "no_eos": truncated.mean(),
-             "rollout/logp_mismatch": ((old_logps - g.logps).abs() * m).max()}
-    if isinstance(reward_model, RewardEnsemble):    # the members' spread on these samples
-        stats["reward/disagreement"] = reward_model.disagreement.mean()
-    batch = dict(seq=seq, attention_mask=attention_mask, completion_mask=m, old_logps=old_logps,
-                 ref_logps=ref_logps, values=values, scores=scores, loss_mask=loss_mask)
-    return batch, P, stats
-
-
-@torch.no_grad()
-def reference_logps(reference, seq, attention_mask, P: int, args: Args):
-    """log π_ref of the completions, at the sampling temperature, like the policy's."""
-    return reference.logps(completion_logps, seq, attention_mask, P, args.temperature)
-
-
+# ---------------------------------------------------------------------------- advantages
 def compute_advantages(batch, kl_coef: float, args: Args):
     """Per-token rewards r_t = −β·(log π_old − log π_ref) + the score at the last token, then GAE:
     (advantages whitened over the batch's real tokens, returns, stats)."""
@@ -344,7 +210,7 @@ def ppo_epochs(train_model, train_value, trained: dict, optimizers: dict, batch,
             loss, stats = policy_update(train_model, train_value, batch, perm[s:s + mb], P,
                                         args, rt.autocast, policy_moves)
             if not upd:             # π_θ is still the sampling policy: every ratio is 1
-                check_first_ratio(stats, tol)
+                online.check_sampler_match(stats["policy/ratio_max_dev"], tol, ratio=True)
             norms = [clip_gradients(m, args.grad_clip) for m in trained.values()]
             if policy_moves:        # the policy's norm before clipping (none in the warm-up)
                 stats["grad_norm"] = norms[0]
@@ -356,65 +222,23 @@ def ppo_epochs(train_model, train_value, trained: dict, optimizers: dict, batch,
     return upd
 
 
-def before_and_after(before: dict, after: dict) -> dict:
-    """The held-out numbers before and after training, for results.json."""
-    out = {"accuracy_before": before.get("eval/accuracy"), "accuracy": after.get("eval/accuracy"),
-           "accuracy_ci95": after.get("eval/accuracy_ci95"),
-           "well_formed": after.get("eval/well_formed"),
-           "reward_before": before.get("eval/reward"), "reward": after.get("eval/reward")}
-    for tag, res in (("_before", before), ("", after)):     # --eval-data: each function's mean
-        out.update({k[5:] + tag: v for k, v in res.items() if k.endswith(("/mean", "/ci95"))})
-    return out
-
-
-def mean_stats(updates: list[dict]) -> dict:
-    """The minibatches' stats of one iteration, averaged; of the ratio's deviation from 1 only the
-    first minibatch's (`policy/ratio_first_max_dev`), which must be ~0."""
-    out = {k: torch.stack([u[k] for u in updates]).mean() for k in updates[0]
-           if k != "policy/ratio_max_dev"}
-    out["policy/ratio_first_max_dev"] = updates[0]["policy/ratio_max_dev"]
-    return out
-
-
-def ratio_tolerance(dtype, device) -> float:
-    """The largest |ratio − 1| that `check_first_ratio` lets pass: rounding only (fp32 on a CPU
-    reproduces the rollout's forward to ~1e-6; bf16 or a GPU's kernels to a few percent)."""
-    return 1e-4 if dtype == torch.float32 and device.type == "cpu" else 5e-2
-
-
-def check_first_ratio(stats: dict, tol: float):
-    """Before any update, π_θ = π_old, so every ratio must be 1. Raises RuntimeError."""
-    dev = float(stats["policy/ratio_max_dev"])
-    if not dev < tol:
-        raise RuntimeError(
-            f"first PPO minibatch: max |ratio - 1| = {dev:.3g} >= {tol:g}. The training forward "
-            "does not reproduce the rollout's log-probs (dropout, train/eval mode, dtype, "
-            "temperature or padding differ): PPO would be optimising noise.")
-
-
 # ---------------------------------------------------------------------------- eval
 def evaluate(model, reward_model, tokenizer, held_out, fns, step: int, args: Args, rt) -> dict:
     """Held-out greedy accuracy, and the reward model's mean score of the greedy answers. With
-    --eval-data: each reward function's greedy mean instead of the accuracy (evaluate_rewards)."""
-    if args.eval_data:
-        res = evaluate_rewards(model, tokenizer, held_out, fns, args.max_new_tokens,
-                               string_prompts=args.string_prompts, autocast=rt.autocast)
-        out = {"step": step, **{f"eval/{k}": v for k, v in res.items()}}
-    else:
-        res = evaluate_task(model, tokenizer, held_out, autocast=rt.autocast, task=args.task)
-        out = {"step": step, "eval/accuracy": res["accuracy"],
-               "eval/accuracy_ci95": res["accuracy_ci95"], "eval/well_formed": res["well_formed"]}
+    --eval-data: each reward function's greedy mean instead of the accuracy (online.evaluate)."""
+    # the verifier's accuracy at evaluate_task's default budget of 64 tokens (not
+    # --max-new-tokens), logged without its "n"
+    res = online.evaluate(model, tokenizer, held_out, fns, args, rt.autocast,
+                          args.max_new_tokens if args.eval_data else 64)
+    if not args.eval_data:
+        del res["n"]
+    out = {"step": step, **{f"eval/{k}": v for k, v in res.items()}}
     # RM score of greedy answers, on a multiple of the world size (every rank gets some)
     n_rm = min(args.eval_rm_problems, len(held_out)) // rt.world_size * rt.world_size
     if reward_model is not None and n_rm:
-        mine = dist.shard(held_out[:n_rm])
-        with torch.no_grad(), rt.autocast():
-            g = generate(model, [prompt_ids(tokenizer, p["prompt"], args.string_prompts)
-                                 for p in mine],
-                         args.max_new_tokens, temperature=0.0,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            s = sequence_scores(reward_model, *g.sequences)
-        out["eval/reward"] = dist.all_reduce_mean({"r": float(s.mean())})["r"]
+        out["eval/reward"] = online.reward_model_score(model, reward_model, tokenizer,
+                                                       held_out[:n_rm], args.max_new_tokens,
+                                                       args.string_prompts, rt.autocast)
     return out
 
 
@@ -429,24 +253,21 @@ def main(args: Args):
     difficulty = difficulty_arg(args.difficulty, args.task)
     require_checkpoint(args.init, "python train_sft.py")
     tokenizer = load_script_tokenizer(args.init, args.chat_template)   # pads with EOS if no pad
-    prompts, rows, held_out, fns = load_prompts(tokenizer, difficulty, args,
-                                                log=print if rt.is_main else None)
-    if held_out is None:
-        held_out = heldout_problems(str(difficulty), args.eval_problems, args.task)
-    held_out = held_out[:args.eval_problems]
+    prompts, rows, held_out, fns = online.load_prompts(tokenizer, difficulty, args,
+                                                       log=print if rt.is_main else None)
 
     # ------------------------------------------------------------------------ models
     dtype = torch_dtype(args.dtype)
     model = load_model(args.init, dtype=dtype, device=rt.device)
     check_vocab(tokenizer, model, args.init)
-    reward_model = load_reward_model(model, args, rt)  # also for --reward gold, to log its score
-    value_model = make_value_model(model, reward_model, args, rt)
+    reward_model = online.load_reward_model(model, args, rt)  # --reward gold too: its score logged
+    value_model = online.make_value_model(model, reward_model, args, rt)
     trained = {"policy": model} if args.freeze_value else {"policy": model, "value": value_model}
     for name, m in trained.items():   # eval mode: new PEFT layers (LoRA dropout too) start in train
         add_peft(m, **peft_options(args), modules_to_save=("score",) if name == "value" else ())
         m.eval()
         set_gradient_checkpointing(m, args.grad_checkpointing)
-    reference = make_reference(model, args)
+    reference = online.make_reference(model, args.peft)
     if rt.is_main:
         print(f"policy {args.init} (peft={args.peft}, {trainable_summary(model)}); reference: "
               f"{reference.kind}; value model: " + ("the reward model, frozen" if args.freeze_value
@@ -460,7 +281,7 @@ def main(args: Args):
                                args.max_steps - args.value_warmup,
                                args.min_lr_ratio if args.lr_schedule == "cosine" else 1.0,
                                max_minutes=args.max_minutes)
-    tol = ratio_tolerance(dtype, rt.device)   # rollout forward vs training forward: rounding only
+    tol = online.sampler_tolerance(dtype, rt.device, ratio=True)   # two full forwards: rounding
 
     # ------------------------------------------------------------------------ loop
     gen = torch.Generator().manual_seed(args.seed)    # the same prompt order on every rank
@@ -483,10 +304,11 @@ def main(args: Args):
         policy_moves = step >= args.value_warmup   # during the warm-up only the value model learns
         if policy_moves and scheduler.done():      # the clock may end it before the steps
             break
-        idx, order, pos = draw_prompts(order, pos, gen, args, rt)
-        batch, P, roll_stats = rollout(model, value_model, reward_model, reference, tokenizer,
-                                       [prompts[i] for i in idx], [rows[i] for i in idx], fns, args,
-                                       rt.autocast)
+        idx, order, pos = online.draw_prompts(order, pos, gen, args.batch_size,
+                                              args.samples_per_prompt, rt.rank, rt.world_size)
+        batch, P, roll_stats = batches.ppo_rollout(model, value_model, reward_model, reference,
+                                                   tokenizer, [prompts[i] for i in idx],
+                                                   [rows[i] for i in idx], fns, args, rt.autocast)
         batch["advantages"], batch["returns"], adv_stats = compute_advantages(batch, kl_coef, args)
 
         upd = ppo_epochs(train_model, train_value, trained, optimizers, batch, P, step,
@@ -494,7 +316,7 @@ def main(args: Args):
         if policy_moves:
             scheduler.step()
 
-        m = dist.all_reduce_mean({**roll_stats, **adv_stats, **mean_stats(upd)})
+        m = dist.all_reduce_mean({**roll_stats, **adv_stats, **online.mean_stats(upd)})
         if args.target_kl > 0:
             kl_coef = adaptive_kl_update(kl_coef, m["kl"], args.target_kl, args.batch_size,
                                          args.kl_horizon)
@@ -524,7 +346,7 @@ def main(args: Args):
     final = {"iterations": done, "stopped_by": scheduler.stopped_by or "max_steps",
              "train_minutes": train_time / 60,
              "seconds_per_iteration": train_time / max(done - run.start_step, 1),
-             **before_and_after(before, after), "kl": kl, "kl_coef": kl_coef,
+             **online.before_and_after(before, after), "kl": kl, "kl_coef": kl_coef,
              "peak_rss_mb": peak_rss_mb()}
     metrics.log(final, echo=True)
 

@@ -10,7 +10,7 @@ import torch
 
 import train_grpo
 from conftest import warnings_of
-from minipost import diagnostics, rewards
+from minipost import batches, diagnostics, online, rewards
 from minipost.grpo import group_advantages
 from minipost.peft import add_peft, load_model
 from minipost.tokenizer import load_tokenizer
@@ -37,14 +37,14 @@ def fake_batch(vocab: int, prompt_lens, completion_lens, group_size: int, seed: 
                      "loss_mask": torch.ones(1, c), "sampler_logps": torch.zeros(1, c),
                      "rewards": torch.rand(1, generator=g).round(), "rewards/correct": torch.zeros(1),
                      "truncated": torch.zeros(1, dtype=torch.bool)})
-    batch = train_grpo.cat_rollouts(rows)
+    batch = batches.cat_rollouts(rows)
     batch["advantages"] = group_advantages(batch["rewards"], group_size)
     return batch
 
 
 def grads_of(model, batch, args):
     model.zero_grad(set_to_none=True)
-    mbs = train_grpo.micro_batches(batch, args.micro_batch_size)
+    mbs = batches.micro_batches(batch, args.micro_batch_size)
     norm = train_grpo.loss_normalizer(args.loss_type, batch["loss_mask"], args.max_new_tokens)
     stats, old = train_grpo.policy_update(model, mbs, norm, args)
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
@@ -87,7 +87,7 @@ def test_every_advantage_with_an_entropy_bonus_gives_the_full_batch_gradient_in_
     grads = []
     for size in (8, 3):
         model.zero_grad(set_to_none=True)
-        mbs = train_grpo.micro_batches(batch, size)
+        mbs = batches.micro_batches(batch, size)
         ref = [mb["sampler_logps"] + 0.2 for mb in mbs]          # a KL in the reward: 0.2 a token
         adv = train_grpo.compute_advantages(batch, mbs, ref, args)
         assert adv.shape == ((8,) if advantage == "rloo" else batch["loss_mask"].shape)
@@ -105,7 +105,8 @@ def test_first_update_ratio_is_one_and_logps_match_the_sampler(tiny_sft_dir):
     problems = [{"prompt": "Mia has 2 apples. She buys 3 more. How many?", "answer": "5"},
                 {"prompt": "Leo has 9 coins. He loses 4. How many are left?", "answer": "5"}]
     fns = rewards.load(["correct"], [])
-    batch = train_grpo.rollout(model, tok, problems, fns, args, torch.Generator().manual_seed(0))
+    batch = batches.group_rollout(model, tok, problems, fns, args,
+                                  torch.Generator().manual_seed(0))
     batch["advantages"] = torch.randn(len(batch["rewards"]))
     _, stats, _, old = grads_of(model, batch, args)
     assert stats["policy/ratio_max_dev"] < 1e-6           # ρ = 1 on the first update
@@ -113,7 +114,7 @@ def test_first_update_ratio_is_one_and_logps_match_the_sampler(tiny_sft_dir):
     assert stats["sampler_logp_max_diff"] < 1e-4          # KV-cache sampler == full forward at T
     # a second update on the same batch uses these old log-probs: after a step ρ ≠ 1
     torch.optim.SGD(model.parameters(), lr=1.0).step()
-    mbs = train_grpo.micro_batches(batch, args.micro_batch_size)
+    mbs = batches.micro_batches(batch, args.micro_batch_size)
     norm = train_grpo.loss_normalizer(args.loss_type, batch["loss_mask"], args.max_new_tokens)
     stats2, _ = train_grpo.policy_update(model, mbs, norm, args, old_logps=old)
     assert stats2["policy/ratio_max_dev"] > 1e-4
@@ -132,12 +133,12 @@ def test_constant_reward_group_gives_no_policy_gradient(tiny_sft_dir):
 
 def test_beta_zero_builds_no_reference_model(tiny_sft_dir):
     model = load_model(tiny_sft_dir)
-    assert train_grpo.make_reference(model, train_grpo.Args(beta=0.0)) is None
-    ref = train_grpo.make_reference(model, train_grpo.Args(beta=0.04))
+    assert online.make_reference(model, "none", beta=0.0) is None
+    ref = online.make_reference(model, "none", beta=0.04)
     assert ref.kind == "copy" and ref.model is not model and not ref.model.training
     assert not any(p.requires_grad for p in ref.model.parameters())
     lora = add_peft(model, "lora", lora_r=2)
-    ref = train_grpo.make_reference(lora, train_grpo.Args(beta=0.04, peft="lora"))
+    ref = online.make_reference(lora, "lora", beta=0.04)
     assert ref.kind == "adapters_off" and ref.model is None     # LoRA: the base model, no copy
 
 

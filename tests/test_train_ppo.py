@@ -356,8 +356,11 @@ def test_lora_dropout_is_off_in_every_rollout_and_update_forward(tiny_sft_dir, t
             return fn(model, *a, **k)
         return checked
 
-    for name in ("generate", "completion_logps", "completion_values", "sequence_scores"):
-        monkeypatch.setattr(train_ppo, name, eval_only(getattr(train_ppo, name)))
+    from minipost import batches, online
+    for module in (train_ppo, batches, online):   # the updates, the rollout, the RM's eval score
+        for name in ("generate", "completion_logps", "completion_values", "sequence_scores"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, eval_only(getattr(module, name)))
     out = tmp_path / "ppo"
     kw = dict(peft="lora", lora_dropout=0.5, eval_every=0, save_every=1)
     res = train_ppo.main(tiny_args(tiny_sft_dir, tiny_rm_dir, out, max_steps=1, **kw))
