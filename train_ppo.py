@@ -226,12 +226,7 @@ def ppo_epochs(train_model, train_value, trained: dict, optimizers: dict, batch,
 def evaluate(model, reward_model, tokenizer, held_out, fns, step: int, args: Args, rt) -> dict:
     """Held-out greedy accuracy, and the reward model's mean score of the greedy answers. With
     --eval-data: each reward function's greedy mean instead of the accuracy (online.evaluate)."""
-    # the verifier's accuracy at evaluate_task's default budget of 64 tokens (not
-    # --max-new-tokens), logged without its "n"
-    res = online.evaluate(model, tokenizer, held_out, fns, args, rt.autocast,
-                          args.max_new_tokens if args.eval_data else 64)
-    if not args.eval_data:
-        del res["n"]
+    res = online.evaluate(model, tokenizer, held_out, fns, args, rt.autocast, args.max_new_tokens)
     out = {"step": step, **{f"eval/{k}": v for k, v in res.items()}}
     # RM score of greedy answers, on a multiple of the world size (every rank gets some)
     n_rm = min(args.eval_rm_problems, len(held_out)) // rt.world_size * rt.world_size

@@ -261,6 +261,21 @@ def test_train_ppo_gold_reward_needs_no_reward_model(tiny_sft_dir, tmp_path):
     assert res["iterations"] == 1 and res["reward"] is None
 
 
+def test_held_out_accuracy_uses_the_runs_completion_budget(tiny_sft_dir, tmp_path, monkeypatch):
+    import train_ppo
+    from minipost import online
+    budgets = []
+
+    def fake_task(model, tokenizer, held_out, max_new_tokens, **kw):
+        budgets.append(max_new_tokens)
+        return {"accuracy": 0.0, "accuracy_ci95": 0.0, "well_formed": 1.0, "n": len(held_out)}
+
+    monkeypatch.setattr(online, "evaluate_task", fake_task)
+    train_ppo.main(tiny_args(tiny_sft_dir, str(tmp_path / "none"), tmp_path / "ppo", reward="gold",
+                             value_init="policy", max_steps=1, eval_every=0, max_new_tokens=5))
+    assert budgets and set(budgets) == {5}
+
+
 def test_train_ppo_entropy_bonus_end_to_end_logs_the_logp_advantage_covariance(tiny_sft_dir,
                                                                                 tmp_path):
     import math
