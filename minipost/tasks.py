@@ -144,7 +144,13 @@ EXPRESSION_QUESTIONS = ["What is {e}?", "How much is {e}?", "What does {e} equal
 
 
 def _expression_question(rng: random.Random, start: int, steps: list[tuple[str, int]]) -> str:
-    expression = " ".join([str(start)] + [f"{op} {n}" for op, n in steps])
+    """The chain, evaluated left to right, written as the usual precedence reads it: a "*" after
+    a "+" or "-" puts what came before in parentheses ("(71 - 16) * 7", not "71 - 16 * 7")."""
+    expression = str(start)
+    for op, n in steps:
+        if op == "*" and ("+" in expression or "-" in expression):
+            expression = f"({expression})"
+        expression += f" {op} {n}"
     return rng.choice(EXPRESSION_QUESTIONS).format(e=expression)
 
 

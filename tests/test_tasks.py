@@ -151,6 +151,13 @@ def test_questions_state_the_expression_unless_w_asks_for_word_problems():
     assert str(Difficulty.from_str("3x2+-w")) == "3x2+-w"
 
 
+def test_a_stated_expression_means_its_answer_under_the_usual_precedence():
+    import re
+    for p in tasks.make_problems(300, "train", Difficulty.from_str("2-5x2+-*"), seed=0):
+        expression = re.fullmatch(r"\D*?([\d(][\d ()+*-]*\d\)?)\D*", p["question"]).group(1)
+        assert eval(expression) == int(p["answer"]), p["question"]   # digits, ops, parentheses
+
+
 def test_first_slip_is_how_far_the_first_wrong_step_is_off():
     from minipost.tasks import first_slip
     assert first_slip("86 + 30 = 116\n116 + 81 = 187\n#### 187") == -10      # the dropped carry
