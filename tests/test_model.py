@@ -221,3 +221,15 @@ def test_token_entropy_reads_the_logits_that_predict_the_masked_tokens():
     logits[0, 1] = torch.tensor([50.0, 0, 0, 0])
     assert float(token_entropy(logits, torch.tensor([[1.0, 0.0]]))) == pytest.approx(math.log(4))
     assert float(token_entropy(logits, torch.tensor([[0.0, 1.0]]))) == pytest.approx(0, abs=1e-6)
+
+
+def test_initializer_range_is_the_std_of_every_weight_matrix_and_survives_export():
+    from minipost.checkpoint import config_from_hf, config_to_hf
+    torch.manual_seed(0)
+    cfg = GPTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, initializer_range=0.06)
+    model = GPT(cfg)
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            assert abs(p.std().item() - 0.06) < 0.006, name
+    assert config_from_hf(config_to_hf(cfg)).initializer_range == 0.06
