@@ -48,7 +48,7 @@ class Args(RunArgs):
     num_heads: int = 6              # attention heads
     num_kv_heads: int = 6           # key/value heads (fewer than num_heads = grouped-query attention)
     intermediate_size: int = 512    # SwiGLU hidden width
-    init_std: float = 0.02          # std of the normal init of the weight matrices
+    init_std: float = 0.06          # std of the normal init of the weight matrices (0.02: seed decides)
     seq_len: int = 256              # tokens per training window
     batch_size: int = 16            # windows per optimiser step (global, over all ranks)
     max_steps: int = 900            # optimiser steps
