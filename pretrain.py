@@ -11,9 +11,10 @@ problems in the corpus format: the starting line every post-training stage is me
 At every evaluation it also probes the arithmetic alone on held-out bare equations ("52 + 14 ="),
 scoring the last digit apart from the leading ones. That probe is what tells a base model that will
 do well after SFT from one that will not: the units digit is a lookup ((a + b) mod 10 of the two
-operands' last digits) that forms abruptly, late in some seeds and not at all in others, while the
-leading digits, carry included, come early in every seed (docs/results.md, Stage 0, has the runs
-and what moves it: `--weight-decay`, `--drill-digits mixed`).
+operands' last digits) that forms abruptly after a plateau, while the leading digits, carry
+included, come early. The plateau's length is the seed's, and the init's scale sets it: at
+`--init-std 0.02` one seed in three never left it; at 0.06 (the default) every seed starts learning
+the units digit by step 750 (docs/results.md, Stage 0, has the runs and what else was tried).
 """
 import time
 from dataclasses import asdict, dataclass
