@@ -41,6 +41,20 @@ def tiny_sft_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def tiny_rm_dir(tiny_sft_dir, tmp_path_factory):
+    """Path (str) of a reward model on the tiny checkpoint, its score head drawn at random (std
+    0.1, so its scores differ), for PPO's tests."""
+    from minipost.checkpoint import save_model
+    from minipost.peft import load_model
+    torch.manual_seed(0)
+    rm = load_model(tiny_sft_dir, head="score")
+    torch.nn.init.normal_(rm.score.weight, std=0.1)
+    path = tmp_path_factory.mktemp("rm") / "rm"
+    save_model(rm, path)
+    return str(path)
+
+
 class FakeSummaryWriter:
     """The two methods of torch's SummaryWriter that cli.Metrics calls, recording the scalars."""
 

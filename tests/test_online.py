@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from minipost import online, rewards
-from minipost.checkpoint import save_model
 from minipost.cli import difficulty_arg
 from minipost.errors import UserError
 from minipost.evaluate import heldout_problems, prompt_ids
@@ -19,16 +18,6 @@ from minipost.rollout import sequence_scores
 from minipost.tokenizer import load_tokenizer
 
 CPU = SimpleNamespace(device=torch.device("cpu"), is_main=False, world_size=1)
-
-
-@pytest.fixture(scope="module")
-def tiny_rm_dir(tiny_sft_dir, tmp_path_factory):
-    torch.manual_seed(0)
-    rm = load_model(tiny_sft_dir, head="score")
-    torch.nn.init.normal_(rm.score.weight, std=0.1)
-    path = tmp_path_factory.mktemp("rm") / "rm"
-    save_model(rm, path)
-    return str(path)
 
 
 def ppo_args(**kw):

@@ -137,16 +137,6 @@ def test_value_model_initialised_from_the_reward_model_outputs_its_values(tmp_pa
 
 
 # ---------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def tiny_rm_dir(tiny_sft_dir, tmp_path_factory):
-    torch.manual_seed(0)
-    rm = load_model(tiny_sft_dir, head="score")
-    torch.nn.init.normal_(rm.score.weight, std=0.1)
-    path = tmp_path_factory.mktemp("rm") / "rm"
-    save_model(rm, path)
-    return str(path)
-
-
 def tiny_args(tiny_sft_dir, tiny_rm_dir, out, **kw):
     import train_ppo
     base = dict(init=tiny_sft_dir, reward_model=tiny_rm_dir, out_dir=str(out), n_prompts=40,
