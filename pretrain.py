@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from minipost import dist, worlds
 from minipost.checkpoint import save_model
-from minipost.cli import Metrics, difficulty_arg, peak_rss_mb, setup, user_errors, write_results
+from minipost.cli import (CURVES_HELP, Metrics, difficulty_arg, peak_rss_mb, setup, user_errors,
+                          write_results)
 from minipost.errors import UserError
 from minipost.evaluate import evaluate_base, evaluate_equations
 from minipost.flags import RunArgs, parse_args
@@ -218,4 +219,4 @@ def main(args: Args):
 
 if __name__ == "__main__":
     with user_errors():
-        main(parse_args(Args, description=__doc__))
+        main(parse_args(Args, description=__doc__, epilog=CURVES_HELP))

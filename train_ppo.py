@@ -66,8 +66,8 @@ import torch
 from tqdm import tqdm
 
 from minipost import batches, dist, online
-from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
-                          require_checkpoint, setup, user_errors, write_results)
+from minipost.cli import (CURVES_HELP, Metrics, check_vocab, difficulty_arg, load_script_tokenizer,
+                          peak_rss_mb, require_checkpoint, setup, user_errors, write_results)
 from minipost.errors import UserError
 from minipost.flags import RewardArgs, StageArgs, parse_args, torch_dtype
 from minipost.model import set_gradient_checkpointing
@@ -360,4 +360,4 @@ def main(args: Args):
 
 if __name__ == "__main__":
     with user_errors():
-        main(parse_args(Args, description=__doc__))
+        main(parse_args(Args, description=__doc__, epilog=CURVES_HELP))

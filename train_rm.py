@@ -47,8 +47,8 @@ import torch
 from tqdm import tqdm
 
 from minipost import dist, tasks, worlds
-from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
-                          require_checkpoint, setup, user_errors, write_results)
+from minipost.cli import (CURVES_HELP, Metrics, check_vocab, difficulty_arg, load_script_tokenizer,
+                          peak_rss_mb, require_checkpoint, setup, user_errors, write_results)
 from minipost.data import collate_preference, encode_preference, load_jsonl
 from minipost.errors import UserError
 from minipost.flags import StageArgs, parse_args, torch_dtype
@@ -331,4 +331,4 @@ def main(args: Args):
 
 if __name__ == "__main__":
     with user_errors():
-        main(parse_args(Args, description=__doc__))
+        main(parse_args(Args, description=__doc__, epilog=CURVES_HELP))

@@ -30,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minipost import dist, worlds
-from minipost.cli import (Metrics, check_vocab, difficulty_arg, load_script_tokenizer, peak_rss_mb,
-                          require_checkpoint, setup, user_errors, write_results)
+from minipost.cli import (CURVES_HELP, Metrics, check_vocab, difficulty_arg, load_script_tokenizer,
+                          peak_rss_mb, require_checkpoint, setup, user_errors, write_results)
 from minipost.data import (collate_packed, load_jsonl, pack_sequences, pad_batch, record_lines,
                            truncate)
 from minipost.errors import UserError
@@ -311,4 +311,4 @@ def main(args: Args):
 
 if __name__ == "__main__":
     with user_errors():
-        main(parse_args(Args, description=__doc__))
+        main(parse_args(Args, description=__doc__, epilog=CURVES_HELP))

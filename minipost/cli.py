@@ -25,6 +25,9 @@ from . import diagnostics, dist
 from .errors import CheckpointError, DataError, UserError
 from .flags import check_args
 
+# The last lines of every training script's --help (flags.parse_args' epilog).
+CURVES_HELP = "How to read the curves (every metric in metrics.jsonl): docs/reading-the-curves.md"
+
 
 @contextlib.contextmanager
 def user_errors():

@@ -64,15 +64,15 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def parse_args(cls, argv=None, description: str | None = None):
+def parse_args(cls, argv=None, description: str | None = None, epilog: str | None = None):
     """Build an instance of dataclass `cls` from command-line flags.
 
     `--help` lists the script's own flags first, then each base class's (RunArgs, StageArgs) under
-    its docstring's first line. The values are not checked here but by `check_args`, which
-    `cli.setup` calls: a bad value ends the same way from the command line and from
-    `main(Args(...))`."""
+    its docstring's first line, then `epilog` (the training scripts: `cli.CURVES_HELP`). The
+    values are not checked here but by `check_args`, which `cli.setup` calls: a bad value ends the
+    same way from the command line and from `main(Args(...))`."""
     helps = _field_help(cls)
-    parser = _Parser(description=description or (cls.__doc__ or "").strip(),
+    parser = _Parser(description=description or (cls.__doc__ or "").strip(), epilog=epilog,
                      formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(cls)
     groups = {cls: parser}
