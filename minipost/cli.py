@@ -10,6 +10,7 @@
 """
 import contextlib
 import json
+import math
 import os
 import random
 import sys
@@ -153,7 +154,7 @@ class Metrics:
         if not self.is_main:
             return
         self._open()
-        record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+        record = {k: _json_number(v) for k, v in record.items()}
         record.setdefault("time", round(time.time() - self.t0, 2))
         step = self.last_step = record.get("step", self.last_step)   # a summary: the last step
         self._write(record, step)
@@ -180,6 +181,14 @@ class Metrics:
             if number and k not in ("step", "time"):
                 self.board.add_scalar(k, v, global_step=step)
         self.board.flush()      # the run may end without a close: every line is on disk
+
+
+def _json_number(v):
+    """A float kept to 6 significant digits (not decimals: an lr of 5e-7 or a loss of 1e-9 must
+    not read as 0), and NaN or inf as null, which every JSON parser reads; anything else as is."""
+    if not isinstance(v, float):
+        return v
+    return float(f"{v:.6g}") if math.isfinite(v) else None
 
 
 def summary_writer_class():

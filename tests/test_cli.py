@@ -29,6 +29,23 @@ def test_a_watcher_warning_is_one_line_printed_and_one_record_with_its_step(tmp_
     assert metrics.n_lines == diagnostics.LOSS_FLAT_STEPS + 5 + 1 + 1   # a resume point counts it
 
 
+def test_floats_keep_6_significant_digits_and_nan_is_null(tmp_path):
+    """A GRPO loss of ~1e-9 (zero-mean advantages, ratio 1) must not be logged as 0.0: twenty
+    zeros would read as a stuck loss. NaN (PPO's reward-model score without one) is JSON's null."""
+    metrics = cli.Metrics(tmp_path)
+    metrics.watch("grpo")
+    tiny = [(-1) ** s * (1 + s) * 1.234567891e-9 for s in range(diagnostics.LOSS_FLAT_STEPS + 5)]
+    for step, loss in enumerate(tiny):
+        metrics.log({"step": step, "loss": loss, "lr": 5e-7, "reward/mean": float("nan"),
+                     "kl": float("inf"), "n": 3})
+    lines = read_lines(tmp_path)       # json.loads would also accept NaN; the text must not hold it
+    assert "NaN" not in (tmp_path / "metrics.jsonl").read_text()
+    assert [x["loss"] for x in lines] == [float(f"{v:.6g}") for v in tiny]
+    assert lines[0]["lr"] == 5e-7 and lines[0]["reward/mean"] is None and lines[0]["kl"] is None
+    assert lines[0]["n"] == 3
+    assert all("warning" not in x for x in lines)
+
+
 def test_without_watch_or_on_another_rank_nothing_is_watched(tmp_path):
     quiet, other_rank = cli.Metrics(tmp_path / "a"), cli.Metrics(tmp_path / "b", is_main=False)
     other_rank.watch("sft")
