@@ -265,7 +265,8 @@ def main(args: Args):
 
     # ------------------------------------------------------------------------ data
     if args.online:   # training pairs come at every step; held out: the built-in pairs
-        problems = tasks.make_problems(args.n_pairs, "train", difficulty, seed=args.seed + 1)
+        problems = worlds.world(args.task).make_problems(args.n_pairs, "train", difficulty,
+                                                         seed=args.seed + 1)
         eval_rows = preference_rows(model, tokenizer, difficulty,
                                     replace(args, n_pairs=0, pairs="planted"), rt)[1]
         train_rows = []

@@ -227,6 +227,20 @@ def test_train_dpo_online_end_to_end(tiny_sft_dir, tmp_path, monkeypatch):
     load_model(out)
 
 
+def test_train_dpo_online_samples_the_tasks_own_problems(tiny_sft_dir, tmp_path, monkeypatch):
+    """--task countdown --online: the pairs' problems are countdown's (numbers and a target), the
+    ones its verifier judges, not the arithmetic problems."""
+    judged = []
+    def judge(completion, problem):
+        judged.append(problem)
+        return float(len(completion) % 2 == 0)
+    monkeypatch.setattr(train_dpo.worlds.countdown, "score", judge)
+    train_dpo.main(train_dpo.Args(init=tiny_sft_dir, out_dir=str(tmp_path / "dpo"), online=True,
+                                  samples=2, task="countdown",
+                                  **{**TINY, "max_steps": 1, "eval_problems": 0}))
+    assert judged and all({"numbers", "target"} <= set(p) for p in judged)
+
+
 def test_train_dpo_online_step_with_only_ties_makes_no_update(tiny_sft_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train_dpo.tasks, "verify", lambda text, answer: 0.0)
     out = tmp_path / "dpo"
