@@ -150,6 +150,8 @@ def test_end_to_end_tiny_run(base, tmp_path, peft):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in x for x in lines) and any(x.get("step") == 2 and "eval/loss" in x
                                                    for x in lines)
+    quick = [x for x in lines if x.get("step") == 2 and "eval/loss" in x][0]   # says its n
+    assert quick["eval/n"] == 4 and "eval/accuracy_ci95" in quick
     assert json.loads((out / "results.json").read_text())["stage"] == "sft"
     if peft == "none":
         assert res["trainable_share"] == 1.0
