@@ -62,12 +62,13 @@ def test_entropy_collapse():
 
 
 def test_sampler_mismatch_on_either_scripts_name():
+    # bf16 rounding on a healthy model reaches 0.4 nats (online.sampler_tolerance): silent
     fired = feed(d.SamplerMismatch(), [{"sampler_logp_max_diff": 1e-3}] * 5
-                 + [{"sampler_logp_max_diff": 0.4}] * 5)
-    assert [s for s, _ in fired] == [5 + d.SAMPLER_MISMATCH_STEPS]
+                 + [{"sampler_logp_max_diff": 0.4}] * 5 + [{"sampler_logp_max_diff": 0.8}] * 5)
+    assert [s for s, _ in fired] == [10 + d.SAMPLER_MISMATCH_STEPS]
     assert "sampler_logp_max_diff" in fired[0][1]
     # PPO's name; one rounding outlier among small gaps is no mismatch
-    stream = [{"rollout/logp_mismatch": 0.5 if i == 50 else 1e-3} for i in range(100)]
+    stream = [{"rollout/logp_mismatch": 0.9 if i == 50 else 1e-3} for i in range(100)]
     assert feed(d.SamplerMismatch("rollout/logp_mismatch"), stream) == []
 
 
