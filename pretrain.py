@@ -181,7 +181,7 @@ def main(args: Args):
         if step % 10 == 0 or step == args.max_steps - 1:
             m = dist.all_reduce_mean({"loss": loss.item()})
             bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            metrics.log({"step": step, "loss": m["loss"], "grad_norm": float(gnorm),
+            metrics.log({"step": step + 1, "loss": m["loss"], "grad_norm": float(gnorm),
                          "lr": scheduler.get_last_lr()[0], "skipped": run.skipped})
         if due(args.eval_every, step, step + 1) and step + 1 < args.max_steps:
             metrics.log({"step": step + 1, **evaluation()}, echo=True)

@@ -351,13 +351,13 @@ def main(args: Args):
             stats = {}
         scheduler.step()
         if log_now and not stats:
-            metrics.log({"step": step, **dist.all_reduce_mean(online)})
+            metrics.log({"step": step + 1, **dist.all_reduce_mean(online)})
         elif log_now:
             m = {**dist.all_reduce_mean(stats), **dist.all_reduce_mean(online)}
             first = first or m
             bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}",
                             margin=f"{m['rewards/margins']:.2f}")
-            metrics.log({"step": step, **m, "grad_norm": float(gnorm),
+            metrics.log({"step": step + 1, **m, "grad_norm": float(gnorm),
                          "lr": scheduler.get_last_lr()[0], "skipped": run.skipped})
         if due(args.eval_every, step, step + 1) and step + 1 < args.max_steps:
             metrics.log({"step": step + 1, **evaluate(model, tokenizer, held_out, args, rt,

@@ -289,7 +289,7 @@ def main(args: Args):
             m = dist.all_reduce_mean({"loss": loss.item(), **{k: v.item() for k, v in stats.items()}})
             bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}",
                             margin=f"{m['rewards/margins']:.2f}")
-            metrics.log({"step": step, **m, "grad_norm": float(gnorm),
+            metrics.log({"step": step + 1, **m, "grad_norm": float(gnorm),
                          "lr": scheduler.get_last_lr()[0], "skipped": run.skipped})
         if due(args.eval_every, step, step + 1) and step + 1 < args.max_steps:
             metrics.log({"step": step + 1, **evaluate(model, held_out, pad_id, rt)}, echo=True)

@@ -46,10 +46,10 @@ def test_pretrain_warns_once_in_metrics_jsonl_and_reports_to_tensorboard(tmp_pat
     finally:
         torch.set_num_threads(threads)
     (warning,) = warnings_of(tmp_path / "base")          # the loss is watched from the first line
-    assert warning["step"] == 0 and warning["warning"].startswith("the loss has stopped moving")
+    assert warning["step"] == 1 and warning["warning"].startswith("the loss has stopped moving")
     (writer,) = watched
     assert writer.log_dir == str(tmp_path / "base" / "tensorboard")
-    assert [s for s, _ in writer.scalars["loss"]] == [0, 10, 11]
+    assert [s for s, _ in writer.scalars["loss"]] == [1, 11, 12]
     assert "eval/loss" in writer.scalars and "grad_norm" in writer.scalars
 
 

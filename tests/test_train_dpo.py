@@ -58,11 +58,11 @@ def test_precompute_ref_gives_the_same_losses_as_a_live_reference(tiny_sft_dir, 
         runs[precompute] = ([r for r in read_metrics(out) if "loss" in r], res)
     (live, live_res), (pre, pre_res) = runs[False], runs[True]
     assert live_res["reference"] == "copy" and pre_res["reference"] == "precomputed"
-    assert [r["step"] for r in live] == [r["step"] for r in pre] == [0, 2]
+    assert [r["step"] for r in live] == [r["step"] for r in pre] == [1, 3]
     for a, b in zip(live, pre):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen_drift"):
             assert a[key] == pytest.approx(b[key], abs=1e-5)
-        assert a["loss"] != pytest.approx(LN2, abs=1e-6) or a["step"] == 0   # it did train
+        assert a["loss"] != pytest.approx(LN2, abs=1e-6) or a["step"] == 1   # it did train
     assert live_res["eval/preference_accuracy"] == pytest.approx(pre_res["eval/preference_accuracy"])
 
 
@@ -106,11 +106,11 @@ def test_train_dpo_logs_entropy_warns_once_and_reports_to_tensorboard(tiny_sft_d
     train_dpo.main(train_dpo.Args(init=tiny_sft_dir, out_dir=str(out), report_to="tensorboard",
                                   **TINY))
     train = [r for r in read_metrics(out) if "loss" in r]
-    assert [r["step"] for r in train] == [0, 2] and all(r["entropy"] > 0 for r in train)
+    assert [r["step"] for r in train] == [1, 3] and all(r["entropy"] > 0 for r in train)
     (warning,) = warnings_of(out)
-    assert warning["step"] == 0 and warning["warning"].startswith("the loss has stopped moving")
+    assert warning["step"] == 1 and warning["warning"].startswith("the loss has stopped moving")
     (writer,) = watched
-    assert [s for s, _ in writer.scalars["entropy"]] == [0, 2]
+    assert [s for s, _ in writer.scalars["entropy"]] == [1, 3]
 
 
 @pytest.mark.parametrize("peft,loss_type", [("none", "ipo"), ("lora", "sigmoid"),
@@ -222,7 +222,7 @@ def test_train_dpo_online_end_to_end(tiny_sft_dir, tmp_path, monkeypatch):
                                         samples=4, **{**TINY, "eval_problems": 0}))
     assert res["loss_step0"] == pytest.approx(LN2, abs=1e-6)   # the first step's policy = π_ref
     steps = [r for r in read_metrics(out) if "online/pairs" in r]
-    assert [r["step"] for r in steps] == [0, 1, 2]
+    assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(r["online/pairs"] > 0 and "loss" in r for r in steps)
     load_model(out)
 

@@ -60,9 +60,9 @@ def test_train_rm_warns_once_and_reports_to_tensorboard(tiny_sft_dir, tmp_path, 
     train_rm.main(train_rm.Args(init=tiny_sft_dir, out_dir=str(out), report_to="tensorboard",
                                 **{**TINY, "policy_problems": 0, "eval_policy_problems": 0}))
     (warning,) = warnings_of(out)
-    assert warning["step"] == 0 and warning["warning"].startswith("the loss has stopped moving")
+    assert warning["step"] == 1 and warning["warning"].startswith("the loss has stopped moving")
     (writer,) = watched
-    assert [s for s, _ in writer.scalars["loss"]] == [0, 2]
+    assert [s for s, _ in writer.scalars["loss"]] == [1, 3]
 
 
 def test_train_rm_reads_a_jsonl_and_stops_on_a_bad_line(tiny_sft_dir, tmp_path):
