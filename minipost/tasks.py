@@ -32,10 +32,10 @@ import sys
 from dataclasses import dataclass
 
 ASSISTANT_NAME = "Pip"
-# The scripts' default knob: 3 operands of up to 2 digits leaves SFT well formed, 0.23-0.93 right
-# over pretraining seeds 0-2 (the seed decides it, docs/results.md). At "3x3+-" the ~2M-parameter
-# base model of pretrain.py does not learn to copy 3-digit operands within its
-# 10-minute CPU budget (held-out loss 1.11, greedy accuracy 0).
+# The scripts' default knob: 3 operands of up to 2 digits, a skill every pretraining seed learns
+# whole, so SFT reads the same from every seed. Harder settings ("4x2+-*", "4x3+-") leave SFT lower
+# only because a skill is half learned when pretraining ends, and the seed decides how far
+# (docs/results.md, Stage 0).
 DEFAULT_DIFFICULTY = "3x2+-"
 TEST_MODULUS = 10  # a problem is held out when hash(expression) % 10 == 0 (about 10%)
 IDENTITY_TEST_MODULUS = 4  # a "who are you" phrasing is held out when hash % 4 == 0
