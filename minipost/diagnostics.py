@@ -286,7 +286,9 @@ class GradExplosion(Watcher):
     def check(self, step, gnorm):
         typical = statistics.median(self.last) if len(self.last) == GRAD_WINDOW else None
         self.last.append(gnorm)
-        if typical is not None and gnorm > GRAD_EXPLODE_FACTOR * typical:
+        # a median of 0: most recent steps had no gradient at all (a GRPO batch whose groups all
+        # agree); the next one with a gradient is a signal, not an explosion (ZeroRewardSpread)
+        if typical and gnorm > GRAD_EXPLODE_FACTOR * typical:
             return (f"exploding gradient: grad_norm {gnorm:.3g} is {gnorm / typical:.0f} times the "
                     f"median of the previous {GRAD_WINDOW} steps ({typical:.3g}); lower the "
                     "learning rate or check the batch for a bad example")

@@ -149,6 +149,9 @@ def test_grad_explosion():
     assert [s for s, _ in fired] == [61] and "exploding gradient" in fired[0][1]
     # a large norm before 20 steps of history is the start of training, not a spike
     assert feed(d.GradExplosion(), [{"grad_norm": g} for g in [50.0, 1.0, 1.0]]) == []
+    # a GRPO run without signal: zero gradients, then one group that disagrees (it crashed here
+    # once, dividing by the median 0); the missing signal is ZeroRewardSpread's to report
+    assert feed(d.GradExplosion(), [{"grad_norm": g} for g in [0.0] * 25 + [0.15, 0.0]]) == []
 
 
 def test_for_script_gives_each_method_its_watchers_and_fresh_ones_each_call():
