@@ -98,7 +98,7 @@ def test_pretrain_under_torchrun_two_processes(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "ddp" / "model.safetensors").exists()
     lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
-    assert len([x for x in lines if '"step": 0,' in x]) == 1   # only rank 0 writes
+    assert len([x for x in lines if '"step": 1,' in x]) == 1   # only rank 0 writes
 
 
 def test_the_same_seed_twice_gives_bit_identical_base_weights(tmp_path):
