@@ -343,6 +343,9 @@ def main(args: Args):
             **rewards.log_stats(per_fn),         # rewards/<name>/mean, /std
             "frac_reward_zero_std": n_zero / n_groups, "groups_sampled": n_groups,
             "completions/mean_length": lengths.mean(),
+            # Dr. GRPO's length bias shows as these two drifting apart (reward > 0 = correct)
+            "completions/mean_length_correct": lengths[batch["rewards"].cpu() > 0].float().mean(),
+            "completions/mean_length_wrong": lengths[batch["rewards"].cpu() <= 0].float().mean(),
             "completions/clipped_ratio": batch["truncated"].float().mean(),
             "grad_norm": float(gnorm), "policy/logp_adv_cov": cov,
             **stats, **sampler})                               # the sampling policy's: update 1

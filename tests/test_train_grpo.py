@@ -159,6 +159,11 @@ def test_train_grpo_end_to_end_full(tiny_sft_dir, tmp_path):
     train = [x for x in lines if "reward/mean" in x]
     assert train and all(k in train[0] for k in ("reward/std", "frac_reward_zero_std",
                                                  "policy/clipfrac", "completions/mean_length"))
+    for x in train:        # the batch's mean length lies between its correct and wrong means
+        lo_hi = [x.get("completions/mean_length_correct"), x.get("completions/mean_length_wrong")]
+        if None not in lo_hi:
+            assert min(lo_hi) - 1e-3 <= x["completions/mean_length"] <= max(lo_hi) + 1e-3
+    assert all("completions/mean_length_correct" in x for x in train)
     assert all("kl" not in x for x in train)                 # β = 0: no reference, no KL
     assert any("eval/accuracy" in x for x in lines[1:-1])    # evaluated at intervals
     model = load_model(out)
