@@ -58,3 +58,35 @@ def test_online_rl_runs_each_method_and_seed_in_its_folder_skips_done_ones_and_t
     stamp = (tmp_path / "gspo" / "seed-0" / "eval.json").stat().st_mtime
     sweep.main(argv)                                     # done runs are not run again
     assert (tmp_path / "gspo" / "seed-0" / "eval.json").stat().st_mtime == stamp
+
+
+def test_pass_at_k_samples_each_seed_and_policy_once_and_tabulates_the_gain(tiny_sft_dir,
+                                                                             tmp_path):
+    """Both policies the same tiny model: GRPO − SFT is within sampling noise, the curve rises."""
+    exp = load("pass_at_k")
+    for seed in (0, 1):
+        for name in ("sft", "grpo"):
+            (tmp_path / "runs" / f"seed-{seed}").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "runs" / f"seed-{seed}" / name).symlink_to(tiny_sft_dir)
+    out = tmp_path / "out"
+    argv = ["--runs", str(tmp_path / "runs"), "--out", str(out), "--seeds", "0", "1",
+            "--problems", "3", "--samples", "4", "--max-new-tokens", "8", "--threads", "1"]
+    assert exp.main(argv) == 0
+    lines = [json.loads(x) for x in (out / "passk.jsonl").read_text().splitlines()]
+    assert [(r["seed"], r["policy"]) for r in lines] == [(0, "sft"), (0, "grpo"), (1, "sft"),
+                                                         (1, "grpo")]
+    for r in lines:
+        assert len(r["pass@k"]) == 4 and r["n"] == 3
+        assert all(a <= b + 1e-12 for a, b in zip(r["pass@k"], r["pass@k"][1:]))
+    summary = (out / "summary.md").read_text()
+    assert "| GRPO − SFT at k = 4 |" in summary and "| sft pass@2 |" in summary
+    assert exp.main(argv) == 0                           # nothing sampled again
+    assert len((out / "passk.jsonl").read_text().splitlines()) == 4
+    assert exp.main(["--runs", str(tmp_path / "nowhere"), *argv[2:]]) == 2   # no policies: a clear error
+
+
+def test_pass_at_k_crossover_is_the_first_k_where_sft_reaches_grpo():
+    exp = load("pass_at_k")
+    assert exp.crossover([0.5, 0.7, 0.9], [0.6, 0.7, 0.8]) == 2
+    assert exp.crossover([0.5, 0.6], [0.6, 0.7]) is None
+    assert exp.ks_shown(64) == [1, 2, 4, 8, 16, 32, 64] and exp.ks_shown(6) == [1, 2, 4, 6]

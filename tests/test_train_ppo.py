@@ -141,7 +141,8 @@ def tiny_args(tiny_sft_dir, tiny_rm_dir, out, **kw):
     import train_ppo
     base = dict(init=tiny_sft_dir, reward_model=tiny_rm_dir, out_dir=str(out), n_prompts=40,
                 batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=8, max_steps=2,
-                eval_every=1, eval_problems=4, eval_rm_problems=4, threads=1, device="cpu")
+                eval_every=1, eval_problems=4, eval_rm_problems=4, threads=1, device="cpu",
+                max_minutes=0.0)   # no clock in the schedule: the LR is exact
     return train_ppo.Args(**{**base, **kw})
 
 
