@@ -1,7 +1,10 @@
 """experiments/: each script end to end with tiny settings."""
 import importlib.util
 import json
+import math
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,3 +93,38 @@ def test_pass_at_k_crossover_is_the_first_k_where_sft_reaches_grpo():
     assert exp.crossover([0.5, 0.7, 0.9], [0.6, 0.7, 0.8]) == 2
     assert exp.crossover([0.5, 0.6], [0.6, 0.7]) is None
     assert exp.ks_shown(64) == [1, 2, 4, 8, 16, 32, 64] and exp.ks_shown(6) == [1, 2, 4, 6]
+
+
+def test_best_of_k_weights_every_k_subset_by_its_best_sample():
+    """n = 3, proxy ranks c < a < b. k = 1: the plain mean; k = 2: of the subsets {a,b} {a,c}
+    {b,c} the best are b, a, b; k = 3: always b."""
+    exp = load("overoptimization")
+    proxy, gold = [0.5, 0.9, 0.1], [1.0, 0.0, 1.0]          # a, b, c
+    assert exp.best_of_k(proxy, gold, 1) == pytest.approx((2 / 3, 0.5))
+    assert exp.best_of_k(proxy, gold, 2) == pytest.approx((1 / 3, (0.9 + 0.5 + 0.9) / 3))
+    assert exp.best_of_k(proxy, gold, 3) == pytest.approx((0.0, 0.9))
+    assert exp.kl_best_of_k(1) == 0 and exp.kl_best_of_k(4) == pytest.approx(math.log(4) - 0.75)
+
+
+def test_overoptimization_trains_the_small_rm_samples_once_and_tabulates(tiny_sft_dir, tiny_rm_dir,
+                                                                        tmp_path):
+    exp = load("overoptimization")
+    seed = tmp_path / "runs" / "seed-0"
+    seed.mkdir(parents=True)
+    (seed / "sft").symlink_to(tiny_sft_dir)
+    (seed / "rm").symlink_to(tiny_rm_dir)
+    out = tmp_path / "out"
+    argv = ["--runs", str(tmp_path / "runs"), "--out", str(out), "--seeds", "0", "--problems", "3",
+            "--samples", "4", "--max-new-tokens", "8", "--threads", "1", "--rm-flags",
+            "--n-pairs 48 --n-identity 16 --eval-problems 16 --batch-size 8 --max-steps 2 "
+            "--max-length 128 --eval-policy-problems 0 --device cpu"]
+    assert exp.main(argv) == 0
+    assert (seed / "rm-small" / "model.safetensors").exists()
+    rows = [json.loads(x) for x in (out / "bon.jsonl").read_text().splitlines()]
+    assert [r["rm"] for r in rows] == ["rm", "rm-small"]
+    for r in rows:
+        assert r["k"] == [1, 2, 4] and r["kl"][0] == 0 and len(r["gold"]) == 3
+        assert r["proxy"][0] <= r["proxy"][1] <= r["proxy"][2]   # best-of-k: the proxy only rises
+    assert "| rm-small: gold at its peak |" in (out / "summary.md").read_text()
+    assert exp.main(argv) == 0                                   # nothing sampled again
+    assert len((out / "bon.jsonl").read_text().splitlines()) == 2
