@@ -128,3 +128,18 @@ def test_overoptimization_trains_the_small_rm_samples_once_and_tabulates(tiny_sf
     assert "| rm-small: gold at its peak |" in (out / "summary.md").read_text()
     assert exp.main(argv) == 0                                   # nothing sampled again
     assert len((out / "bon.jsonl").read_text().splitlines()) == 2
+
+
+def test_length_bias_runs_the_three_aggregations_and_tabulates_the_gap(tiny_sft_dir, tmp_path):
+    exp = load("length_bias")
+    argv = ["--init", tiny_sft_dir, "--sweep", str(tmp_path), "--seeds", "0", "--budget", "16",
+            "--threads", "1", "--", "--prompts", "2", "--group", "4", "--eval-problems", "4",
+            "--max-new-tokens", "8", "--grpo-flags", "--n-prompts 40 --micro-batch-size 4",
+            "--", "--max-new-tokens", "8"]
+    rows = exp.main(argv)
+    for m in ("grpo", "dr_grpo", "dapo"):
+        assert (tmp_path / m / "seed-0" / "eval.json").exists()
+        assert set(rows[f"{m}: wrong − right, last quarter"]) == {0}
+    assert "| dr_grpo: wrong − right, first quarter |" in (tmp_path / "length_bias.md").read_text()
+    assert exp.quarter_gap([(10, 12), (10, 14), (11, 11), (9, 15)], last=True) == 6
+    assert exp.quarter_gap([], last=False) is None
